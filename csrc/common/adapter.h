@@ -1,0 +1,129 @@
+// Helpers shared by every family's torch adapter (<family>_ops.cpp): argument
+// checks whose messages name the op and the argument, dtype mapping into the
+// torch-free core, the CPU thread pool and the current CUDA stream.
+// Only the libtorch stable ABI is used (see CMakeLists.txt: TORCH_TARGET_VERSION).
+#pragma once
+
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "tokcore/common/dtype.h"
+#include "tokcore/common/offsets.h"
+#include "tokcore/common/parallel.h"
+
+namespace tokcore {
+namespace adapter {
+
+using torch::stable::Tensor;
+using ScalarType = torch::headeronly::ScalarType;
+
+// Throws std::runtime_error (RuntimeError in Python) whose message starts with
+// "tokcore.<op>: " and names the argument.
+template <typename... Args>
+[[noreturn]] inline void fail(const char* op, const Args&... parts) {
+  std::ostringstream message;
+  message << "tokcore." << op << ": ";
+  (message << ... << parts);
+  throw std::runtime_error(message.str());
+}
+
+#define TOKCORE_CHECK(cond, op, ...)                  \
+  do {                                                \
+    if (!(cond)) ::tokcore::adapter::fail(op, __VA_ARGS__); \
+  } while (0)
+
+inline const char* dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float: return "float32";
+    case ScalarType::Double: return "float64";
+    case ScalarType::BFloat16: return "bfloat16";
+    case ScalarType::Half: return "float16";
+    case ScalarType::Byte: return "uint8";
+    case ScalarType::Long: return "int64";
+    case ScalarType::Int: return "int32";
+    case ScalarType::Bool: return "bool";
+    default: return "an unsupported dtype";
+  }
+}
+
+inline DType feature_dtype(const Tensor& t, const char* op, const char* arg) {
+  switch (t.scalar_type()) {
+    case ScalarType::Float: return DType::kFloat32;
+    case ScalarType::Double: return DType::kFloat64;
+    case ScalarType::BFloat16: return DType::kBFloat16;
+    case ScalarType::Half: return DType::kFloat16;
+    default:
+      TOKCORE_CHECK(false, op, arg, " must be float32, float64, bfloat16 or float16, got ",
+                    dtype_name(t.scalar_type()));
+  }
+  return DType::kFloat32;
+}
+
+inline void check_dtype(const Tensor& t, ScalarType dtype, const char* op, const char* arg) {
+  TOKCORE_CHECK(t.scalar_type() == dtype, op, arg, " must be ", dtype_name(dtype), ", got ",
+                dtype_name(t.scalar_type()));
+}
+
+inline void check_dim(const Tensor& t, int64_t dim, const char* op, const char* arg) {
+  TOKCORE_CHECK(t.dim() == dim, op, arg, " must have ", dim, " dimensions, got ", t.dim());
+}
+
+inline void check_same_device(const Tensor& t, const Tensor& ref, const char* op, const char* arg,
+                              const char* ref_arg) {
+  const bool same = t.is_cuda() == ref.is_cuda() &&
+                    (!t.is_cuda() || t.get_device_index() == ref.get_device_index());
+  TOKCORE_CHECK(same, op, arg, " must be on the same device as ", ref_arg);
+}
+
+inline void check_supported_device(const Tensor& t, const char* op, const char* arg) {
+  TOKCORE_CHECK(t.is_cpu() || t.is_cuda(), op, arg, " must be a CPU or CUDA tensor");
+}
+
+// Full validation of CSR offsets held on the CPU (cheap, so always done).
+inline void check_offsets_cpu(const Tensor& offsets, int64_t total, const char* op,
+                              const char* arg) {
+  const int64_t n = offsets.size(0);
+  const int status = check_offsets(offsets.const_data_ptr<int64_t>(), n, total);
+  TOKCORE_CHECK(status == kOffsetsOk, op, arg, " ", offsets_status_message(status));
+}
+
+// Basic checks of an offsets argument: int64, 1-D, at least one entry.
+inline void check_offsets_tensor(const Tensor& offsets, const char* op, const char* arg) {
+  check_dtype(offsets, ScalarType::Long, op, arg);
+  check_dim(offsets, 1, op, arg);
+  TOKCORE_CHECK(offsets.size(0) >= 1, op, arg, " must have at least one entry (offsets[0] = 0)");
+}
+
+inline Tensor contiguous(const Tensor& t) {
+  return t.is_contiguous() ? t : torch::stable::contiguous(t);
+}
+
+// The CPU runtime: torch's own intra-op thread pool.
+inline void torch_parallel_for(int64_t begin, int64_t end, int64_t grain, void* ctx,
+                               void (*body)(void*, int64_t, int64_t)) {
+  torch::stable::parallel_for(begin, end, grain,
+                              [&](int64_t b, int64_t e) { body(ctx, b, e); });
+}
+
+inline Runtime cpu_runtime() {
+  Runtime rt;
+  rt.parallel_for = &torch_parallel_for;
+  return rt;
+}
+
+// The current CUDA stream of a device, looked up in libtorch_cuda at run time
+// so that the library also loads on a CPU-only torch (defined in adapter.cpp).
+void* current_cuda_stream(int32_t device_index);
+
+}  // namespace adapter
+}  // namespace tokcore

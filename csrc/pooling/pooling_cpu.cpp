@@ -1,0 +1,217 @@
+// CPU kernels of the pooling family: torch-free loops over the core's
+// per-element logic, parallelized through the Runtime the adapter passes in.
+#include <algorithm>
+#include <cstring>
+
+#include "pooling_kernels.h"
+
+namespace tokcore {
+namespace pooling {
+namespace {
+
+// Segments per parallel task so that each task touches at least ~64K elements.
+int64_t segment_grain(int64_t S, int64_t T, int64_t D) {
+  const int64_t per_segment = std::max<int64_t>(1, (T / std::max<int64_t>(S, 1)) * D);
+  return std::max<int64_t>(1, (int64_t(1) << 16) / per_segment);
+}
+
+constexpr int64_t kTile = 256;  // features accumulated at once (fits in registers/L1)
+
+template <typename T, Reduce R>
+void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t S, int64_t T_,
+                 int64_t D, T* y) {
+  using A = acc_t<T>;
+  parallel_for(rt, 0, S, segment_grain(S, T_, D), [&](int64_t s0, int64_t s1) {
+    A acc[kTile];
+    for (int64_t s = s0; s < s1; ++s) {
+      const RowRange rows = segment_rows(offsets, s, T_);
+      for (int64_t d0 = 0; d0 < D; d0 += kTile) {
+        const int64_t nd = std::min(kTile, D - d0);
+        for (int64_t j = 0; j < nd; ++j) acc[j] = reduce_identity<R, A>();
+        for (int64_t t = rows.begin; t < rows.end; ++t) {
+          const T* row = x + t * D + d0;
+          for (int64_t j = 0; j < nd; ++j) acc[j] = reduce_combine<R, A>(acc[j], to_acc(row[j]));
+        }
+        T* out = y + s * D + d0;
+        for (int64_t j = 0; j < nd; ++j)
+          out[j] = from_acc<T>(reduce_finalize<R, A>(acc[j], rows.end - rows.begin));
+      }
+    }
+  });
+}
+
+template <typename T, Reduce R>
+void reduce_backward_rows(const Runtime& rt, const T* grad_y, const T* x, const T* y,
+                          const int64_t* offsets, int64_t S, int64_t T_, int64_t D, T* grad_x) {
+  using A = acc_t<T>;
+  parallel_for(rt, 0, S, segment_grain(S, T_, D), [&](int64_t s0, int64_t s1) {
+    bool found[kTile];
+    for (int64_t s = s0; s < s1; ++s) {
+      const RowRange rows = segment_rows(offsets, s, T_);
+      const T* g = grad_y + s * D;
+      if (R == Reduce::kSum || R == Reduce::kMean) {
+        const A scale = reduce_grad_scale<R, A>(rows.end - rows.begin);
+        for (int64_t t = rows.begin; t < rows.end; ++t) {
+          T* out = grad_x + t * D;
+          for (int64_t j = 0; j < D; ++j) out[j] = from_acc<T>(to_acc(g[j]) * scale);
+        }
+        continue;
+      }
+      const T* result = y + s * D;
+      for (int64_t d0 = 0; d0 < D; d0 += kTile) {
+        const int64_t nd = std::min(kTile, D - d0);
+        std::fill(found, found + nd, false);
+        for (int64_t t = rows.begin; t < rows.end; ++t) {
+          const T* row = x + t * D + d0;
+          T* out = grad_x + t * D + d0;
+          for (int64_t j = 0; j < nd; ++j) {
+            const bool take = !found[j] && attains(to_acc(row[j]), to_acc(result[d0 + j]));
+            found[j] = found[j] || take;
+            out[j] = take ? g[d0 + j] : from_acc<T>(A(0));
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void zero_rows(T* dst, int64_t count, int64_t D) {
+  std::memset(static_cast<void*>(dst), 0, sizeof(T) * count * D);
+}
+
+
+template <typename F>
+void dispatch_reduce(Reduce reduce, F&& f) {
+  switch (reduce) {
+    case Reduce::kSum: f(std::integral_constant<Reduce, Reduce::kSum>{}); break;
+    case Reduce::kMean: f(std::integral_constant<Reduce, Reduce::kMean>{}); break;
+    case Reduce::kMax: f(std::integral_constant<Reduce, Reduce::kMax>{}); break;
+    case Reduce::kMin: f(std::integral_constant<Reduce, Reduce::kMin>{}); break;
+  }
+}
+
+}  // namespace
+
+int64_t word_boundaries_count_cpu(const Runtime& rt, const uint8_t* bytes, const int64_t* cu,
+                                  int64_t B, int64_t max_bytes, WordMode mode,
+                                  int64_t* chunk_counts) {
+  const int64_t total_bytes = cu[B];
+  const int64_t chunks = num_word_chunks(total_bytes, kWordChunkBytesCpu);
+  parallel_for(rt, 0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t lo = c * kWordChunkBytesCpu;
+      const int64_t hi = std::min(total_bytes, lo + kWordChunkBytesCpu);
+      int64_t n = 0;
+      for_each_word_start(bytes, cu, B, lo, hi, max_bytes, mode, [&](int64_t) { ++n; });
+      chunk_counts[c] = n;
+    }
+  });
+  int64_t total = 0;
+  for (int64_t c = 0; c < chunks; ++c) total += chunk_counts[c];
+  return total;
+}
+
+void word_boundaries_fill_cpu(const Runtime& rt, const uint8_t* bytes, const int64_t* cu, int64_t B,
+                              int64_t max_bytes, WordMode mode, int64_t* chunk_counts,
+                              int64_t num_words, int64_t* word_offsets, int64_t* word_cu) {
+  const int64_t total_bytes = cu[B];
+  const int64_t chunks = num_word_chunks(total_bytes, kWordChunkBytesCpu);
+  int64_t running = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t n = chunk_counts[c];
+    chunk_counts[c] = running;
+    running += n;
+  }
+  parallel_for(rt, 0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t lo = c * kWordChunkBytesCpu;
+      const int64_t hi = std::min(total_bytes, lo + kWordChunkBytesCpu);
+      int64_t* out = word_offsets + chunk_counts[c];
+      for_each_word_start(bytes, cu, B, lo, hi, max_bytes, mode, [&](int64_t p) { *out++ = p; });
+    }
+  });
+  word_offsets[num_words] = total_bytes;
+  for (int64_t b = 0; b <= B; ++b) word_cu[b] = lower_bound(word_offsets, num_words, cu[b]);
+}
+
+void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets,
+                        int64_t S, int64_t T, int64_t D, Reduce reduce, void* y) {
+  dispatch_float_types(dtype, [&](auto* tag) {
+    using V = std::remove_pointer_t<decltype(tag)>;
+    dispatch_reduce(reduce, [&](auto r) {
+      reduce_rows<V, decltype(r)::value>(rt, static_cast<const V*>(x), offsets, S, T, D,
+                                         static_cast<V*>(y));
+    });
+  });
+}
+
+void segment_reduce_backward_cpu(const Runtime& rt, DType dtype, const void* grad_y, const void* x,
+                                 const void* y, const int64_t* offsets, int64_t S, int64_t T,
+                                 int64_t D, Reduce reduce, void* grad_x) {
+  dispatch_float_types(dtype, [&](auto* tag) {
+    using V = std::remove_pointer_t<decltype(tag)>;
+    dispatch_reduce(reduce, [&](auto r) {
+      reduce_backward_rows<V, decltype(r)::value>(
+          rt, static_cast<const V*>(grad_y), static_cast<const V*>(x), static_cast<const V*>(y),
+          offsets, S, T, D, static_cast<V*>(grad_x));
+    });
+  });
+}
+
+void segment_expand_cpu(const Runtime& rt, DType dtype, const void* y, const int64_t* offsets,
+                        int64_t S, int64_t T, int64_t D, void* x) {
+  dispatch_float_types(dtype, [&](auto* tag) {
+    using V = std::remove_pointer_t<decltype(tag)>;
+    const V* src = static_cast<const V*>(y);
+    V* dst = static_cast<V*>(x);
+    parallel_for(rt, 0, S, segment_grain(S, T, D), [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        const RowRange rows = segment_rows(offsets, s, T);
+        for (int64_t t = rows.begin; t < rows.end; ++t)
+          std::memcpy(static_cast<void*>(dst + t * D), src + s * D, sizeof(V) * D);
+      }
+    });
+  });
+}
+
+void segment_pack_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets,
+                      int64_t S, int64_t T, int64_t D, int64_t max_len, void* packed) {
+  dispatch_float_types(dtype, [&](auto* tag) {
+    using V = std::remove_pointer_t<decltype(tag)>;
+    const V* src = static_cast<const V*>(x);
+    V* dst = static_cast<V*>(packed);
+    parallel_for(rt, 0, S, segment_grain(S, S * max_len, D), [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        const RowRange rows = segment_rows(offsets, s, T);
+        const int64_t kept = std::min(rows.end - rows.begin, max_len);
+        V* out = dst + s * max_len * D;
+        if (kept > 0) std::memcpy(static_cast<void*>(out), src + rows.begin * D, sizeof(V) * kept * D);
+        zero_rows(out + kept * D, max_len - kept, D);
+      }
+    });
+  });
+}
+
+void segment_unpack_cpu(const Runtime& rt, DType dtype, const void* packed, const int64_t* offsets,
+                        int64_t S, int64_t T, int64_t D, int64_t max_len, void* x) {
+  dispatch_float_types(dtype, [&](auto* tag) {
+    using V = std::remove_pointer_t<decltype(tag)>;
+    const V* src = static_cast<const V*>(packed);
+    V* dst = static_cast<V*>(x);
+    parallel_for(rt, 0, S, segment_grain(S, T, D), [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        const RowRange rows = segment_rows(offsets, s, T);
+        const int64_t len = rows.end - rows.begin;
+        const int64_t kept = std::min(len, max_len);
+        if (kept > 0)
+          std::memcpy(static_cast<void*>(dst + rows.begin * D), src + s * max_len * D,
+                      sizeof(V) * kept * D);
+        zero_rows(dst + (rows.begin + kept) * D, len - kept, D);
+      }
+    });
+  });
+}
+
+}  // namespace pooling
+}  // namespace tokcore

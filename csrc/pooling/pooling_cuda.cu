@@ -1,0 +1,392 @@
+// CUDA kernels of the pooling family. Torch-free: only the core headers and the
+// CUDA toolkit (CUB for the scan), so this file compiles in seconds.
+//
+// Segment kernels use one thread per (segment, vector of features): consecutive
+// threads read consecutive 16-byte vectors of the same row (coalesced), and
+// each thread walks its segment's rows, so no atomics and no host sync are
+// needed and results are deterministic.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+
+#include <cub/device/device_scan.cuh>
+
+#include "pooling_kernels.h"
+
+namespace tokcore {
+namespace pooling {
+namespace {
+
+constexpr int kThreads = 256;
+
+inline unsigned blocks_for(int64_t n) { return unsigned((n + kThreads - 1) / kThreads); }
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
+  *reinterpret_cast<Vec<T, N>*>(p) = v;
+}
+
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> zero_vec() {
+  Vec<T, N> z;
+#pragma unroll
+  for (int j = 0; j < N; ++j) z.v[j] = from_acc<T>(acc_t<T>(0));
+  return z;
+}
+
+// ---------------------------------------------------------------- offsets
+
+__global__ void validate_offsets_kernel(const int64_t* offsets, int64_t n, int64_t total,
+                                        int64_t* scratch) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int status = check_offsets_entry(offsets, n, i, total);
+    if (status != kOffsetsOk) atomicMax(reinterpret_cast<unsigned long long*>(scratch),
+                                        static_cast<unsigned long long>(status));
+    if (i == n - 1) scratch[1] = offsets[i];
+  }
+}
+
+// ---------------------------------------------------------------- word_boundaries
+
+__global__ void word_count_kernel(const uint8_t* bytes, const int64_t* cu, int64_t B,
+                                  int64_t total_bytes, int64_t max_bytes, WordMode mode,
+                                  int64_t chunks, int64_t* counts) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c > chunks) return;
+  int64_t n = 0;
+  if (c < chunks) {
+    const int64_t lo = c * kWordChunkBytesCuda;
+    const int64_t hi = min(total_bytes, lo + kWordChunkBytesCuda);
+    for_each_word_start(bytes, cu, B, lo, hi, max_bytes, mode, [&](int64_t) { ++n; });
+  }
+  counts[c] = n;  // counts[chunks] = 0, so the exclusive scan's last entry is the total
+}
+
+__global__ void word_fill_kernel(const uint8_t* bytes, const int64_t* cu, int64_t B,
+                                 int64_t total_bytes, int64_t max_bytes, WordMode mode,
+                                 int64_t chunks, const int64_t* chunk_offsets,
+                                 int64_t* word_offsets) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= chunks) return;
+  const int64_t lo = c * kWordChunkBytesCuda;
+  const int64_t hi = min(total_bytes, lo + kWordChunkBytesCuda);
+  int64_t* out = word_offsets + chunk_offsets[c];
+  for_each_word_start(bytes, cu, B, lo, hi, max_bytes, mode, [&](int64_t p) { *out++ = p; });
+}
+
+__global__ void word_cu_kernel(const int64_t* cu, int64_t B, int64_t total_bytes,
+                               int64_t num_words, int64_t* word_offsets, int64_t* word_cu) {
+  const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (b > B) return;
+  word_cu[b] = lower_bound(word_offsets, num_words, cu[b]);
+  if (b == 0) word_offsets[num_words] = total_bytes;
+}
+
+struct WordWorkspace {
+  int64_t* counts;   // [chunks + 1]
+  int64_t* offsets;  // [chunks + 1], exclusive scan of counts
+  void* scan_temp;
+  size_t scan_bytes;
+};
+
+size_t align_up(size_t n) { return (n + 255) & ~size_t(255); }
+
+WordWorkspace word_workspace(void* base, int64_t chunks) {
+  WordWorkspace ws{};
+  const size_t array_bytes = align_up(sizeof(int64_t) * size_t(chunks + 1));
+  ws.counts = static_cast<int64_t*>(base);
+  ws.offsets = base ? reinterpret_cast<int64_t*>(static_cast<char*>(base) + array_bytes) : nullptr;
+  ws.scan_temp = base ? static_cast<char*>(base) + 2 * array_bytes : nullptr;
+  cub::DeviceScan::ExclusiveSum(nullptr, ws.scan_bytes, ws.counts, ws.offsets, chunks + 1);
+  return ws;
+}
+
+// ---------------------------------------------------------------- segment kernels
+
+template <typename T, int N, Reduce R>
+__global__ void segment_reduce_kernel(const T* __restrict__ x, const int64_t* __restrict__ offsets,
+                                      int64_t S, int64_t rows_total, int64_t D, T* __restrict__ y) {
+  using A = acc_t<T>;
+  const int64_t nvec = D / N;
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= S * nvec) return;
+  const int64_t s = i / nvec, col = (i % nvec) * N;
+  const RowRange rows = segment_rows(offsets, s, rows_total);
+  A acc[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) acc[j] = reduce_identity<R, A>();
+  const T* p = x + rows.begin * D + col;
+#pragma unroll 4
+  for (int64_t t = rows.begin; t < rows.end; ++t, p += D) {
+    const Vec<T, N> v = load_vec<T, N>(p);
+#pragma unroll
+    for (int j = 0; j < N; ++j) acc[j] = reduce_combine<R, A>(acc[j], to_acc(v.v[j]));
+  }
+  Vec<T, N> out;
+#pragma unroll
+  for (int j = 0; j < N; ++j) out.v[j] = from_acc<T>(reduce_finalize<R, A>(acc[j], rows.end - rows.begin));
+  store_vec<T, N>(y + s * D + col, out);
+}
+
+template <typename T, int N, Reduce R>
+__global__ void segment_reduce_backward_kernel(const T* __restrict__ grad_y, const T* __restrict__ x,
+                                               const T* __restrict__ y,
+                                               const int64_t* __restrict__ offsets, int64_t S,
+                                               int64_t rows_total, int64_t D, T* __restrict__ grad_x) {
+  using A = acc_t<T>;
+  const int64_t nvec = D / N;
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= S * nvec) return;
+  const int64_t s = i / nvec, col = (i % nvec) * N;
+  const RowRange rows = segment_rows(offsets, s, rows_total);
+  const Vec<T, N> g = load_vec<T, N>(grad_y + s * D + col);
+  if (R == Reduce::kSum || R == Reduce::kMean) {
+    const A scale = reduce_grad_scale<R, A>(rows.end - rows.begin);
+    Vec<T, N> out;
+#pragma unroll
+    for (int j = 0; j < N; ++j) out.v[j] = from_acc<T>(to_acc(g.v[j]) * scale);
+    for (int64_t t = rows.begin; t < rows.end; ++t) store_vec<T, N>(grad_x + t * D + col, out);
+    return;
+  }
+  const Vec<T, N> result = load_vec<T, N>(y + s * D + col);
+  bool found[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) found[j] = false;
+  for (int64_t t = rows.begin; t < rows.end; ++t) {
+    const Vec<T, N> v = load_vec<T, N>(x + t * D + col);
+    Vec<T, N> out;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const bool take = !found[j] && attains(to_acc(v.v[j]), to_acc(result.v[j]));
+      found[j] = found[j] || take;
+      out.v[j] = take ? g.v[j] : from_acc<T>(A(0));
+    }
+    store_vec<T, N>(grad_x + t * D + col, out);
+  }
+}
+
+template <typename T, int N>
+__global__ void segment_expand_kernel(const T* __restrict__ y, const int64_t* __restrict__ offsets,
+                                      int64_t S, int64_t rows_total, int64_t D, T* __restrict__ x) {
+  const int64_t nvec = D / N;
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= S * nvec) return;
+  const int64_t s = i / nvec, col = (i % nvec) * N;
+  const RowRange rows = segment_rows(offsets, s, rows_total);
+  const Vec<T, N> v = load_vec<T, N>(y + s * D + col);
+  for (int64_t t = rows.begin; t < rows.end; ++t) store_vec<T, N>(x + t * D + col, v);
+}
+
+template <typename T, int N>
+__global__ void segment_pack_kernel(const T* __restrict__ x, const int64_t* __restrict__ offsets,
+                                    int64_t S, int64_t rows_total, int64_t D, int64_t max_len,
+                                    T* __restrict__ packed) {
+  const int64_t nvec = D / N;
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= S * nvec) return;
+  const int64_t s = i / nvec, col = (i % nvec) * N;
+  const RowRange rows = segment_rows(offsets, s, rows_total);
+  const int64_t kept = min(rows.end - rows.begin, max_len);
+  T* out = packed + s * max_len * D + col;
+  for (int64_t k = 0; k < max_len; ++k, out += D)
+    store_vec<T, N>(out, k < kept ? load_vec<T, N>(x + (rows.begin + k) * D + col) : zero_vec<T, N>());
+}
+
+template <typename T, int N>
+__global__ void segment_unpack_kernel(const T* __restrict__ packed, const int64_t* __restrict__ offsets,
+                                      int64_t S, int64_t rows_total, int64_t D, int64_t max_len,
+                                      T* __restrict__ x) {
+  const int64_t nvec = D / N;
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= S * nvec) return;
+  const int64_t s = i / nvec, col = (i % nvec) * N;
+  const RowRange rows = segment_rows(offsets, s, rows_total);
+  const T* src = packed + s * max_len * D + col;
+  for (int64_t t = rows.begin; t < rows.end; ++t) {
+    const int64_t k = t - rows.begin;
+    store_vec<T, N>(x + t * D + col, k < max_len ? load_vec<T, N>(src + k * D) : zero_vec<T, N>());
+  }
+}
+
+// Elements per thread: a 16-byte vector when every row of every buffer starts
+// 16-byte aligned (null buffers, unused by the kernel, count as aligned).
+template <typename T>
+int vector_width(int64_t D, std::initializer_list<const void*> buffers) {
+  constexpr int kVec = 16 / sizeof(T);
+  bool aligned = D % kVec == 0;
+  for (const void* p : buffers) aligned = aligned && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  return aligned ? kVec : 1;
+}
+
+// Launches kernel<T, N> over S * D / N threads with N the vector width.
+template <typename T, typename Launch>
+int launch_segments(int64_t S, int64_t D, std::initializer_list<const void*> buffers,
+                    Launch&& launch) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int n = vector_width<T>(D, buffers);
+  const int64_t threads = S * (D / n);
+  if (threads == 0) return cudaSuccess;
+  if (n == kVec) launch(std::integral_constant<int, kVec>{}, blocks_for(threads));
+  else launch(std::integral_constant<int, 1>{}, blocks_for(threads));
+  return cudaGetLastError();
+}
+
+template <typename F>
+void dispatch_reduce(Reduce reduce, F&& f) {
+  switch (reduce) {
+    case Reduce::kSum: f(std::integral_constant<Reduce, Reduce::kSum>{}); break;
+    case Reduce::kMean: f(std::integral_constant<Reduce, Reduce::kMean>{}); break;
+    case Reduce::kMax: f(std::integral_constant<Reduce, Reduce::kMax>{}); break;
+    case Reduce::kMin: f(std::integral_constant<Reduce, Reduce::kMin>{}); break;
+  }
+}
+
+}  // namespace
+
+const char* cuda_error_string(int error) { return cudaGetErrorString(cudaError_t(error)); }
+
+int validate_offsets_cuda(const int64_t* offsets, int64_t n, int64_t total, int64_t* device_scratch,
+                          int64_t* host_result, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  cudaError_t err = cudaMemsetAsync(device_scratch, 0, 2 * sizeof(int64_t), st);
+  if (err != cudaSuccess) return err;
+  validate_offsets_kernel<<<unsigned(std::min<int64_t>(1024, (n + kThreads - 1) / kThreads)),
+                            kThreads, 0, st>>>(offsets, n, total, device_scratch);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  err = cudaMemcpyAsync(host_result, device_scratch, 2 * sizeof(int64_t), cudaMemcpyDeviceToHost, st);
+  if (err != cudaSuccess) return err;
+  return cudaStreamSynchronize(st);
+}
+
+size_t word_boundaries_workspace_cuda(int64_t total_bytes) {
+  const int64_t chunks = num_word_chunks(total_bytes, kWordChunkBytesCuda);
+  const WordWorkspace ws = word_workspace(nullptr, chunks);
+  return 2 * align_up(sizeof(int64_t) * size_t(chunks + 1)) + ws.scan_bytes;
+}
+
+int word_boundaries_count_cuda(const uint8_t* bytes, const int64_t* cu, int64_t B,
+                               int64_t total_bytes, int64_t max_bytes, WordMode mode,
+                               void* workspace, size_t workspace_bytes, int64_t* num_words,
+                               void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const int64_t chunks = num_word_chunks(total_bytes, kWordChunkBytesCuda);
+  WordWorkspace ws = word_workspace(workspace, chunks);
+  if (workspace_bytes < word_boundaries_workspace_cuda(total_bytes)) return cudaErrorInvalidValue;
+  word_count_kernel<<<blocks_for(chunks + 1), kThreads, 0, st>>>(bytes, cu, B, total_bytes, max_bytes,
+                                                                 mode, chunks, ws.counts);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  err = cub::DeviceScan::ExclusiveSum(ws.scan_temp, ws.scan_bytes, ws.counts, ws.offsets, chunks + 1, st);
+  if (err != cudaSuccess) return err;
+  err = cudaMemcpyAsync(num_words, ws.offsets + chunks, sizeof(int64_t), cudaMemcpyDeviceToHost, st);
+  if (err != cudaSuccess) return err;
+  return cudaStreamSynchronize(st);
+}
+
+int word_boundaries_fill_cuda(const uint8_t* bytes, const int64_t* cu, int64_t B,
+                              int64_t total_bytes, int64_t max_bytes, WordMode mode,
+                              const void* workspace, int64_t num_words, int64_t* word_offsets,
+                              int64_t* word_cu, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const int64_t chunks = num_word_chunks(total_bytes, kWordChunkBytesCuda);
+  const WordWorkspace ws = word_workspace(const_cast<void*>(workspace), chunks);
+  if (chunks > 0)
+    word_fill_kernel<<<blocks_for(chunks), kThreads, 0, st>>>(bytes, cu, B, total_bytes, max_bytes,
+                                                              mode, chunks, ws.offsets, word_offsets);
+  word_cu_kernel<<<blocks_for(B + 1), kThreads, 0, st>>>(cu, B, total_bytes, num_words, word_offsets,
+                                                         word_cu);
+  return cudaGetLastError();
+}
+
+int segment_reduce_cuda(DType dtype, const void* x, const int64_t* offsets, int64_t S, int64_t T,
+                        int64_t D, Reduce reduce, void* y, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  int err = cudaSuccess;
+  dispatch_float_types(dtype, [&](auto* tag) {
+    using V = std::remove_pointer_t<decltype(tag)>;
+    dispatch_reduce(reduce, [&](auto r) {
+      err = launch_segments<V>(S, D, {x, y}, [&](auto n, unsigned blocks) {
+        segment_reduce_kernel<V, decltype(n)::value, decltype(r)::value><<<blocks, kThreads, 0, st>>>(
+            static_cast<const V*>(x), offsets, S, T, D, static_cast<V*>(y));
+      });
+    });
+  });
+  return err;
+}
+
+int segment_reduce_backward_cuda(DType dtype, const void* grad_y, const void* x, const void* y,
+                                 const int64_t* offsets, int64_t S, int64_t T, int64_t D,
+                                 Reduce reduce, void* grad_x, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  int err = cudaSuccess;
+  dispatch_float_types(dtype, [&](auto* tag) {
+    using V = std::remove_pointer_t<decltype(tag)>;
+    dispatch_reduce(reduce, [&](auto r) {
+      err = launch_segments<V>(S, D, {grad_y, x, y, grad_x}, [&](auto n, unsigned blocks) {
+        segment_reduce_backward_kernel<V, decltype(n)::value, decltype(r)::value>
+            <<<blocks, kThreads, 0, st>>>(static_cast<const V*>(grad_y), static_cast<const V*>(x),
+                                          static_cast<const V*>(y), offsets, S, T, D,
+                                          static_cast<V*>(grad_x));
+      });
+    });
+  });
+  return err;
+}
+
+int segment_expand_cuda(DType dtype, const void* y, const int64_t* offsets, int64_t S, int64_t T,
+                        int64_t D, void* x, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  int err = cudaSuccess;
+  dispatch_float_types(dtype, [&](auto* tag) {
+    using V = std::remove_pointer_t<decltype(tag)>;
+    err = launch_segments<V>(S, D, {y, x}, [&](auto n, unsigned blocks) {
+      segment_expand_kernel<V, decltype(n)::value><<<blocks, kThreads, 0, st>>>(
+          static_cast<const V*>(y), offsets, S, T, D, static_cast<V*>(x));
+    });
+  });
+  return err;
+}
+
+int segment_pack_cuda(DType dtype, const void* x, const int64_t* offsets, int64_t S, int64_t T,
+                      int64_t D, int64_t max_len, void* packed, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  int err = cudaSuccess;
+  dispatch_float_types(dtype, [&](auto* tag) {
+    using V = std::remove_pointer_t<decltype(tag)>;
+    err = launch_segments<V>(S, D, {x, packed}, [&](auto n, unsigned blocks) {
+      segment_pack_kernel<V, decltype(n)::value><<<blocks, kThreads, 0, st>>>(
+          static_cast<const V*>(x), offsets, S, T, D, max_len, static_cast<V*>(packed));
+    });
+  });
+  return err;
+}
+
+int segment_unpack_cuda(DType dtype, const void* packed, const int64_t* offsets, int64_t S,
+                        int64_t T, int64_t D, int64_t max_len, void* x, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  int err = cudaSuccess;
+  dispatch_float_types(dtype, [&](auto* tag) {
+    using V = std::remove_pointer_t<decltype(tag)>;
+    err = launch_segments<V>(S, D, {packed, x}, [&](auto n, unsigned blocks) {
+      segment_unpack_kernel<V, decltype(n)::value><<<blocks, kThreads, 0, st>>>(
+          static_cast<const V*>(packed), offsets, S, T, D, max_len, static_cast<V*>(x));
+    });
+  });
+  return err;
+}
+
+}  // namespace pooling
+}  // namespace tokcore

@@ -1,0 +1,82 @@
+// Torch-free entry points of the pooling kernels (CPU in pooling_cpu.cpp, CUDA in
+// pooling_cuda.cu). Pointers are raw, sizes explicit, buffers contiguous; the
+// torch adapter pooling_ops.cpp checks arguments and allocates outputs.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "tokcore/common/dtype.h"
+#include "tokcore/common/offsets.h"
+#include "tokcore/common/parallel.h"
+#include "tokcore/pooling/segment.h"
+#include "tokcore/pooling/word_boundaries.h"
+
+namespace tokcore {
+namespace pooling {
+
+// Bytes per work item of word_boundaries: a chunk's worker owns the words whose
+// natural start lies in it.
+constexpr int64_t kWordChunkBytesCpu = 1 << 16;
+constexpr int64_t kWordChunkBytesCuda = 256;
+
+inline int64_t num_word_chunks(int64_t total_bytes, int64_t chunk_bytes) {
+  return (total_bytes + chunk_bytes - 1) / chunk_bytes;
+}
+
+// ---- CPU ----
+// Pass 1: chunk_counts[c] = number of words owned by chunk c; returns the total.
+int64_t word_boundaries_count_cpu(const Runtime& rt, const uint8_t* bytes, const int64_t* cu,
+                                  int64_t B, int64_t max_bytes, WordMode mode,
+                                  int64_t* chunk_counts);
+// Pass 2: chunk_counts becomes exclusive offsets; fills word_offsets [W+1] and word_cu [B+1].
+void word_boundaries_fill_cpu(const Runtime& rt, const uint8_t* bytes, const int64_t* cu, int64_t B,
+                              int64_t max_bytes, WordMode mode, int64_t* chunk_counts,
+                              int64_t num_words, int64_t* word_offsets, int64_t* word_cu);
+
+void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets,
+                        int64_t S, int64_t T, int64_t D, Reduce reduce, void* y);
+void segment_reduce_backward_cpu(const Runtime& rt, DType dtype, const void* grad_y, const void* x,
+                                 const void* y, const int64_t* offsets, int64_t S, int64_t T,
+                                 int64_t D, Reduce reduce, void* grad_x);
+void segment_expand_cpu(const Runtime& rt, DType dtype, const void* y, const int64_t* offsets,
+                        int64_t S, int64_t T, int64_t D, void* x);
+void segment_pack_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets,
+                      int64_t S, int64_t T, int64_t D, int64_t max_len, void* packed);
+void segment_unpack_cpu(const Runtime& rt, DType dtype, const void* packed, const int64_t* offsets,
+                        int64_t S, int64_t T, int64_t D, int64_t max_len, void* x);
+
+// ---- CUDA (stream is a cudaStream_t; every call returns a cudaError_t as int) ----
+// Validates offsets [n] against total (< 0: any) and reads offsets[n-1]:
+// host_result[0] = OffsetsStatus, host_result[1] = offsets[n-1]. device_scratch
+// holds 2 int64. Synchronizes the stream.
+int validate_offsets_cuda(const int64_t* offsets, int64_t n, int64_t total, int64_t* device_scratch,
+                          int64_t* host_result, void* stream);
+// Workspace bytes that word_boundaries_cuda needs for B sequences of total_bytes.
+size_t word_boundaries_workspace_cuda(int64_t total_bytes);
+// Pass 1 (synchronizes: the number of words decides the output size):
+// *num_words = W. workspace holds the per-chunk offsets for pass 2.
+int word_boundaries_count_cuda(const uint8_t* bytes, const int64_t* cu, int64_t B,
+                               int64_t total_bytes, int64_t max_bytes, WordMode mode,
+                               void* workspace, size_t workspace_bytes, int64_t* num_words,
+                               void* stream);
+int word_boundaries_fill_cuda(const uint8_t* bytes, const int64_t* cu, int64_t B,
+                              int64_t total_bytes, int64_t max_bytes, WordMode mode,
+                              const void* workspace, int64_t num_words, int64_t* word_offsets,
+                              int64_t* word_cu, void* stream);
+
+int segment_reduce_cuda(DType dtype, const void* x, const int64_t* offsets, int64_t S, int64_t T,
+                        int64_t D, Reduce reduce, void* y, void* stream);
+int segment_reduce_backward_cuda(DType dtype, const void* grad_y, const void* x, const void* y,
+                                 const int64_t* offsets, int64_t S, int64_t T, int64_t D,
+                                 Reduce reduce, void* grad_x, void* stream);
+int segment_expand_cuda(DType dtype, const void* y, const int64_t* offsets, int64_t S, int64_t T,
+                        int64_t D, void* x, void* stream);
+int segment_pack_cuda(DType dtype, const void* x, const int64_t* offsets, int64_t S, int64_t T,
+                      int64_t D, int64_t max_len, void* packed, void* stream);
+int segment_unpack_cuda(DType dtype, const void* packed, const int64_t* offsets, int64_t S,
+                        int64_t T, int64_t D, int64_t max_len, void* x, void* stream);
+const char* cuda_error_string(int error);
+
+}  // namespace pooling
+}  // namespace tokcore

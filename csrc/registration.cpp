@@ -1,0 +1,14 @@
+// Every op schema of tokcore, in one place (DESIGN.md §5 is the contract).
+// Kernels are registered per backend in csrc/<family>/<family>_ops.cpp; fake
+// kernels and autograd in python/tokcore/<family>/ops.py.
+#include <torch/csrc/stable/library.h>
+
+STABLE_TORCH_LIBRARY(tokcore, m) {
+  // ---- pooling: bytes to words and back
+  m.def("word_boundaries(Tensor bytes, Tensor cu_seqlens, int max_word_bytes, str mode) -> (Tensor, Tensor)");
+  m.def("segment_reduce(Tensor x, Tensor offsets, str reduce) -> Tensor");
+  m.def("segment_reduce_backward(Tensor grad_y, Tensor offsets, SymInt total, str reduce, Tensor? x=None, Tensor? y=None) -> Tensor");
+  m.def("segment_expand(Tensor y, Tensor offsets, SymInt? total=None) -> Tensor");
+  m.def("segment_pack(Tensor x, Tensor offsets, SymInt max_len) -> Tensor");
+  m.def("segment_unpack(Tensor packed, Tensor offsets, SymInt? total=None) -> Tensor");
+}

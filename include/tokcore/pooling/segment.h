@@ -1,0 +1,73 @@
+// Per-element arithmetic of the segment ops (segment_reduce and its backward,
+// segment_expand, segment_pack, segment_unpack), shared by CPU and CUDA kernels.
+//
+// A segment s covers rows [offsets[s], offsets[s+1]) of a [T, D] row-major
+// matrix. Accumulation is in acc_t<T> (float32, float64 for float64).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "tokcore/common/dtype.h"
+#include "tokcore/common/macros.h"
+
+namespace tokcore {
+namespace pooling {
+
+enum class Reduce : int { kSum = 0, kMean = 1, kMax = 2, kMin = 3 };
+
+template <typename A> TOKCORE_HD bool is_nan(A v) { return v != v; }
+
+TOKCORE_HD float infinity_of(float) { return HUGE_VALF; }
+TOKCORE_HD double infinity_of(double) { return HUGE_VAL; }
+
+template <Reduce R, typename A>
+TOKCORE_HD A reduce_identity() {
+  if (R == Reduce::kMax) return -infinity_of(A(0));
+  if (R == Reduce::kMin) return infinity_of(A(0));
+  return A(0);
+}
+
+// max/min: NaN propagates (the first NaN is kept); ties keep the earlier value.
+template <Reduce R, typename A>
+TOKCORE_HD A reduce_combine(A acc, A v) {
+  if (R == Reduce::kSum || R == Reduce::kMean) return acc + v;
+  if (is_nan(acc)) return acc;
+  if (is_nan(v)) return v;
+  if (R == Reduce::kMax) return v > acc ? v : acc;
+  return v < acc ? v : acc;
+}
+
+// Result of a segment of `count` rows; an empty segment gives 0 for every reduce.
+template <Reduce R, typename A>
+TOKCORE_HD A reduce_finalize(A acc, int64_t count) {
+  if (count == 0) return A(0);
+  if (R == Reduce::kMean) return acc / A(count);
+  return acc;
+}
+
+// Scale applied to grad_y in the backward of sum/mean.
+template <Reduce R, typename A>
+TOKCORE_HD A reduce_grad_scale(int64_t count) {
+  return (R == Reduce::kMean && count > 0) ? A(1) / A(count) : A(1);
+}
+
+// Backward of max/min: the gradient goes to the first row whose value equals
+// the result (NaN matching NaN, since a NaN result came from a NaN row).
+template <typename A>
+TOKCORE_HD bool attains(A x, A y) { return x == y || (is_nan(x) && is_nan(y)); }
+
+// Rows of segment s, clamped into [0, T] so that no offsets, valid or not,
+// make a kernel touch memory outside its tensors (CUDA kernels do not sync to
+// validate offsets; the CPU adapters validate fully before calling).
+struct RowRange { int64_t begin, end; };
+
+TOKCORE_HD RowRange segment_rows(const int64_t* offsets, int64_t s, int64_t T) {
+  int64_t b = offsets[s], e = offsets[s + 1];
+  b = b < 0 ? 0 : (b > T ? T : b);
+  e = e < b ? b : (e > T ? T : e);
+  return RowRange{b, e};
+}
+
+}  // namespace pooling
+}  // namespace tokcore

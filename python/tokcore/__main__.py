@@ -1,0 +1,5 @@
+"""``python -m tokcore`` runs the ``tokcore`` command line."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,184 @@
+"""Byte corpora for training and evaluation; nothing is downloaded.
+
+The default corpus is the Python standard library's own source (``*.py`` under
+``sysconfig.get_paths()["stdlib"]``, ``site-packages`` excluded): a few tens of MB of
+code and English prose that every machine with Python has. Files are read in sorted
+order (of their path relative to the root), and every ``holdout_every``-th file (the
+20th, 40th, ...) is held out, so the split is deterministic and by file.
+
+Training batches are random fixed-length byte windows concatenated into one flat
+stream with ``cu_seqlens``; evaluation uses a fixed set of evenly spaced windows of
+the held-out bytes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Corpus",
+    "stdlib_dir",
+    "list_files",
+    "load_corpus",
+    "pack_sequences",
+    "sample_batch",
+    "heldout_windows",
+    "batched",
+]
+
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+def stdlib_dir() -> Path:
+    """Folder of the running Python's standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def list_files(root: str | os.PathLike, pattern: str = "*") -> list[Path]:
+    """Regular files under `root` whose name matches `pattern`, in a deterministic order
+    (sorted by path relative to `root`); hidden folders, ``__pycache__`` and
+    ``site-packages`` are skipped."""
+    root = Path(root)
+    found: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        for name in filenames:
+            if fnmatch.fnmatch(name, pattern):
+                p = Path(dirpath) / name
+                if p.is_file():
+                    found.append((p.relative_to(root).as_posix(), p))
+    found.sort()
+    return [p for _, p in found]
+
+
+def _looks_binary(data: bytes) -> bool:
+    return b"\x00" in data[:4096]
+
+
+@dataclass
+class Corpus:
+    """Training and held-out bytes (uint8 numpy arrays)."""
+
+    train: np.ndarray
+    heldout: np.ndarray
+    source: str
+    n_train_files: int = 0
+    n_heldout_files: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return (f"{self.source}: {len(self.train) / 1e6:.2f} MB train ({self.n_train_files} files), "
+                f"{len(self.heldout) / 1e6:.2f} MB held out ({self.n_heldout_files} files)")
+
+
+def load_corpus(data: str | os.PathLike | None = None, holdout_every: int = 20, pattern: str | None = None,
+                max_bytes: int | None = None) -> Corpus:
+    """Load a byte corpus.
+
+    data: None for the standard library's ``*.py`` files; a folder (all non-binary files
+    matching `pattern`, default ``*``); or one file (its last ``1/holdout_every`` is
+    held out, cut at a line start).
+    holdout_every: every `holdout_every`-th file (1-based: 20, 40, ...) is held out.
+    max_bytes: stop reading files once this many bytes have been read (keeps the same
+    deterministic order and split; for quick runs and tests).
+    """
+    if holdout_every < 2:
+        raise ValueError(f"holdout_every must be >= 2, got {holdout_every}")
+    if data is None:
+        root, pattern, source = stdlib_dir(), pattern or "*.py", "python stdlib"
+    else:
+        root, pattern, source = Path(data), pattern or "*", str(data)
+        if not root.exists():
+            raise FileNotFoundError(f"--data: {root} does not exist")
+
+    if root.is_file():
+        raw = root.read_bytes()
+        if max_bytes is not None:
+            raw = raw[:max_bytes]
+        cut = len(raw) - len(raw) // holdout_every
+        nl = raw.rfind(b"\n", 0, cut)
+        if nl > len(raw) // 2:
+            cut = nl + 1
+        train = np.frombuffer(raw[:cut], dtype=np.uint8).copy()
+        held = np.frombuffer(raw[cut:], dtype=np.uint8).copy()
+        return Corpus(train, held, source, 1, 1, ["single file: split by position"])
+
+    train_parts: list[bytes] = []
+    held_parts: list[bytes] = []
+    total = 0
+    index = 0
+    for path in list_files(root, pattern):
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            continue
+        if not raw or _looks_binary(raw):
+            continue
+        index += 1
+        (held_parts if index % holdout_every == 0 else train_parts).append(raw)
+        total += len(raw)
+        if max_bytes is not None and total >= max_bytes:
+            break
+    if not train_parts:
+        raise ValueError(f"no readable text files matching {pattern!r} under {root}")
+    notes = []
+    if not held_parts:  # fewer than holdout_every files: hold out the tail of the last one
+        last = train_parts.pop()
+        cut = len(last) - max(1, len(last) // holdout_every)
+        if cut > 0:
+            train_parts.append(last[:cut])
+        held_parts.append(last[cut:])
+        notes.append(f"fewer than {holdout_every} files: held out the tail of the last file")
+        if not train_parts:
+            train_parts = [last[:cut]]
+    train = np.frombuffer(b"".join(train_parts), dtype=np.uint8).copy()
+    held = np.frombuffer(b"".join(held_parts), dtype=np.uint8).copy()
+    return Corpus(train, held, source, len(train_parts), len(held_parts), notes)
+
+
+def pack_sequences(seqs: Sequence[bytes | np.ndarray], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate byte sequences: (bytes uint8 [T], cu_seqlens int64 [B+1])."""
+    arrays = [np.frombuffer(s, dtype=np.uint8) if isinstance(s, (bytes, bytearray)) else np.asarray(s, np.uint8)
+              for s in seqs]
+    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+    cu = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cu[1:])
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.uint8)
+    return (torch.from_numpy(flat.copy()).to(device), torch.from_numpy(cu).to(device))
+
+
+def sample_batch(data: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_size` random windows of `seq_len` bytes of `data`, packed."""
+    if len(data) < seq_len:
+        raise ValueError(f"corpus has {len(data)} bytes, fewer than seq_len={seq_len}")
+    starts = rng.integers(0, len(data) - seq_len + 1, size=batch_size)
+    windows = data[starts[:, None] + np.arange(seq_len)[None, :]]
+    flat = torch.from_numpy(windows.reshape(-1))
+    cu = torch.arange(batch_size + 1, dtype=torch.int64) * seq_len
+    return flat.to(device), cu.to(device)
+
+
+def heldout_windows(data: np.ndarray, n: int, seq_len: int) -> list[np.ndarray]:
+    """`n` fixed windows of `seq_len` bytes, evenly spaced over `data` (non-overlapping
+    when the data is long enough; fewer and shorter when it is short)."""
+    if len(data) == 0 or n <= 0:
+        return []
+    seq_len = min(seq_len, len(data))
+    n = min(n, max(1, len(data) // seq_len))
+    starts = np.linspace(0, len(data) - seq_len, n).astype(np.int64)
+    return [data[s:s + seq_len] for s in starts]
+
+
+def batched(windows: Sequence[np.ndarray], batch_size: int,
+            device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for i in range(0, len(windows), batch_size):
+        yield pack_sequences(windows[i:i + batch_size], device)

@@ -1,0 +1,377 @@
+"""Byte-level language models: a hierarchical (byte -> word -> byte) LM and a plain byte LM.
+
+Both models take a flat byte stream ``bytes uint8 [T]`` with ``cu_seqlens int64 [B+1]``
+and return a dict with the summed negative log-likelihood (nats) and counts, so that
+``bits per byte = nll / ln 2 / n_bytes`` is a true code length for both.
+
+:class:`HierarchicalByteLM` ("Learn Your Tokens", "Hierarchical Autoregressive
+Transformers"): words from ``word_boundaries(..., "space")``; a
+:class:`~tokcore.pooling.modules.BytePoolingEncoder` makes one vector per word; a causal
+word-level transformer (the backbone) runs over the words of each sequence; a small
+causal byte decoder predicts each word's bytes and an end-of-word symbol (256) from the
+backbone state of the *previous* word (a learned start state for the first word of a
+sequence) and the word's earlier bytes. All byte <-> word movement uses the tokcore
+ops; no Python loop walks over words during training or evaluation.
+
+:class:`ByteLM`: a plain causal byte transformer, the baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .modules import (
+    BytePoolingEncoder,
+    SegmentTransformer,
+    init_weights,
+    max_segment_length,
+    segment_lengths,
+)
+from .ops import segment_expand, segment_pack, segment_unpack, word_boundaries
+
+__all__ = [
+    "EOW",
+    "HierConfig",
+    "ByteLMConfig",
+    "HierarchicalByteLM",
+    "ByteLM",
+    "MODEL_KINDS",
+    "build_model",
+    "model_config",
+    "count_parameters",
+    "matched_byte_config",
+    "SIZES",
+]
+
+EOW = 256  # end-of-word symbol of the hierarchical decoder
+BOS = 256  # start-of-sequence input symbol of the byte LM
+LN2 = math.log(2.0)
+
+
+@dataclass
+class HierConfig:
+    d_model: int = 256        # backbone width
+    n_layers: int = 4         # backbone layers
+    n_heads: int = 4
+    d_local: int = 128        # byte encoder / decoder width
+    n_local_heads: int = 4
+    n_enc_layers: int = 1
+    n_dec_layers: int = 2
+    max_word_bytes: int = 16
+    pool: str = "mean"        # mean | max | attention
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    max_context_words: int = 512  # generation: backbone context window (words)
+
+
+@dataclass
+class ByteLMConfig:
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    max_context_bytes: int = 1024  # generation: context window (bytes)
+
+
+# Size presets. The byte LM of each preset is sized to about the hierarchical model's
+# parameter count (see `matched_byte_config`).
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=128, n_layers=2, n_heads=4, d_local=64, n_local_heads=2, n_enc_layers=1, n_dec_layers=1),
+    "small": dict(d_model=256, n_layers=4, n_heads=4, d_local=128, n_local_heads=4, n_enc_layers=1, n_dec_layers=2),
+    "base": dict(d_model=512, n_layers=8, n_heads=8, d_local=256, n_local_heads=4, n_enc_layers=1, n_dec_layers=2),
+}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_input(bytes: Tensor, cu_seqlens: Tensor) -> None:
+    if bytes.dtype != torch.uint8 or bytes.dim() != 1:
+        raise ValueError(f"bytes must be a 1-D uint8 tensor, got {bytes.dtype} {tuple(bytes.shape)}")
+    if cu_seqlens.dtype != torch.int64 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be a 1-D int64 tensor [B+1], got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)}")
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
+    logits = logits.float()
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _prompt_tensor(prompt: bytes | str, device: torch.device) -> Tensor:
+    if isinstance(prompt, str):
+        prompt = prompt.encode("utf-8")
+    return torch.tensor(list(prompt), dtype=torch.uint8, device=device)
+
+
+class HierarchicalByteLM(nn.Module):
+    kind = "hier"
+
+    def __init__(self, config: HierConfig | None = None, **overrides: Any):
+        super().__init__()
+        config = dataclasses.replace(config or HierConfig(), **overrides)
+        self.config = c = config
+        self.encoder = BytePoolingEncoder(c.d_local, c.n_enc_layers, c.n_local_heads, c.max_word_bytes, c.pool,
+                                          d_out=c.d_model, mlp_ratio=c.mlp_ratio, dropout=c.dropout)
+        self.backbone = SegmentTransformer(c.d_model, c.n_layers, c.n_heads, causal=True, mlp_ratio=c.mlp_ratio,
+                                           dropout=c.dropout)
+        self.start = nn.Parameter(torch.zeros(c.d_model))
+        self.ctx_proj = nn.Linear(c.d_model, c.d_local)
+        self.dec_embed = nn.Embedding(256, c.d_local)
+        self.decoder = SegmentTransformer(c.d_local, c.n_dec_layers, c.n_local_heads, causal=True,
+                                          mlp_ratio=c.mlp_ratio, dropout=c.dropout)
+        self.head = nn.Linear(c.d_local, 257)
+        init_weights(self)
+        nn.init.normal_(self.start, std=0.02)
+
+    # ----------------------------------------------------------------- pieces
+    def segment(self, bytes: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+        """(word_offsets [W+1], word_cu_seqlens [B+1]) of a flat byte stream."""
+        return word_boundaries(bytes, cu_seqlens, self.config.max_word_bytes, "space")
+
+    def word_states(self, bytes: Tensor, word_offsets: Tensor, word_cu_seqlens: Tensor,
+                    max_words: int | None = None) -> Tensor:
+        """Backbone output [W, d_model]: state of word w has seen words <= w of its sequence."""
+        words = self.encoder(bytes, word_offsets)
+        return self.backbone(words, word_cu_seqlens, max_words)
+
+    def previous_word_context(self, h: Tensor, word_cu_seqlens: Tensor) -> Tensor:
+        """[W, d_model]: row w = h[w-1] within the same sequence, the learned start state
+        for the first word of each sequence (the causal shift, done on words before
+        expanding/decoding)."""
+        w = h.shape[0]
+        prev = torch.cat([self.start[None].to(h.dtype), h[:-1]], dim=0)
+        first = torch.zeros(w + 1, dtype=torch.bool, device=h.device)
+        first[word_cu_seqlens[:-1]] = True  # an empty sequence points at w: harmless slot
+        return torch.where(first[:w, None], self.start.to(h.dtype), prev)
+
+    def decoder_logits(self, ctx: Tensor, bytes: Tensor, word_offsets: Tensor) -> tuple[Tensor, Tensor]:
+        """Decode every word at once.
+
+        The decoder stream holds, for each word, its context vector followed by its
+        bytes: [ctx_w, b_0 .. b_{L-1}] (L+1 slots). Slot i predicts b_i for i < L and
+        the end-of-word symbol at i = L. Returns (logits [T+W, 257], dec_offsets [W+1]).
+        """
+        t, w = bytes.numel(), ctx.shape[0]
+        lmax = self.config.max_word_bytes
+        dec_offsets = word_offsets + torch.arange(w + 1, device=word_offsets.device)
+        x = self.dec_embed(bytes.long())  # [T, d_local]
+        packed = segment_pack(x, word_offsets, lmax)  # [W, Lmax, d_local]
+        packed = torch.cat([self.ctx_proj(ctx)[:, None, :].to(packed.dtype), packed], dim=1)  # [W, Lmax+1, d]
+        stream = segment_unpack(packed, dec_offsets, t + w)  # [T+W, d_local]
+        y = self.decoder(stream, dec_offsets, lmax + 1)
+        return self.head(y), dec_offsets
+
+    def decoder_targets(self, bytes: Tensor, word_offsets: Tensor) -> Tensor:
+        """[T+W] int64: each word's bytes followed by EOW, in decoder-stream order."""
+        t, w = bytes.numel(), word_offsets.numel() - 1
+        word_index = torch.arange(w, device=bytes.device, dtype=torch.float64)[:, None]
+        word_of_byte = segment_expand(word_index, word_offsets, t).squeeze(1).long()  # [T]
+        targets = torch.full((t + w,), EOW, dtype=torch.long, device=bytes.device)
+        targets[torch.arange(t, device=bytes.device) + word_of_byte] = bytes.long()
+        return targets
+
+    # ----------------------------------------------------------------- training
+    def forward(self, bytes: Tensor, cu_seqlens: Tensor) -> dict[str, Tensor | int]:
+        """Returns {"loss": mean NLL per symbol, "nll": summed NLL (nats, bytes + EOW),
+        "n_symbols", "n_bytes", "n_words", "n_seqs", "backbone_tokens"}."""
+        _check_input(bytes, cu_seqlens)
+        word_offsets, word_cu = self.segment(bytes, cu_seqlens)
+        return self.forward_words(bytes, word_offsets, word_cu)
+
+    def forward_words(self, bytes: Tensor, word_offsets: Tensor, word_cu_seqlens: Tensor) -> dict[str, Tensor | int]:
+        h = self.word_states(bytes, word_offsets, word_cu_seqlens)
+        ctx = self.previous_word_context(h, word_cu_seqlens)
+        logits, _ = self.decoder_logits(ctx, bytes, word_offsets)
+        targets = self.decoder_targets(bytes, word_offsets)
+        nll = F.cross_entropy(logits.float(), targets, reduction="sum")
+        n_sym = targets.numel()
+        n_words = word_offsets.numel() - 1
+        return {
+            "loss": nll / max(n_sym, 1),
+            "nll": nll,
+            "n_symbols": n_sym,
+            "n_bytes": bytes.numel(),
+            "n_words": n_words,
+            "n_seqs": word_cu_seqlens.numel() - 1,
+            "backbone_tokens": n_words,
+        }
+
+    # ----------------------------------------------------------------- generation
+    def _context_state(self, words: list[bytes], device: torch.device) -> Tensor:
+        """Backbone state [d_model] of the last word of `words` (start state if none)."""
+        words = words[-self.config.max_context_words:]
+        if not words:
+            return self.start
+        data = torch.tensor(list(b"".join(words)), dtype=torch.uint8, device=device)
+        lengths = torch.tensor([len(wd) for wd in words], dtype=torch.int64, device=device)
+        word_offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), lengths.cumsum(0)])
+        word_cu = torch.tensor([0, len(words)], dtype=torch.int64, device=device)
+        h = self.word_states(data, word_offsets, word_cu, len(words))
+        return h[-1]
+
+    def _next_symbol_logits(self, ctx: Tensor, word: bytes, device: torch.device) -> Tensor:
+        x = torch.cat([
+            self.ctx_proj(ctx)[None],
+            self.dec_embed(torch.tensor(list(word), dtype=torch.long, device=device)),
+        ])
+        offsets = torch.tensor([0, x.shape[0]], dtype=torch.int64, device=device)
+        return self.head(self.decoder(x, offsets, x.shape[0])[-1])
+
+    @torch.no_grad()
+    def generate(self, prompt: bytes | str = b"", max_new_bytes: int = 200, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> bytes:
+        """Continue `prompt`; returns only the new bytes (at most `max_new_bytes`).
+
+        Word by word: the decoder samples bytes until end-of-word (or until the word has
+        `max_word_bytes` bytes), then the word goes through encoder and backbone to give
+        the next word's context. The prompt's last word counts as unfinished: the
+        decoder continues it."""
+        was_training = self.training
+        self.eval()
+        device = self.start.device
+        mwb = self.config.max_word_bytes
+        data = _prompt_tensor(prompt, device)
+        words: list[bytes] = []
+        partial = b""
+        if data.numel():
+            wo, _ = self.segment(data, torch.tensor([0, data.numel()], dtype=torch.int64, device=device))
+            raw, bounds = bytes(data.tolist()), wo.tolist()
+            words = [raw[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            partial = words.pop()
+        out = bytearray()
+        while len(out) < max_new_bytes:
+            ctx = self._context_state(words, device)
+            word = bytearray(partial)
+            partial = b""
+            while len(word) < mwb and len(out) < max_new_bytes:
+                logits = self._next_symbol_logits(ctx, bytes(word), device)
+                if not word:
+                    logits[EOW] = float("-inf")  # no empty words
+                sym = _sample(logits, temperature, top_k, generator)
+                if sym == EOW:
+                    break
+                word.append(sym)
+                out.append(sym)
+            words.append(bytes(word))
+        self.train(was_training)
+        return bytes(out)
+
+
+class ByteLM(nn.Module):
+    """Plain causal byte transformer (next-byte prediction, BOS at each sequence start)."""
+
+    kind = "byte"
+
+    def __init__(self, config: ByteLMConfig | None = None, **overrides: Any):
+        super().__init__()
+        config = dataclasses.replace(config or ByteLMConfig(), **overrides)
+        self.config = c = config
+        self.embed = nn.Embedding(257, c.d_model)
+        self.blocks = SegmentTransformer(c.d_model, c.n_layers, c.n_heads, causal=True, mlp_ratio=c.mlp_ratio,
+                                         dropout=c.dropout)
+        self.head = nn.Linear(c.d_model, 256)
+        init_weights(self)
+
+    def logits(self, bytes: Tensor, cu_seqlens: Tensor, max_len: int | None = None) -> Tensor:
+        """[T, 256]: row t predicts bytes[t] from the bytes before it in its sequence."""
+        t = bytes.numel()
+        inp = torch.cat([bytes.new_full((1,), 0).long(), bytes[:-1].long()]) if t else bytes.long()
+        starts = cu_seqlens[:-1]
+        inp[starts[starts < t]] = BOS
+        x = self.embed(inp)
+        return self.head(self.blocks(x, cu_seqlens, max_len))
+
+    def forward(self, bytes: Tensor, cu_seqlens: Tensor) -> dict[str, Tensor | int]:
+        _check_input(bytes, cu_seqlens)
+        logits = self.logits(bytes, cu_seqlens)
+        nll = F.cross_entropy(logits.float(), bytes.long(), reduction="sum")
+        t = bytes.numel()
+        return {
+            "loss": nll / max(t, 1),
+            "nll": nll,
+            "n_symbols": t,
+            "n_bytes": t,
+            "n_words": None,  # filled in by the trainer (word_boundaries) when wanted
+            "n_seqs": cu_seqlens.numel() - 1,
+            "backbone_tokens": t,
+        }
+
+    @torch.no_grad()
+    def generate(self, prompt: bytes | str = b"", max_new_bytes: int = 200, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> bytes:
+        """Continue `prompt` byte by byte; returns only the new bytes."""
+        was_training = self.training
+        self.eval()
+        device = self.head.weight.device
+        ctx = bytearray(prompt.encode("utf-8") if isinstance(prompt, str) else prompt)
+        out = bytearray()
+        n_ctx = self.config.max_context_bytes
+        for _ in range(max_new_bytes):
+            window = bytes(ctx[-(n_ctx - 1):]) if len(ctx) >= n_ctx else bytes(ctx)
+            # append a dummy byte: the logits row of the last position predicts the next byte
+            data = torch.tensor(list(window) + [0], dtype=torch.uint8, device=device)
+            cu = torch.tensor([0, data.numel()], dtype=torch.int64, device=device)
+            sym = _sample(self.logits(data, cu, data.numel())[-1], temperature, top_k, generator)
+            ctx.append(sym)
+            out.append(sym)
+        self.train(was_training)
+        return bytes(out)
+
+
+MODEL_KINDS: dict[str, tuple[type[nn.Module], type]] = {
+    "hier": (HierarchicalByteLM, HierConfig),
+    "byte": (ByteLM, ByteLMConfig),
+}
+
+
+def model_config(kind: str, config: dict[str, Any] | None = None):
+    """The config dataclass of model `kind`, built from a dict (unknown keys are an error)."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; choose from {sorted(MODEL_KINDS)}")
+    cls = MODEL_KINDS[kind][1]
+    config = dict(config or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(config) - names
+    if unknown:
+        raise ValueError(f"unknown {kind} config keys: {sorted(unknown)}")
+    return cls(**config)
+
+
+def build_model(kind: str, config: dict[str, Any] | None = None) -> nn.Module:
+    return MODEL_KINDS[kind][0](model_config(kind, config))
+
+
+def matched_byte_config(hier: HierConfig, target_params: int | None = None) -> ByteLMConfig:
+    """A ByteLM config with the hierarchical model's width whose depth gives the parameter
+    count closest to `target_params` (default: the hierarchical model's count)."""
+    if target_params is None:
+        target_params = count_parameters(HierarchicalByteLM(hier))
+    best, best_diff = None, None
+    for n_layers in range(1, 65):
+        cfg = ByteLMConfig(d_model=hier.d_model, n_layers=n_layers, n_heads=hier.n_heads, mlp_ratio=hier.mlp_ratio,
+                           dropout=hier.dropout)
+        d = cfg.d_model
+        # embed + head + per block (qkv, proj, mlp, 2 LN) + final LN
+        n = 257 * d + (d * 256 + 256) + n_layers * (4 * d * d + 4 * d + 2 * cfg.mlp_ratio * d * d
+                                                     + cfg.mlp_ratio * d + d + 4 * d) + 2 * d
+        diff = abs(n - target_params)
+        if best_diff is None or diff < best_diff:
+            best, best_diff = cfg, diff
+    return best

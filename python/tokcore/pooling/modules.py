@@ -1,0 +1,238 @@
+"""Building blocks on top of the pooling ops.
+
+Everything here works on *flat* streams: a tensor ``x [N, D]`` plus CSR offsets
+``[S+1]`` that split it into segments (sequences, words, or words plus one extra
+slot). Position-wise work (projections, MLPs, norms) runs on the flat stream, so
+no compute is spent on padding; only attention runs on the padded
+``[S, max_len, ...]`` batch made by ``segment_pack`` and goes back with
+``segment_unpack``. Pooling bytes into words uses ``segment_reduce``; no Python
+loop ever walks over words or sequences.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import segment_pack, segment_reduce, segment_unpack, word_boundaries
+
+__all__ = [
+    "POOL_MODES",
+    "RotaryEmbedding",
+    "SegmentAttention",
+    "SegmentBlock",
+    "SegmentTransformer",
+    "BytePoolingEncoder",
+    "segment_lengths",
+    "max_segment_length",
+]
+
+POOL_MODES = ("mean", "max", "attention")
+
+
+def segment_lengths(offsets: Tensor) -> Tensor:
+    """Lengths [S] of the segments described by CSR ``offsets`` [S+1]."""
+    return offsets[1:] - offsets[:-1]
+
+
+def max_segment_length(offsets: Tensor) -> int:
+    """Longest segment (a host sync on CUDA); 0 when there are no segments."""
+    if offsets.numel() < 2:
+        return 0
+    return int(segment_lengths(offsets).max())
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding over the packed (position) dimension."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cache: tuple[int, torch.device, torch.dtype, Tensor, Tensor] | None = None
+
+    def _cos_sin(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        c = self._cache
+        if c is None or c[0] < length or c[1] != device or c[2] != dtype:
+            n = max(length, 64)
+            t = torch.arange(n, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device))
+            emb = torch.cat([freqs, freqs], dim=-1)
+            c = (n, device, dtype, emb.cos().to(dtype), emb.sin().to(dtype))
+            self._cache = c
+        return c[3][:length], c[4][:length]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., L, head_dim] -> same shape, rotated by position along L."""
+        cos, sin = self._cos_sin(x.shape[-2], x.device, x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class SegmentAttention(nn.Module):
+    """Multi-head self-attention restricted to each segment of a flat stream.
+
+    ``causal=True``: position i of a segment attends to positions <= i of the same
+    segment. ``causal=False``: every position attends to all valid positions of its
+    segment (padding keys are masked by segment length).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, causal: bool):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.causal = causal
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.rotary = RotaryEmbedding(self.head_dim)
+
+    def forward(self, x: Tensor, offsets: Tensor, max_len: int) -> Tensor:
+        n = x.shape[0]
+        s = offsets.numel() - 1
+        if n == 0 or s == 0 or max_len == 0:
+            return self.proj(torch.zeros_like(x))
+        qkv = segment_pack(self.qkv(x), offsets, max_len)  # [S, L, 3D]
+        q, k, v = qkv.view(s, max_len, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.rotary(q), self.rotary(k)  # [S, H, L, Dh]
+        if self.causal:
+            # Padding sits after the valid positions, so a causal mask alone keeps every
+            # valid query away from padding keys.
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            lengths = segment_lengths(offsets).clamp(min=1)
+            mask = torch.arange(max_len, device=x.device) < lengths[:, None]  # [S, L]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        o = o.transpose(1, 2).reshape(s, max_len, self.d_model)
+        return self.proj(segment_unpack(o, offsets, n))
+
+
+class SegmentBlock(nn.Module):
+    """Pre-norm transformer block over a segmented flat stream."""
+
+    def __init__(self, d_model: int, n_heads: int, causal: bool, mlp_ratio: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = SegmentAttention(d_model, n_heads, causal)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, mlp_ratio * d_model),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(mlp_ratio * d_model, d_model),
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, offsets: Tensor, max_len: int) -> Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), offsets, max_len))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class SegmentTransformer(nn.Module):
+    """A stack of :class:`SegmentBlock` plus a final LayerNorm (``n_layers`` may be 0)."""
+
+    def __init__(self, d_model: int, n_layers: int, n_heads: int, causal: bool, mlp_ratio: int = 4,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            SegmentBlock(d_model, n_heads, causal, mlp_ratio, dropout) for _ in range(n_layers)
+        )
+        self.ln_f = nn.LayerNorm(d_model)
+
+    def forward(self, x: Tensor, offsets: Tensor, max_len: int | None = None) -> Tensor:
+        if max_len is None:
+            max_len = max_segment_length(offsets)
+        for block in self.blocks:
+            x = block(x, offsets, max_len)
+        return self.ln_f(x)
+
+
+class BytePoolingEncoder(nn.Module):
+    """Bytes -> one vector per word.
+
+    Byte embeddings, ``n_layers`` small bidirectional transformer layers restricted to
+    each word (attention on the packed ``[W, max_word_bytes, D]`` batch), then pooling
+    into word vectors:
+
+    - ``"mean"`` / ``"max"``: ``segment_reduce`` over the word's byte states ``[T, D]``;
+    - ``"attention"``: a learned query per head attends over the word's bytes,
+      masked by word length.
+
+    Words come from ``word_boundaries(bytes, cu_seqlens, max_word_bytes, "space")``
+    (see :meth:`segment`), or from any word offsets whose words are at most
+    ``max_word_bytes`` long.
+    """
+
+    def __init__(self, d_model: int = 128, n_layers: int = 1, n_heads: int = 4, max_word_bytes: int = 16,
+                 pool: str = "mean", d_out: int | None = None, mlp_ratio: int = 4, dropout: float = 0.0):
+        super().__init__()
+        if pool not in POOL_MODES:
+            raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
+        if max_word_bytes < 4:
+            raise ValueError(f"max_word_bytes must be >= 4, got {max_word_bytes}")
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.max_word_bytes = max_word_bytes
+        self.pool = pool
+        self.embed = nn.Embedding(256, d_model)
+        self.local = SegmentTransformer(d_model, n_layers, n_heads, causal=False, mlp_ratio=mlp_ratio,
+                                        dropout=dropout)
+        if pool == "attention":
+            head_dim = d_model // n_heads
+            self.query = nn.Parameter(torch.randn(n_heads, head_dim) * head_dim ** -0.5)
+            self.kv = nn.Linear(d_model, 2 * d_model)
+            self.pool_proj = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, d_out) if d_out is not None and d_out != d_model else nn.Identity()
+        self.d_out = d_out or d_model
+
+    def segment(self, bytes: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+        """(word_offsets [W+1], word_cu_seqlens [B+1]) for a flat uint8 byte stream."""
+        return word_boundaries(bytes, cu_seqlens, self.max_word_bytes, "space")
+
+    def byte_states(self, bytes: Tensor, word_offsets: Tensor) -> Tensor:
+        """Contextual byte states [T, d_model] (context = the byte's own word)."""
+        x = self.embed(bytes.long())
+        return self.local(x, word_offsets, self.max_word_bytes)
+
+    def pool_words(self, x: Tensor, word_offsets: Tensor) -> Tensor:
+        """Byte states [T, D] -> word vectors [W, D] (before the output projection)."""
+        if self.pool in ("mean", "max"):
+            return segment_reduce(x, word_offsets, self.pool)
+        w = word_offsets.numel() - 1
+        L = self.max_word_bytes
+        h, dh = self.n_heads, self.d_model // self.n_heads
+        kv = segment_pack(self.kv(x), word_offsets, L)  # [W, L, 2D]
+        k, v = kv.view(w, L, 2, h, dh).permute(2, 0, 3, 1, 4)  # [W, H, L, Dh]
+        q = self.query.to(x.dtype)[None, :, None, :].expand(w, h, 1, dh)
+        lengths = segment_lengths(word_offsets).clamp(min=1)
+        mask = torch.arange(L, device=x.device) < lengths[:, None]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # [W, H, 1, Dh]
+        return self.pool_proj(o.reshape(w, self.d_model))
+
+    def forward(self, bytes: Tensor, word_offsets: Tensor) -> Tensor:
+        """bytes uint8 [T], word_offsets int64 [W+1] -> word vectors [W, d_out]."""
+        return self.out(self.pool_words(self.byte_states(bytes, word_offsets), word_offsets))
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """GPT-style init: normal(0, std) for linear and embedding weights, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+    # scale the residual output projections by depth (GPT-2)
+    blocks = [m for m in module.modules() if isinstance(m, SegmentBlock)]
+    if blocks:
+        scale = std / math.sqrt(2 * len(blocks))
+        for b in blocks:
+            nn.init.normal_(b.attn.proj.weight, std=scale)
+            nn.init.normal_(b.mlp[2].weight, std=scale)

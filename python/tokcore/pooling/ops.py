@@ -1,0 +1,212 @@
+"""Python wrappers, fake kernels and autograd of the pooling ops.
+
+The kernels are ``torch.ops.tokcore.<name>`` (C++/CUDA, csrc/pooling/). Offsets are
+CSR-style int64 tensors: ``offsets[0] == 0``, non-decreasing, ``offsets[-1] == T``.
+Features may be float32, float64, bfloat16 or float16; results keep the input
+dtype and are accumulated in float32 (float64 for float64). Every op is
+deterministic (no atomics). CPU ops validate offsets fully; CUDA ops never read
+or write out of bounds whatever the offsets, and validate them fully only where
+they synchronize anyway (word_boundaries, and segment_expand/unpack without
+``total``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_ops = torch.ops.tokcore
+
+REDUCES = ("sum", "mean", "max", "min")
+WORD_MODES = ("space", "bytes")
+
+
+def word_boundaries(
+    data: torch.Tensor | bytes | bytearray,
+    cu_seqlens: torch.Tensor | None = None,
+    max_word_bytes: int = 16,
+    mode: str = "space",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split UTF-8 byte streams into words.
+
+    Args:
+        data: uint8 [T], the sequences concatenated (``bytes`` are accepted too).
+        cu_seqlens: int64 [B+1] sequence offsets into ``data``; None means one sequence.
+        max_word_bytes: words longer than this (>= 4) are cut greedily from the left
+            at the last UTF-8 character start within the limit.
+        mode: ``"space"``: a word starts at each sequence start, at each whitespace
+            byte after a non-whitespace byte and at each word byte (letter, digit,
+            ``_``, any byte >= 0x80) after a punctuation byte ("Hello, world!" ->
+            "Hello," + " world!"). ``"bytes"``: every byte is a word.
+
+    Returns:
+        (word_offsets int64 [W+1] into ``data``, word_cu_seqlens int64 [B+1]: the
+        number of words before each sequence). Words never cross sequences.
+    """
+    if isinstance(data, (bytes, bytearray)):
+        data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, data.numel()], dtype=torch.int64, device=data.device)
+    return _ops.word_boundaries(data, cu_seqlens, max_word_bytes, mode)
+
+
+def _as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() < 1:
+        raise ValueError(f"tokcore: {name} must have at least 1 dimension (rows), got a scalar")
+    if x.dim() == 1:
+        return x.unsqueeze(1)
+    return x.reshape(x.shape[0], -1)
+
+
+def segment_reduce(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """Reduce the rows of each segment: x [T, *F] -> [S, *F].
+
+    reduce is sum, mean, max or min; an empty segment gives 0. max/min propagate
+    NaN, and their gradient goes to the first row that attains the result.
+    Differentiable in x.
+    """
+    y = _ops.segment_reduce(_as_rows(x, "x"), offsets, reduce)
+    return y.reshape((y.shape[0],) + tuple(x.shape[1:]))
+
+
+def segment_expand(y: torch.Tensor, offsets: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """Give each row its segment's row: y [S, *F] -> [T, *F].
+
+    ``total`` (= T = offsets[-1]) avoids reading offsets[-1], a host sync on CUDA.
+    Causal shifts (each byte sees the previous word) are done on y before
+    expanding. Differentiable in y (the backward is a segment sum).
+    """
+    x = _ops.segment_expand(_as_rows(y, "y"), offsets, total)
+    return x.reshape((x.shape[0],) + tuple(y.shape[1:]))
+
+
+def segment_pack(x: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Pack segments into a padded batch: x [T, *F] -> [S, max_len, *F].
+
+    Rows past a segment's length are zero; rows past max_len are dropped.
+    Differentiable in x (the backward is segment_unpack).
+    """
+    packed = _ops.segment_pack(_as_rows(x, "x"), offsets, max_len)
+    return packed.reshape(tuple(packed.shape[:2]) + tuple(x.shape[1:]))
+
+
+def segment_unpack(packed: torch.Tensor, offsets: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """Inverse of segment_pack: packed [S, L, *F] -> [T, *F].
+
+    Rows of a segment past L (dropped by packing) come back as zeros.
+    Differentiable in packed (the backward is segment_pack).
+    """
+    if packed.dim() < 2:
+        raise ValueError(f"tokcore: packed must have at least 2 dimensions [S, L, ...], got {packed.dim()}")
+    flat = packed.reshape(packed.shape[0], packed.shape[1], -1) if packed.dim() != 3 else packed
+    x = _ops.segment_unpack(flat, offsets, total)
+    return x.reshape((x.shape[0],) + tuple(packed.shape[2:]))
+
+
+# ---------------------------------------------------------------- fake kernels
+
+
+@torch.library.register_fake("tokcore::word_boundaries")
+def _word_boundaries_fake(data, cu_seqlens, max_word_bytes, mode):
+    num_words = torch.library.get_ctx().new_dynamic_size()
+    return (
+        data.new_empty(num_words + 1, dtype=torch.int64),
+        data.new_empty(cu_seqlens.shape[0], dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("tokcore::segment_reduce")
+def _segment_reduce_fake(x, offsets, reduce):
+    return x.new_empty(offsets.shape[0] - 1, x.shape[1])
+
+
+@torch.library.register_fake("tokcore::segment_reduce_backward")
+def _segment_reduce_backward_fake(grad_y, offsets, total, reduce, x=None, y=None):
+    return grad_y.new_empty(total, grad_y.shape[1])
+
+
+def _rows_fake(total):
+    return torch.library.get_ctx().new_dynamic_size() if total is None else total
+
+
+@torch.library.register_fake("tokcore::segment_expand")
+def _segment_expand_fake(y, offsets, total=None):
+    return y.new_empty(_rows_fake(total), y.shape[1])
+
+
+@torch.library.register_fake("tokcore::segment_pack")
+def _segment_pack_fake(x, offsets, max_len):
+    return x.new_empty(offsets.shape[0] - 1, max_len, x.shape[1])
+
+
+@torch.library.register_fake("tokcore::segment_unpack")
+def _segment_unpack_fake(packed, offsets, total=None):
+    return packed.new_empty(_rows_fake(total), packed.shape[2])
+
+
+# ---------------------------------------------------------------- autograd
+
+
+def _segment_reduce_setup(ctx, inputs, output):
+    x, offsets, reduce = inputs
+    ctx.reduce = reduce
+    ctx.total = x.shape[0]
+    if reduce in ("max", "min"):
+        ctx.save_for_backward(offsets, x, output)
+    else:  # sum/mean need only the offsets: do not keep x alive
+        ctx.save_for_backward(offsets)
+
+
+def _segment_reduce_backward(ctx, grad):
+    offsets, *values = ctx.saved_tensors
+    x, y = values if values else (None, None)
+    grad_x = _ops.segment_reduce_backward(grad, offsets, ctx.total, ctx.reduce, x, y)
+    return grad_x, None, None
+
+
+torch.library.register_autograd(
+    "tokcore::segment_reduce", _segment_reduce_backward, setup_context=_segment_reduce_setup
+)
+
+
+def _segment_expand_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _segment_expand_backward(ctx, grad):
+    (offsets,) = ctx.saved_tensors
+    return _ops.segment_reduce(grad, offsets, "sum"), None, None
+
+
+torch.library.register_autograd(
+    "tokcore::segment_expand", _segment_expand_backward, setup_context=_segment_expand_setup
+)
+
+
+def _segment_pack_setup(ctx, inputs, output):
+    x, offsets, _ = inputs
+    ctx.total = x.shape[0]
+    ctx.save_for_backward(offsets)
+
+
+def _segment_pack_backward(ctx, grad):
+    (offsets,) = ctx.saved_tensors
+    return _ops.segment_unpack(grad, offsets, ctx.total), None, None
+
+
+torch.library.register_autograd("tokcore::segment_pack", _segment_pack_backward, setup_context=_segment_pack_setup)
+
+
+def _segment_unpack_setup(ctx, inputs, output):
+    packed, offsets, _ = inputs
+    ctx.max_len = packed.shape[1]
+    ctx.save_for_backward(offsets)
+
+
+def _segment_unpack_backward(ctx, grad):
+    (offsets,) = ctx.saved_tensors
+    return _ops.segment_pack(grad, offsets, ctx.max_len), None, None
+
+
+torch.library.register_autograd(
+    "tokcore::segment_unpack", _segment_unpack_backward, setup_context=_segment_unpack_setup
+)

@@ -1,0 +1,443 @@
+"""Training loop, evaluation, checkpoints, report and model comparison for the
+byte-level LMs of :mod:`tokcore.pooling.lm`.
+
+Budgets (``steps`` and/or ``time_budget``) count the whole run, across resumes; the
+learning-rate schedule follows the run's progress, the larger of step/steps and
+train_time/time_budget, so a time-budgeted run decays to its final LR when the time is
+up. ``train_time`` counts training steps only (batch sampling, forward, backward,
+optimizer), not evaluation or checkpoint writing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import Corpus, batched, heldout_windows, load_corpus, sample_batch
+from .lm import (
+    SIZES,
+    ByteLMConfig,
+    HierConfig,
+    build_model,
+    count_parameters,
+    matched_byte_config,
+)
+from .ops import word_boundaries
+
+__all__ = [
+    "TrainConfig",
+    "resolve_device",
+    "resolve_model_config",
+    "lr_at",
+    "evaluate",
+    "train",
+    "compare",
+    "format_report",
+    "format_compare",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+]
+
+LN2 = math.log(2.0)
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainConfig:
+    model: str = "hier"                 # hier | byte
+    size: str = "small"                 # preset in lm.SIZES (the byte LM is matched to the hier preset)
+    model_config: dict[str, Any] = field(default_factory=dict)  # overrides on top of the preset
+    data: str | None = None             # None: the Python stdlib's *.py files
+    data_pattern: str | None = None
+    max_data_bytes: int | None = None
+    holdout_every: int = 20
+    seq_len: int = 512
+    batch_size: int = 16
+    steps: int | None = None
+    time_budget: float | None = None    # seconds of training
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: str = "cosine"            # cosine | linear | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None
+    save_every: float = 300.0           # seconds of training between checkpoints
+    eval_windows: int = 64
+    eval_batch_size: int = 16
+    progress: bool = True
+    count_words_mwb: int = 16           # max_word_bytes used to count words for the byte LM's words/s
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but torch.cuda.is_available() is False")
+    return dev
+
+
+def _known(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in overrides.items() if k in names and v is not None}
+
+
+def resolve_model_config(kind: str, size: str = "small", overrides: dict[str, Any] | None = None):
+    """Model config for `kind` from a size preset plus overrides.
+
+    hier: the preset with the overrides applied. byte: the byte LM whose width and
+    parameter count match the hierarchical preset (`matched_byte_config`), then the
+    overrides that name ByteLMConfig fields."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
+    overrides = dict(overrides or {})
+    if kind == "hier":
+        unknown = set(k for k, v in overrides.items() if v is not None) - {f.name for f in dataclasses.fields(HierConfig)}
+        if unknown:
+            raise ValueError(f"options {sorted(unknown)} do not apply to the hier model")
+        return HierConfig(**{**SIZES[size], **_known(HierConfig, overrides)})
+    if kind == "byte":
+        base = matched_byte_config(HierConfig(**SIZES[size]))
+        return dataclasses.replace(base, **_known(ByteLMConfig, overrides))
+    raise ValueError(f"unknown model kind {kind!r}; choose from ['byte', 'hier']")
+
+
+def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Learning rate: linear warmup over `warmup_steps`, then decay by run progress."""
+    warm = cfg.warmup_steps
+    if cfg.steps:
+        warm = min(warm, max(1, cfg.steps // 10))
+    scale = min(1.0, (step + 1) / max(1, warm))
+    p = min(max(progress, 0.0), 1.0)
+    lo = cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        decay = lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p))
+    elif cfg.schedule == "linear":
+        decay = 1 - (1 - lo) * p
+    elif cfg.schedule == "constant":
+        decay = 1.0
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}")
+    return cfg.lr * scale * decay
+
+
+def _progress(cfg: TrainConfig, step: int, train_time: float) -> float:
+    p = 0.0
+    if cfg.steps:
+        p = max(p, step / cfg.steps)
+    if cfg.time_budget:
+        p = max(p, train_time / cfg.time_budget)
+    return p
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+# ------------------------------------------------------------------ checkpoints
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    state: dict[str, Any], cfg: TrainConfig | None = None) -> Path:
+    """Atomically write {model kind + config + state dict, optimizer, counters, rng} to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "kind": model.kind,
+        "model_config": asdict(model.config),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "state": state,
+        "train_config": asdict(cfg) if cfg is not None else None,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _checkpoint_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p / CHECKPOINT_NAME if p.is_dir() else p
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint file (or the checkpoint in a run folder)."""
+    p = _checkpoint_path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no checkpoint at {p}")
+    ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{p}: unknown checkpoint format {ckpt.get('format')!r}")
+    return ckpt
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model of a checkpoint (file or run folder), in eval mode."""
+    device = resolve_device(device)
+    ckpt = load_checkpoint(path, map_location=device)
+    model = build_model(ckpt["kind"], ckpt["model_config"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+# ------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, windows: list[np.ndarray], batch_size: int = 16,
+             device: str | torch.device = "cpu") -> dict[str, float]:
+    """Bits per byte over fixed windows: total NLL in bits (for the hier model: bytes and
+    end-of-word symbols) / number of bytes."""
+    was_training = model.training
+    model.eval()
+    nll = 0.0
+    n_bytes = n_symbols = 0
+    for b, cu in batched(windows, batch_size, device):
+        out = model(b, cu)
+        nll += float(out["nll"])
+        n_bytes += int(out["n_bytes"])
+        n_symbols += int(out["n_symbols"])
+    model.train(was_training)
+    return {
+        "bpb": nll / LN2 / max(n_bytes, 1),
+        "nll_per_symbol": nll / max(n_symbols, 1),
+        "bytes": n_bytes,
+        "windows": len(windows),
+    }
+
+
+# ------------------------------------------------------------------ training
+def _bar_in_seconds(cfg: TrainConfig) -> bool:
+    return bool(cfg.time_budget and not cfg.steps)
+
+
+def _make_bar(cfg: TrainConfig, step0: int, time0: float):
+    from tqdm.auto import tqdm
+
+    if _bar_in_seconds(cfg):
+        return tqdm(total=float(cfg.time_budget), initial=time0, unit="s", disable=not cfg.progress,
+                    desc=f"train {cfg.model}", dynamic_ncols=True,
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}{postfix}]")
+    return tqdm(total=cfg.steps, initial=step0, unit="step", disable=not cfg.progress, desc=f"train {cfg.model}",
+                dynamic_ncols=True)
+
+
+def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | os.PathLike = False,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train one model; returns the report dict (see `format_report`).
+
+    resume: False; True (the checkpoint in `cfg.out`); or a checkpoint file / run folder.
+    """
+    if not cfg.steps and not cfg.time_budget:
+        raise ValueError("give steps and/or time_budget")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if corpus is None:
+        corpus = load_corpus(cfg.data, cfg.holdout_every, cfg.data_pattern, cfg.max_data_bytes)
+        log(f"corpus: {corpus.describe()}")
+
+    ckpt = None
+    if resume:
+        src = cfg.out if resume is True else resume
+        if src is None:
+            raise ValueError("resume=True needs cfg.out")
+        ckpt = load_checkpoint(src, map_location=device)
+        if ckpt["kind"] != cfg.model:
+            raise ValueError(f"checkpoint holds a {ckpt['kind']!r} model, not {cfg.model!r}")
+        model = build_model(ckpt["kind"], ckpt["model_config"])
+        model.load_state_dict(ckpt["model"])
+    else:
+        model = build_model(cfg.model, asdict(resolve_model_config(cfg.model, cfg.size, cfg.model_config)))
+    model.to(device).train()
+    opt = _make_optimizer(model, cfg)
+    state = {"step": 0, "train_time": 0.0, "bytes": 0, "words": 0, "backbone_tokens": 0, "seqs": 0}
+    if ckpt is not None:
+        if ckpt.get("optimizer") is not None:
+            opt.load_state_dict(ckpt["optimizer"])
+        state.update(ckpt["state"].get("counters", {}))
+        if "numpy_rng" in ckpt["state"]:
+            rng.bit_generator.state = ckpt["state"]["numpy_rng"]
+        if "torch_rng" in ckpt["state"]:
+            torch.set_rng_state(ckpt["state"]["torch_rng"].cpu())
+        log(f"resumed from step {state['step']} ({state['train_time']:.0f}s trained)")
+    n_params = count_parameters(model)
+    log(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters on {device}; "
+        f"{cfg.batch_size} x {cfg.seq_len} bytes per step")
+
+    def checkpoint_state():
+        return {"counters": dict(state), "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+
+    ckpt_path = Path(cfg.out) / CHECKPOINT_NAME if cfg.out else None
+    if cfg.out:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    last_save = state["train_time"]
+    ema_loss = ema_bpb = None
+    bar = _make_bar(cfg, state["step"], state["train_time"])
+    bar_seconds = _bar_in_seconds(cfg)
+
+    def done() -> bool:
+        return bool((cfg.steps and state["step"] >= cfg.steps) or
+                    (cfg.time_budget and state["train_time"] >= cfg.time_budget))
+
+    try:
+        while not done():
+            lr = lr_at(cfg, state["step"], _progress(cfg, state["step"], state["train_time"]))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            t0 = time.perf_counter()
+            b, cu = sample_batch(corpus.train, cfg.batch_size, cfg.seq_len, rng, device)
+            out = model(b, cu)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            loss = float(out["loss"].detach())  # syncs the device: the step is done
+            bpb = float(out["nll"].detach()) / LN2 / out["n_bytes"]
+            dt = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {state['step']}")
+            n_words = out["n_words"]
+            if n_words is None:  # byte LM: count the words of the same text, for words/s
+                n_words = word_boundaries(b, cu, cfg.count_words_mwb, "space")[0].numel() - 1
+            state["step"] += 1
+            state["train_time"] += dt
+            state["bytes"] += int(out["n_bytes"])
+            state["words"] += int(n_words)
+            state["backbone_tokens"] += int(out["backbone_tokens"])
+            state["seqs"] += int(out["n_seqs"])
+            ema_loss = loss if ema_loss is None else 0.95 * ema_loss + 0.05 * loss
+            ema_bpb = bpb if ema_bpb is None else 0.95 * ema_bpb + 0.05 * bpb
+            bar.update(dt if bar_seconds else 1)
+            bar.set_postfix(loss=f"{ema_loss:.3f}", bpb=f"{ema_bpb:.3f}", lr=f"{lr:.1e}",
+                            Bps=f"{state['bytes'] / state['train_time']:.0f}", refresh=False)
+            if ckpt_path and state["train_time"] - last_save >= cfg.save_every:
+                save_checkpoint(ckpt_path, model, opt, checkpoint_state(), cfg)
+                last_save = state["train_time"]
+    finally:
+        bar.close()
+
+    if ckpt_path:
+        save_checkpoint(ckpt_path, model, opt, checkpoint_state(), cfg)
+    windows = heldout_windows(corpus.heldout, cfg.eval_windows, cfg.seq_len)
+    ev = evaluate(model, windows, cfg.eval_batch_size, device)
+    tt = max(state["train_time"], 1e-9)
+    report = {
+        "model": cfg.model,
+        "params": n_params,
+        "heldout_bpb": ev["bpb"],
+        "heldout_windows": ev["windows"],
+        "heldout_bytes": ev["bytes"],
+        "train_bpb_ema": ema_bpb,
+        "train_loss_ema": ema_loss,
+        "steps": state["step"],
+        "train_time_s": state["train_time"],
+        "train_bytes": state["bytes"],
+        "bytes_per_s": state["bytes"] / tt,
+        "words_per_s": state["words"] / tt,
+        "bytes_per_word": state["bytes"] / max(state["words"], 1),
+        "backbone_seq_len": state["backbone_tokens"] / max(state["seqs"], 1),
+        "seq_len": cfg.seq_len,
+        "batch_size": cfg.batch_size,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "model_config": asdict(model.config),
+        "corpus": corpus.describe(),
+    }
+    if cfg.out:
+        (Path(cfg.out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report["_model"] = model  # for callers in the same process (not serialized)
+    return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    unit = "words" if r["model"] == "hier" else "bytes"
+    lines = [
+        f"model                 {r['model']}",
+        f"parameters            {r['params'] / 1e6:.2f}M",
+        f"held-out bits/byte    {r['heldout_bpb']:.4f}  ({r['heldout_windows']} windows, {r['heldout_bytes']} bytes)",
+        f"train bits/byte (ema) {r['train_bpb_ema']:.4f}" if r.get("train_bpb_ema") is not None else None,
+        f"steps                 {r['steps']}  ({r['train_time_s']:.1f}s, {r['train_bytes'] / 1e6:.2f} MB)",
+        f"throughput            {r['bytes_per_s']:.0f} bytes/s, {r['words_per_s']:.0f} words/s",
+        f"backbone seq length   {r['backbone_seq_len']:.1f} {unit} per sequence ({r['seq_len']} bytes)",
+        f"device                {r['device']}",
+    ]
+    return "\n".join(x for x in lines if x is not None)
+
+
+# ------------------------------------------------------------------ comparison
+_COMPARE_ROWS = [
+    ("held-out bits/byte", lambda r: f"{r['heldout_bpb']:.4f}"),
+    ("train bytes/s", lambda r: f"{r['bytes_per_s']:.0f}"),
+    ("train words/s", lambda r: f"{r['words_per_s']:.0f}"),
+    ("parameters", lambda r: f"{r['params'] / 1e6:.2f}M"),
+    ("backbone seq length", lambda r: f"{r['backbone_seq_len']:.1f} {'words' if r['model'] == 'hier' else 'bytes'}"),
+    ("steps", lambda r: f"{r['steps']}"),
+    ("train time", lambda r: f"{r['train_time_s']:.0f}s"),
+    ("bytes trained", lambda r: f"{r['train_bytes'] / 1e6:.2f} MB"),
+]
+
+
+def format_compare(reports: list[dict[str, Any]], markdown: bool = False) -> str:
+    head = ["metric"] + [r["model"] for r in reports]
+    rows = [[name] + [fn(r) for r in reports] for name, fn in _COMPARE_ROWS]
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(out)
+    widths = [max(len(row[i]) for row in [head] + rows) for i in range(len(head))]
+    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+
+
+def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callable[[str], None] = print,
+            models: tuple[str, ...] = ("hier", "byte")) -> dict[str, Any]:
+    """Train each model of `models` with the same data, budget and settings; print and
+    write (`out`/compare.json, compare.md) a side-by-side table. The byte LM is sized to
+    the hierarchical model's parameter count."""
+    corpus = load_corpus(base.data, base.holdout_every, base.data_pattern, base.max_data_bytes)
+    log(f"corpus: {corpus.describe()}")
+    hier_cfg = resolve_model_config("hier", base.size, base.model_config)
+    reports = []
+    for kind in models:
+        mc = asdict(hier_cfg) if kind == "hier" else asdict(matched_byte_config(hier_cfg))
+        cfg = dataclasses.replace(base, model=kind, model_config=mc,
+                                  out=str(Path(out) / kind) if out else None)
+        log(f"\n== {kind} ==")
+        r = train(cfg, corpus, log=log)
+        r.pop("_model", None)
+        log(format_report(r))
+        reports.append(r)
+    table = format_compare(reports)
+    log("\n" + table)
+    result = {"reports": reports, "table": table,
+              "settings": {k: v for k, v in asdict(base).items() if k not in ("model", "out")}}
+    if out:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        md = [f"# tokcore compare ({base.time_budget or '-'}s budget, {base.steps or '-'} steps, "
+              f"{base.batch_size} x {base.seq_len} bytes/step, device {reports[0]['device']})", "",
+              format_compare(reports, markdown=True), "", f"corpus: {corpus.describe()}", ""]
+        (out / "compare.md").write_text("\n".join(md))
+        log(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
+    return result

@@ -1,0 +1,58 @@
+"""Shared pytest fixtures and hypothesis settings for the tokcore test suite."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Hypothesis profiles. "ci" (the default) keeps the whole suite fast on a 2-core machine:
+# modest example counts and no per-example deadline (the first call of an op may pay
+# one-time costs such as library loading, and a shared machine has noisy timings).
+settings.register_profile(
+    "ci",
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    print_blob=True,
+)
+settings.register_profile(
+    "dev",
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=1000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+CUDA_AVAILABLE = torch.cuda.is_available()
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not CUDA_AVAILABLE, reason="CUDA is not available"),
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Runs a test once on the CPU and once on CUDA (skipped when there is no GPU)."""
+    return request.param
+
+
+@pytest.fixture
+def cuda_device() -> str:
+    """For tests that only make sense on a GPU (e.g. device mixes)."""
+    if not CUDA_AVAILABLE:
+        pytest.skip("CUDA is not available")
+    return "cuda"

@@ -1,0 +1,1294 @@
+"""Tests for the pooling op family (DESIGN.md section 5, docs/pooling_api.md).
+
+Layout:
+1. reference self-tests: hand-checked fixed cases run against BOTH the readable reference
+   (tests/reference/pooling.py) and the compiled ops, plus hypothesis properties of the
+   reference word splitter that restate the rule in a different form;
+2. compiled ops against the reference on random inputs (hypothesis), all feature dtypes;
+3. real text (Python standard library sources);
+4. torch.library.opcheck, gradcheck, torch.compile;
+5. bad inputs, determinism, non-contiguous inputs.
+
+Expected values in fixed cases were worked out by hand from the rule in DESIGN.md (the
+derivation is in the comment next to each case where it is not obvious).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sysconfig
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+try:
+    from reference import pooling as ref
+except ImportError:  # tests/ imported as a package
+    from tests.reference import pooling as ref
+
+try:
+    import tokcore  # noqa: F401  (loads the library, registers torch.ops.tokcore.*)
+    from tokcore.pooling import (
+        segment_expand,
+        segment_pack,
+        segment_reduce,
+        segment_unpack,
+        word_boundaries,
+    )
+
+    HAVE_OPS = True
+    _IMPORT_ERROR = ""
+except Exception as e:  # pragma: no cover - only while the package is not built
+    HAVE_OPS = False
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+needs_ops = pytest.mark.skipif(
+    not HAVE_OPS, reason=f"tokcore is not importable ({_IMPORT_ERROR})"
+)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+REDUCES = ["sum", "mean", "max", "min"]
+I64 = torch.int64
+
+
+def ops():
+    return torch.ops.tokcore
+
+
+def t64(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=I64)
+
+
+def as_bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
+
+
+def offsets_from_lengths(lengths) -> torch.Tensor:
+    return t64([0] + list(itertools.accumulate(lengths)))
+
+
+# ----------------------------------------------------------------------------------------
+# Implementations under test: the reference itself and the compiled ops on each device.
+# Fixed, hand-checked cases run against all of them, so the reference is checked too.
+# ----------------------------------------------------------------------------------------
+
+
+class Impl:
+    """Calls one implementation with CPU inputs; moves inputs to `device`, results back."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.device = "cuda" if name.endswith("cuda") else "cpu"
+        self.is_ref = name == "reference"
+
+    def _to(self, t):
+        return t.to(self.device) if isinstance(t, torch.Tensor) else t
+
+    def word_boundaries(self, b, cu, max_word_bytes=16, mode="space"):
+        fn = ref.word_boundaries if self.is_ref else word_boundaries
+        wo, wc = fn(self._to(b), self._to(cu), max_word_bytes, mode)
+        assert wo.dtype == I64 and wc.dtype == I64
+        assert wo.device.type == self.device and wc.device.type == self.device
+        return wo.cpu(), wc.cpu()
+
+    def segment_reduce(self, x, offsets, reduce):
+        fn = ref.segment_reduce if self.is_ref else segment_reduce
+        y = fn(self._to(x), self._to(offsets), reduce)
+        assert y.dtype == x.dtype and y.device.type == self.device
+        return y.cpu()
+
+    def segment_reduce_grad(self, x, offsets, reduce, grad_y):
+        if self.is_ref:
+            y = ref.segment_reduce(x, offsets, reduce)
+            return ref.segment_reduce_backward(grad_y, x, y, offsets, reduce)
+        xd = self._to(x).detach().requires_grad_(True)
+        segment_reduce(xd, self._to(offsets), reduce).backward(self._to(grad_y))
+        return xd.grad.cpu()
+
+    def segment_expand(self, y, offsets, total=None):
+        fn = ref.segment_expand if self.is_ref else segment_expand
+        x = fn(self._to(y), self._to(offsets), total)
+        assert x.dtype == y.dtype and x.device.type == self.device
+        return x.cpu()
+
+    def segment_pack(self, x, offsets, max_len):
+        fn = ref.segment_pack if self.is_ref else segment_pack
+        p = fn(self._to(x), self._to(offsets), max_len)
+        assert p.dtype == x.dtype and p.device.type == self.device
+        return p.cpu()
+
+    def segment_unpack(self, packed, offsets, total=None):
+        fn = ref.segment_unpack if self.is_ref else segment_unpack
+        x = fn(self._to(packed), self._to(offsets), total)
+        assert x.dtype == packed.dtype and x.device.type == self.device
+        return x.cpu()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("reference", id="reference"),
+        pytest.param("tokcore-cpu", marks=needs_ops, id="tokcore-cpu"),
+        pytest.param("tokcore-cuda", marks=[needs_ops, needs_cuda], id="tokcore-cuda"),
+    ]
+)
+def impl(request) -> Impl:
+    return Impl(request.param)
+
+
+# ----------------------------------------------------------------------------------------
+# Comparison helpers
+# ----------------------------------------------------------------------------------------
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor):
+    """Same dtype, shape and bits (NaN payloads aside: NaN must match NaN)."""
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    if a.is_floating_point():
+        nan_a, nan_e = a.isnan(), e.isnan()
+        assert torch.equal(nan_a, nan_e), f"NaN positions differ:\n{a}\n{e}"
+        a = torch.where(nan_a, torch.zeros_like(a), a)
+        e = torch.where(nan_e, torch.zeros_like(e), e)
+        bits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+        a, e = a.view(bits), e.view(bits)
+    if not torch.equal(a, e):
+        bad = (a != e).nonzero()[:5].tolist()
+        raise AssertionError(f"not bitwise equal at {bad}:\nactual={actual}\nexpected={expected}")
+
+
+def sum_tolerance(x: torch.Tensor, offsets: torch.Tensor, expected: torch.Tensor, mean: bool):
+    """Per-element tolerance for a segment sum/mean of x against the reference.
+
+    Both the kernel and the reference accumulate in `acc` (float32, float64 for float64)
+    but possibly in different orders. Recursive summation of n terms in any order has
+    error <= (n - 1) * eps_acc * sum|x|, so two orders differ by at most
+    2 * n * eps_acc * sum|x| (divided by n for the mean). Both then round to the output
+    dtype; two values within that bound may round to neighbouring output values, one ulp
+    apart, i.e. <= eps_out * |value| (we allow 2 ulps, which also covers sum / n versus
+    sum * (1 / n) in the mean), or one subnormal step (tiny * eps) near zero.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    eps_acc = torch.finfo(acc).eps
+    finfo_out = torch.finfo(x.dtype)
+    abs_sum = ref.segment_reduce(x.detach().cpu().to(acc).abs(), offsets.cpu(), "sum")
+    lengths = (offsets[1:] - offsets[:-1]).cpu().to(acc).clamp(min=1)
+    lengths = lengths.reshape((-1,) + (1,) * (x.dim() - 1))
+    accum_err = 2 * lengths * eps_acc * abs_sum
+    if mean:
+        accum_err = accum_err / lengths
+    exp = expected.detach().cpu().to(torch.float64).abs()
+    return (accum_err.to(torch.float64) + 2 * finfo_out.eps * exp
+            + finfo_out.tiny * finfo_out.eps)
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor):
+    """|actual - expected| <= tol elementwise; NaN and +-inf must match exactly."""
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    a = actual.detach().cpu().to(torch.float64)
+    e = expected.detach().cpu().to(torch.float64)
+    assert torch.equal(a.isnan(), e.isnan()), f"NaN positions differ:\n{a}\n{e}"
+    special = e.isinf() | e.isnan()
+    assert torch.equal(a[e.isinf()], e[e.isinf()]), "infinities differ"
+    diff = torch.where(special, torch.zeros_like(a), (a - e).abs())
+    tol = torch.where(special, torch.zeros_like(a), tol.to(torch.float64).expand_as(a))
+    if not bool((diff <= tol).all()):
+        i = int((diff - tol).flatten().argmax())
+        raise AssertionError(
+            f"max excess at flat index {i}: actual={a.flatten()[i].item()!r} "
+            f"expected={e.flatten()[i].item()!r} tol={tol.flatten()[i].item()!r}"
+        )
+
+
+def check_reduce(actual, x, offsets, reduce, expected=None):
+    """The compiled result against the reference (computed from the same inputs)."""
+    if expected is None:
+        expected = ref.segment_reduce(x.cpu(), offsets.cpu(), reduce)
+    if reduce in ("max", "min"):
+        # a selection, no arithmetic: exact in every dtype
+        assert_bitwise_equal(actual, expected)
+    else:
+        assert_within(actual, expected, sum_tolerance(x, offsets, expected, reduce == "mean"))
+
+
+def check_reduce_grad(actual, grad_y, x, offsets, reduce):
+    expected = ref.segment_reduce_backward(
+        grad_y.cpu(), x.cpu(), ref.segment_reduce(x.cpu(), offsets.cpu(), reduce),
+        offsets.cpu(), reduce)
+    if reduce == "mean":
+        # grad_y / n computed in acc then rounded (or grad_y * (1/n)): <= 2 output ulps
+        finfo = torch.finfo(x.dtype)
+        tol = 2 * finfo.eps * expected.double().abs() + finfo.tiny * finfo.eps
+        assert_within(actual, expected, tol)
+    else:
+        # sum: a copy of grad_y; max/min: grad_y routed to one position -- exact
+        assert_bitwise_equal(actual, expected)
+
+
+# ----------------------------------------------------------------------------------------
+# 1a. word_boundaries: hand-checked fixed cases (reference and compiled ops)
+# ----------------------------------------------------------------------------------------
+
+
+def split(impl: Impl, data, cu=None, max_word_bytes=16, mode="space"):
+    """Words of each sequence as lists of bytes, after checking the output structure."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if cu is None:
+        cu = [0, len(data)]
+    wo, wc = impl.word_boundaries(as_bytes_tensor(data), t64(cu), max_word_bytes, mode)
+    wo, wc = wo.tolist(), wc.tolist()
+    assert len(wc) == len(cu) and wc[0] == 0
+    assert len(wo) == wc[-1] + 1 and wo[-1] == len(data)
+    return [[data[wo[i]:wo[i + 1]] for i in range(wc[b], wc[b + 1])] for b in range(len(cu) - 1)]
+
+
+def enc(words):
+    return [w.encode("utf-8") if isinstance(w, str) else w for w in words]
+
+
+SPACE_CASES = [
+    # (text, expected words) with max_word_bytes = 16
+    ("Hello, world!", ["Hello,", " world!"]),
+    # ',' after ' ' is punctuation: never a start; 'f' after ',' starts a word
+    (" ,foo", [" ,", "foo"]),
+    # only the first of a run of whitespace starts a word; 'b' after ' ' does not
+    ("a  b", ["a", "  b"]),
+    ("foo.bar", ["foo.", "bar"]),
+    ("x==y", ["x==", "y"]),
+    ("  hi", ["  hi"]),
+    ("a\tb\nc\rd\x0be\x0cf", ["a", "\tb", "\nc", "\rd", "\x0be", "\x0cf"]),
+    ("(a)", ["(", "a)"]),
+    ("...", ["..."]),
+    (". . .", [".", " .", " ."]),
+    ("hi!!there", ["hi!!", "there"]),
+    ("1+2=3", ["1+", "2=", "3"]),
+    ("don't", ["don'", "t"]),
+    ("snake_case_9", ["snake_case_9"]),
+    ("\n\n", ["\n\n"]),
+    ("a\n\nb", ["a", "\n\nb"]),
+    # 0x1c-0x1f are whitespace to str.isspace but punctuation here
+    ("a\x1cb", ["a\x1c", "b"]),
+    ("a\x00b", ["a\x00", "b"]),
+    # every byte >= 0x80 is a word byte, including U+00A0 (c2 a0) and U+0085 (c2 85)
+    ("a\u00a0b", ["a\u00a0b"]),
+    ("x\u0085y", ["x\u0085y"]),
+    ("café au lait", ["café", " au", " lait"]),
+    # 9 + 13 bytes, both <= 16
+    ("日本語 テキスト", ["日本語", " テキスト"]),
+]
+
+
+@pytest.mark.parametrize("text,expected", SPACE_CASES)
+def test_word_boundaries_space_fixed(impl, text, expected):
+    assert split(impl, text) == [enc(expected)]
+
+
+CUT_CASES = [
+    # (data, max_word_bytes, expected pieces)
+    ("abcdefghij", 4, ["abcd", "efgh", "ij"]),
+    ("abcdefgh", 4, ["abcd", "efgh"]),
+    ("abcd", 4, ["abcd"]),
+    ("abcde", 4, ["abcd", "e"]),
+    # c3a9 c3a9 c3a9: char starts in (0, 4] are 2 and 4, the last is 4
+    ("ééé", 4, ["éé", "é"]),
+    # 61 c3a9 c3a9: char starts in (0, 4] are 1 and 3 (4 is a continuation): cut at 3
+    ("aéé", 4, ["aé", "é"]),
+    # 61 f09f9880: the only char start in (0, 4] is 1
+    ("a😀", 4, ["a", "😀"]),
+    ("😀😀", 4, ["😀", "😀"]),
+    ("😀😀", 7, ["😀", "😀"]),
+    ("😀😀", 8, ["😀😀"]),
+    # e282ac x 5 (15 bytes): with 5 the last start in (p, p+5] is p+3; with 6 it is p+6
+    ("€€€€€", 5, ["€"] * 5),
+    ("€€€€€", 6, ["€€", "€€", "€"]),
+    (" abcdefgh", 4, [" abc", "defg", "h"]),
+    (" " * 9, 4, ["    ", "    ", " "]),
+    # rule words "Hello," " wonderful" " world", each then cut into <= 4 bytes
+    ("Hello, wonderful world", 4, ["Hell", "o,", " won", "derf", "ul", " wor", "ld"]),
+    ("abcdef,ghijkl", 4, ["abcd", "ef,", "ghij", "kl"]),
+    # invalid UTF-8: no char start after the piece's first byte -> cut at the limit
+    (b"\x80" * 10, 4, [b"\x80" * 4, b"\x80" * 4, b"\x80" * 2]),
+    (b"\xc3" + b"\x80" * 9, 4, [b"\xc3\x80\x80\x80", b"\x80" * 4, b"\x80" * 2]),
+    # 0xf8-0xff are not continuation bytes, so they count as character starts
+    (b"\xff\xfe\xfd\xfc\xfb", 4, [b"\xff\xfe\xfd\xfc", b"\xfb"]),
+    # starts in (0,4]: only 1 -> "a"; from 1, none in (1,5] -> cut at the limit 5
+    (b"ab\x80\x80\x80\x80\x80", 4, [b"a", b"b\x80\x80\x80", b"\x80\x80"]),
+    # truncated character at the end is fine
+    (b"ab\xc3", 4, [b"ab\xc3"]),
+]
+
+
+@pytest.mark.parametrize("data,max_word_bytes,expected", CUT_CASES)
+def test_word_boundaries_cuts_fixed(impl, data, max_word_bytes, expected):
+    assert split(impl, data, max_word_bytes=max_word_bytes) == [enc(expected)]
+
+
+SEQUENCE_CASES = [
+    # (data, cu_seqlens, max_word_bytes, expected words per sequence)
+    ("foobar", [0, 3, 6], 16, [["foo"], ["bar"]]),
+    ("abcdefgh", [0, 3, 8], 4, [["abc"], ["defg", "h"]]),
+    ("a b c", [0, 3, 5], 16, [["a", " b"], [" c"]]),
+    ("x,y", [0, 2, 3], 16, [["x,"], ["y"]]),
+    # a character split across two sequences is invalid UTF-8 in each; no word crosses
+    (b"a\xc3\xa9b", [0, 2, 4], 16, [[b"a\xc3"], [b"\xa9b"]]),
+    # a cut never looks past the end of its sequence
+    (b"abcde\x80\x80", [0, 5, 7], 4, [[b"abcd", b"e"], [b"\x80\x80"]]),
+    ("abcde", [0, 0, 3, 3, 5, 5], 16, [[], ["abc"], [], ["de"], []]),
+    ("", [0], 16, []),
+    ("", [0, 0], 16, [[]]),
+    ("", [0, 0, 0], 16, [[], []]),
+]
+
+
+@pytest.mark.parametrize("data,cu,max_word_bytes,expected", SEQUENCE_CASES)
+def test_word_boundaries_sequences_fixed(impl, data, cu, max_word_bytes, expected):
+    assert split(impl, data, cu, max_word_bytes) == [enc(ws) for ws in expected]
+
+
+def test_word_boundaries_raw_tensors_fixed(impl):
+    # empty sequences contribute no words; word_offsets are start positions plus T
+    wo, wc = impl.word_boundaries(as_bytes_tensor(b"abcde"), t64([0, 0, 3, 3, 5, 5]))
+    assert wo.tolist() == [0, 3, 5]
+    assert wc.tolist() == [0, 0, 1, 1, 2, 2]
+    # T = 0
+    wo, wc = impl.word_boundaries(torch.zeros(0, dtype=torch.uint8), t64([0]))
+    assert wo.tolist() == [0] and wc.tolist() == [0]
+    wo, wc = impl.word_boundaries(torch.zeros(0, dtype=torch.uint8), t64([0, 0]))
+    assert wo.tolist() == [0] and wc.tolist() == [0, 0]
+    # "Hello, world!": words start at 0 and 6
+    wo, wc = impl.word_boundaries(as_bytes_tensor(b"Hello, world!"), t64([0, 13]))
+    assert wo.tolist() == [0, 6, 13] and wc.tolist() == [0, 2]
+
+
+def test_word_boundaries_bytes_mode_fixed(impl):
+    wo, wc = impl.word_boundaries(as_bytes_tensor(b"ab c"), t64([0, 4]), 16, "bytes")
+    assert wo.tolist() == [0, 1, 2, 3, 4] and wc.tolist() == [0, 4]
+    wo, wc = impl.word_boundaries(as_bytes_tensor("é ".encode()), t64([0, 2, 2, 3]), 4, "bytes")
+    assert wo.tolist() == [0, 1, 2, 3] and wc.tolist() == [0, 2, 2, 3]
+    wo, wc = impl.word_boundaries(torch.zeros(0, dtype=torch.uint8), t64([0, 0]), 16, "bytes")
+    assert wo.tolist() == [0] and wc.tolist() == [0, 0]
+
+
+# ----------------------------------------------------------------------------------------
+# 1b. feature ops: hand-checked fixed cases (reference and compiled ops)
+# ----------------------------------------------------------------------------------------
+
+# x rows: [1, 2], [3, -1], [5, 0], [2, 2]; segments [0, 2), [2, 2) (empty), [2, 4)
+X4 = [[1.0, 2.0], [3.0, -1.0], [5.0, 0.0], [2.0, 2.0]]
+OFF4 = [0, 2, 2, 4]
+REDUCE_EXPECTED = {
+    "sum": [[4.0, 1.0], [0.0, 0.0], [7.0, 2.0]],
+    "mean": [[2.0, 0.5], [0.0, 0.0], [3.5, 1.0]],
+    "max": [[3.0, 2.0], [0.0, 0.0], [5.0, 2.0]],
+    "min": [[1.0, -1.0], [0.0, 0.0], [2.0, 0.0]],
+}
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_segment_reduce_fixed(impl, reduce, dtype):
+    x = torch.tensor(X4, dtype=dtype)
+    y = impl.segment_reduce(x, t64(OFF4), reduce)
+    # all values are exactly representable in every dtype: exact comparison
+    assert_bitwise_equal(y, torch.tensor(REDUCE_EXPECTED[reduce], dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_segment_reduce_grad_fixed(impl, dtype):
+    x = torch.tensor(X4, dtype=dtype)
+    g = torch.tensor([[10.0, 20.0], [30.0, 40.0], [50.0, 60.0]], dtype=dtype)
+    cases = {
+        "sum": [[10, 20], [10, 20], [50, 60], [50, 60]],
+        "mean": [[5, 10], [5, 10], [25, 30], [25, 30]],
+        # argmax per feature: seg0 (rows 0-1) col0 -> row 1, col1 -> row 0;
+        # seg2 (rows 2-3) col0 -> row 2, col1 -> row 3
+        "max": [[0, 20], [10, 0], [50, 0], [0, 60]],
+        # argmin: seg0 col0 -> row 0, col1 -> row 1; seg2 col0 -> row 3, col1 -> row 2
+        "min": [[10, 0], [0, 20], [0, 60], [50, 0]],
+    }
+    for reduce, expected in cases.items():
+        grad = impl.segment_reduce_grad(x, t64(OFF4), reduce, g)
+        assert_bitwise_equal(grad, torch.tensor(expected, dtype=dtype))
+
+
+def test_segment_reduce_max_min_ties_and_nan_fixed(impl):
+    nan, inf = float("nan"), float("inf")
+    off = t64([0, 4, 7, 9])
+    x = torch.tensor([[2.0], [5.0], [5.0], [1.0],      # max tie at rows 1, 2 -> row 1
+                      [1.0], [nan], [nan],            # NaN wins; first NaN is row 5
+                      [-inf], [-inf]])                # all -inf: result -inf, row 7
+    g = torch.tensor([[1.0], [2.0], [3.0]])
+    y = impl.segment_reduce(x, off, "max")
+    assert_bitwise_equal(y, torch.tensor([[5.0], [nan], [-inf]]))
+    gx = impl.segment_reduce_grad(x, off, "max", g)
+    assert_bitwise_equal(gx, torch.tensor([[0.0], [1.0], [0.0], [0.0], [0.0], [2.0], [0.0],
+                                           [3.0], [0.0]]))
+    # min: tie of 1.0 at rows 3 (seg0 has 2, 5, 5, 1 -> row 3 only); seg1: NaN row 5;
+    # seg2: -inf tie -> row 7
+    y = impl.segment_reduce(x, off, "min")
+    assert_bitwise_equal(y, torch.tensor([[1.0], [nan], [-inf]]))
+    gx = impl.segment_reduce_grad(x, off, "min", g)
+    assert_bitwise_equal(gx, torch.tensor([[0.0], [0.0], [0.0], [1.0], [0.0], [2.0], [0.0],
+                                           [3.0], [0.0]]))
+    # min with a tie: 3, 1, 1 -> first 1 is row 1
+    x2 = torch.tensor([[3.0], [1.0], [1.0]])
+    gx = impl.segment_reduce_grad(x2, t64([0, 3]), "min", torch.tensor([[7.0]]))
+    assert_bitwise_equal(gx, torch.tensor([[0.0], [7.0], [0.0]]))
+
+
+def test_segment_reduce_nan_inf_sum_fixed(impl):
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[1.0, inf], [nan, 1.0], [2.0, -inf], [3.0, inf]])
+    y = impl.segment_reduce(x, t64([0, 2, 4]), "sum")
+    assert_bitwise_equal(y, torch.tensor([[nan, inf], [5.0, nan]]))
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_segment_reduce_accumulates_in_float32(impl, reduce):
+    # in bf16 (spacing 2 at 256) 256 + 1 rounds back to 256 (tie to even), so a bf16
+    # accumulator gives 256; a float32 accumulator gives 260, which bf16 represents.
+    # float16 has the same situation at 2048 (spacing 2).
+    for dtype, big in ((torch.bfloat16, 256.0), (torch.float16, 2048.0)):
+        x = torch.tensor([[big], [1.0], [1.0], [1.0], [1.0]], dtype=dtype)
+        y = impl.segment_reduce(x, t64([0, 5]), reduce)
+        expected = big + 4 if reduce == "sum" else (big + 4) / 5  # 52.0 / 410.4 -> rounded
+        assert_bitwise_equal(y, torch.tensor([[expected]], dtype=torch.float32).to(dtype))
+
+
+def test_segment_reduce_accumulates_in_float64(impl):
+    # 1 + 2**-30 is exact in float64 but rounds to 1 in float32
+    x = torch.tensor([[1.0], [2.0 ** -30]], dtype=torch.float64)
+    y = impl.segment_reduce(x, t64([0, 2]), "sum")
+    assert y.item() == 1.0 + 2.0 ** -30
+
+
+def test_segment_reduce_single_and_empty(impl):
+    # D = 1, S = 0 (offsets [0], T = 0) and T = 0 with empty segments
+    for reduce in REDUCES:
+        y = impl.segment_reduce(torch.zeros(0, 1), t64([0]), reduce)
+        assert y.shape == (0, 1)
+        y = impl.segment_reduce(torch.zeros(0, 3), t64([0, 0, 0]), reduce)
+        assert_bitwise_equal(y, torch.zeros(2, 3))
+        y = impl.segment_reduce(torch.tensor([[-2.5]]), t64([0, 1]), reduce)
+        assert_bitwise_equal(y, torch.tensor([[-2.5]]))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_segment_expand_fixed(impl, dtype):
+    y = torch.tensor([[1.0, -1.0], [2.0, -2.0], [3.0, -3.0]], dtype=dtype)
+    off = t64([0, 2, 2, 3])
+    expected = torch.tensor([[1.0, -1.0], [1.0, -1.0], [3.0, -3.0]], dtype=dtype)
+    assert_bitwise_equal(impl.segment_expand(y, off), expected)
+    assert_bitwise_equal(impl.segment_expand(y, off, 3), expected)
+    # S = 0 and T = 0
+    assert impl.segment_expand(torch.zeros(0, 2, dtype=dtype), t64([0])).shape == (0, 2)
+    assert impl.segment_expand(torch.ones(2, 2, dtype=dtype), t64([0, 0, 0]), 0).shape == (0, 2)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_segment_pack_unpack_fixed(impl, dtype):
+    x = torch.arange(1.0, 6.0, dtype=dtype).reshape(5, 1)  # rows 1..5
+    off = t64([0, 3, 3, 5])  # lengths 3, 0, 2
+    packed = impl.segment_pack(x, off, 2)
+    # the third row of segment 0 is dropped (max_len 2); the empty segment is zeros
+    assert_bitwise_equal(packed, torch.tensor([[[1.0], [2.0]], [[0.0], [0.0]], [[4.0], [5.0]]],
+                                              dtype=dtype))
+    packed4 = impl.segment_pack(x, off, 4)
+    assert_bitwise_equal(packed4, torch.tensor([[[1.0], [2.0], [3.0], [0.0]],
+                                                [[0.0], [0.0], [0.0], [0.0]],
+                                                [[4.0], [5.0], [0.0], [0.0]]], dtype=dtype))
+    assert impl.segment_pack(x, off, 0).shape == (3, 0, 1)
+    # unpack: positions at i >= L get zeros (row 3 = segment 0, i = 2)
+    assert_bitwise_equal(impl.segment_unpack(packed, off),
+                         torch.tensor([[1.0], [2.0], [0.0], [4.0], [5.0]], dtype=dtype))
+    assert_bitwise_equal(impl.segment_unpack(packed4, off, 5), x)
+    assert impl.segment_unpack(torch.zeros(0, 3, 1, dtype=dtype), t64([0])).shape == (0, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# 1c. properties of the reference word splitter (the rule restated differently)
+# ----------------------------------------------------------------------------------------
+
+TEXT_ALPHABET = st.one_of(
+    st.sampled_from(list(" \t\n\r\x0b\x0c.,!'_-()aZz09\x00\x1c\x7f\x85\xa0éß€日😀")),
+    st.characters(codec="utf-8"),
+)
+TEXT_BYTES = st.text(alphabet=TEXT_ALPHABET, max_size=40).map(lambda s: s.encode("utf-8"))
+ANY_BYTES = st.binary(max_size=40)
+SEQUENCE = st.one_of(TEXT_BYTES, ANY_BYTES, st.just(b""))
+
+
+def _is_rule_start(seq: bytes, i: int) -> bool:
+    ws = b" \t\n\r\x0b\x0c"
+    if i == 0:
+        return True
+    cur, prev = seq[i], seq[i - 1]
+    is_word = lambda c: chr(c).isascii() and (chr(c).isalnum() or c == 95) or c >= 128
+    if cur in ws:
+        return prev not in ws
+    return is_word(cur) and prev not in ws and not is_word(prev)
+
+
+@given(seq=SEQUENCE, max_word_bytes=st.integers(4, 12))
+def test_reference_split_properties(seq, max_word_bytes):
+    starts = ref.split_words(seq, max_word_bytes)
+    n = len(seq)
+    if n == 0:
+        assert starts == []
+        return
+    assert starts[0] == 0 and starts == sorted(set(starts)) and starts[-1] < n
+    rule = [i for i in range(n) if _is_rule_start(seq, i)]
+    assert set(rule) <= set(starts)
+    ends = starts[1:] + [n]
+    for a, b in zip(starts, ends):
+        assert 1 <= b - a <= max_word_bytes
+        if b < n and b not in rule:
+            # b is a cut of the piece starting at a: the last char start in (a, a + max]
+            char_starts = [c for c in range(a + 1, a + max_word_bytes + 1)
+                           if seq[c] & 0xC0 != 0x80]
+            assert b == (char_starts[-1] if char_starts else a + max_word_bytes)
+    # without cutting (max larger than the sequence) exactly the rule starts remain
+    assert ref.split_words(seq, max(4, n)) == rule
+
+
+@given(seq=TEXT_BYTES, max_word_bytes=st.integers(4, 12))
+def test_reference_valid_utf8_pieces_are_valid(seq, max_word_bytes):
+    # for valid UTF-8 text every piece decodes on its own (cuts fall on character starts
+    # whenever a character start exists in range, which for valid UTF-8 with
+    # max_word_bytes >= 4 is always the case)
+    starts = ref.split_words(seq, max_word_bytes)
+    for a, b in zip(starts, starts[1:] + [len(seq)]):
+        seq[a:b].decode("utf-8")
+
+
+# ----------------------------------------------------------------------------------------
+# 2. compiled ops against the reference on random inputs
+# ----------------------------------------------------------------------------------------
+
+
+@needs_ops
+@given(seqs=st.lists(SEQUENCE, max_size=6), max_word_bytes=st.integers(4, 24),
+       mode=st.sampled_from(["space", "space", "bytes"]))
+def test_word_boundaries_random(device, seqs, max_word_bytes, mode):
+    data = b"".join(seqs)
+    cu = offsets_from_lengths(len(s) for s in seqs)
+    b = as_bytes_tensor(data)
+    wo, wc = word_boundaries(b.to(device), cu.to(device), max_word_bytes, mode)
+    ewo, ewc = ref.word_boundaries(b, cu, max_word_bytes, mode)
+    assert wo.dtype == I64 and wc.dtype == I64
+    assert wo.device.type == device and wc.device.type == device
+    assert wo.cpu().tolist() == ewo.tolist()
+    assert wc.cpu().tolist() == ewc.tolist()
+
+
+@st.composite
+def segment_offsets(draw, max_segments=8):
+    """CSR offsets with empty segments, S = 0 and T = 0 included, sometimes long ones."""
+    length = st.one_of(st.integers(0, 6), st.integers(0, 300))
+    lengths = draw(st.lists(length, max_size=max_segments))
+    return offsets_from_lengths(lengths)
+
+
+@st.composite
+def features(draw, rows: int, dtype, special=False):
+    """[rows, D] values; ties (small integers) or Gaussian; optionally NaN/inf sprinkled."""
+    d = draw(st.one_of(st.integers(1, 5), st.integers(1, 70)))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    if draw(st.booleans()):
+        x = torch.randint(-2, 3, (rows, d), generator=g).to(torch.float64)
+    else:
+        x = torch.randn(rows, d, generator=g, dtype=torch.float64) * draw(
+            st.sampled_from([1e-3, 1.0, 100.0]))
+    if special and draw(st.booleans()):
+        pick = torch.randint(0, 10, (rows, d), generator=g)
+        x = torch.where(pick == 0, float("nan"), x)
+        x = torch.where(pick == 1, float("inf"), x)
+        x = torch.where(pick == 2, float("-inf"), x)
+    return x.to(dtype), g
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("reduce", REDUCES)
+@given(data=st.data())
+def test_segment_reduce_random(device, reduce, dtype, data):
+    offsets = data.draw(segment_offsets())
+    T = int(offsets[-1])
+    x, g = data.draw(features(T, dtype, special=reduce in ("max", "min")))
+    xd = x.to(device).requires_grad_(True)
+    y = segment_reduce(xd, offsets.to(device), reduce)
+    assert y.shape == (offsets.numel() - 1, x.shape[1]) and y.dtype == dtype
+    check_reduce(y.detach().cpu(), x, offsets, reduce)
+    # backward against the reference gradient (first-index rule for max/min)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
+    y.backward(grad_y.to(device))
+    check_reduce_grad(xd.grad.cpu(), grad_y, x, offsets, reduce)
+    # the helper backward op directly
+    gx = ops().segment_reduce_backward(grad_y.to(device), x.to(device), y.detach(),
+                                       offsets.to(device), reduce)
+    check_reduce_grad(gx.cpu(), grad_y, x, offsets, reduce)
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@given(data=st.data())
+def test_segment_expand_random(device, dtype, data):
+    offsets = data.draw(segment_offsets())
+    S, T = offsets.numel() - 1, int(offsets[-1])
+    y, g = data.draw(features(S, dtype, special=True))
+    total = data.draw(st.sampled_from([None, T]))
+    yd = y.to(device).requires_grad_(True)
+    x = segment_expand(yd, offsets.to(device), total)
+    assert_bitwise_equal(x.detach().cpu(), ref.segment_expand(y, offsets))  # a copy: exact
+    grad_x = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+    x.backward(grad_x.to(device))
+    expected = ref.segment_expand_backward(grad_x, offsets)
+    assert_within(yd.grad.cpu(), expected, sum_tolerance(grad_x, offsets, expected, False))
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@given(data=st.data())
+def test_segment_pack_unpack_random(device, dtype, data):
+    offsets = data.draw(segment_offsets())
+    S, T = offsets.numel() - 1, int(offsets[-1])
+    x, g = data.draw(features(T, dtype, special=True))
+    max_len = data.draw(st.one_of(st.integers(0, 8), st.integers(0, 320)))
+    xd = x.to(device).requires_grad_(True)
+    packed = segment_pack(xd, offsets.to(device), max_len)
+    # pure data movement: exact
+    assert_bitwise_equal(packed.detach().cpu(), ref.segment_pack(x, offsets, max_len))
+    grad_p = torch.randn(packed.shape, generator=g, dtype=torch.float64).to(dtype)
+    packed.backward(grad_p.to(device))
+    assert_bitwise_equal(xd.grad.cpu(), ref.segment_unpack(grad_p, offsets, T))
+
+    p = torch.randn(S, max_len, x.shape[1], generator=g, dtype=torch.float64).to(dtype)
+    pd = p.to(device).requires_grad_(True)
+    total = data.draw(st.sampled_from([None, T]))
+    out = segment_unpack(pd, offsets.to(device), total)
+    assert_bitwise_equal(out.detach().cpu(), ref.segment_unpack(p, offsets))
+    grad_o = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)
+    out.backward(grad_o.to(device))
+    assert_bitwise_equal(pd.grad.cpu(), ref.segment_pack(grad_o, offsets, max_len))
+
+
+@needs_ops
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_wrappers_accept_extra_feature_dims(device, reduce):
+    g = torch.Generator().manual_seed(0)
+    offsets = t64([0, 3, 3, 7])
+    x = torch.randn(7, 2, 3, generator=g)
+    y = segment_reduce(x.to(device), offsets.to(device), reduce)
+    assert y.shape == (3, 2, 3)
+    check_reduce(y.cpu(), x, offsets, reduce)
+    x_back = segment_expand(y, offsets.to(device))
+    assert x_back.shape == (7, 2, 3)
+    assert_bitwise_equal(x_back.cpu(), ref.segment_expand(y.cpu(), offsets))
+    packed = segment_pack(x.to(device), offsets.to(device), 5)
+    assert packed.shape == (3, 5, 2, 3)
+    assert_bitwise_equal(packed.cpu(), ref.segment_pack(x, offsets, 5))
+    assert_bitwise_equal(segment_unpack(packed, offsets.to(device)).cpu(), x)
+
+
+@needs_ops
+def test_default_arguments():
+    # reduce defaults to "mean"; max_word_bytes to 16 and mode to "space"
+    x = torch.tensor([[1.0], [2.0]])
+    assert segment_reduce(x, t64([0, 2])).tolist() == [[1.5]]
+    data = b"abcdefghijklmnopqrstu"  # 21 bytes -> 16 + 5
+    wo, wc = word_boundaries(as_bytes_tensor(data), t64([0, 21]))
+    assert wo.tolist() == [0, 16, 21] and wc.tolist() == [0, 2]
+
+
+# ----------------------------------------------------------------------------------------
+# 3. real text: Python standard library sources (code, prose, some non-ASCII)
+# ----------------------------------------------------------------------------------------
+
+STDLIB_FILES = ["textwrap.py", "difflib.py", "statistics.py", "shlex.py", "functools.py",
+                "this.py", "heapq.py", "fractions.py"]
+
+
+def _stdlib_corpus() -> list[bytes]:
+    root = sysconfig.get_paths()["stdlib"]
+    texts = []
+    for name in STDLIB_FILES:
+        path = os.path.join(root, name)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                texts.append(f.read())
+    topics = os.path.join(root, "pydoc_data", "topics.py")
+    if os.path.exists(topics):
+        with open(topics, "rb") as f:
+            texts.append(f.read(200_000))  # English prose about Python
+    if len(texts) < 3:
+        pytest.skip(f"too few standard library sources found under {root}")
+    return texts
+
+
+@needs_ops
+@pytest.mark.parametrize("max_word_bytes,mode", [(16, "space"), (4, "space"), (7, "space"),
+                                                 (16, "bytes")])
+def test_word_boundaries_stdlib_sources(device, max_word_bytes, mode):
+    texts = _stdlib_corpus()
+    assert any(any(c >= 0x80 for c in t) for t in texts), "corpus has no non-ASCII bytes"
+    data = b"".join(texts)
+    b = as_bytes_tensor(data)
+    cu = offsets_from_lengths(len(t) for t in texts)
+    wo, wc = word_boundaries(b.to(device), cu.to(device), max_word_bytes, mode)
+    ewo, ewc = ref.word_boundaries(b, cu, max_word_bytes, mode)
+    assert torch.equal(wo.cpu(), ewo)
+    assert torch.equal(wc.cpu(), ewc)
+    # also as one long sequence
+    cu1 = t64([0, len(data)])
+    wo, wc = word_boundaries(b.to(device), cu1.to(device), max_word_bytes, mode)
+    ewo, ewc = ref.word_boundaries(b, cu1, max_word_bytes, mode)
+    assert torch.equal(wo.cpu(), ewo) and torch.equal(wc.cpu(), ewc)
+
+
+@needs_ops
+def test_pool_stdlib_words_end_to_end(device):
+    # byte embeddings -> word vectors -> back to bytes, on real word boundaries
+    texts = _stdlib_corpus()[:3]
+    data = b"".join(texts)
+    b = as_bytes_tensor(data)
+    cu = offsets_from_lengths(len(t) for t in texts)
+    wo, _ = word_boundaries(b.to(device), cu.to(device))
+    table = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
+    x = table[b.long()]
+    for reduce in REDUCES:
+        y = segment_reduce(x.to(device), wo, reduce)
+        check_reduce(y.cpu(), x, wo.cpu(), reduce)
+    y = segment_reduce(x.to(device), wo, "max")
+    assert_bitwise_equal(segment_expand(y, wo, len(data)).cpu(),
+                         ref.segment_expand(y.cpu(), wo.cpu()))
+
+
+# ----------------------------------------------------------------------------------------
+# 4a. torch.library.opcheck
+# ----------------------------------------------------------------------------------------
+
+
+def _opcheck_samples(device):
+    g = torch.Generator().manual_seed(0)
+    off = t64([0, 2, 2, 5, 9]).to(device)
+
+    def feat(shape, dtype, grad=True):
+        return torch.randn(shape, generator=g).to(dtype).to(device).requires_grad_(grad)
+
+    samples = []
+    text = as_bytes_tensor("Hello, wörld! snake_case_identifier  ok".encode()).to(device)
+    cu = t64([0, 10, 10, text.numel()]).to(device)
+    samples += [
+        ("word_boundaries", (text, cu, 16, "space")),
+        ("word_boundaries", (text, cu, 4, "space")),
+        ("word_boundaries", (text, cu, 16, "bytes")),
+        ("word_boundaries", (torch.zeros(0, dtype=torch.uint8, device=device),
+                             t64([0, 0]).to(device), 16, "space")),
+    ]
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for reduce in REDUCES:
+            samples.append(("segment_reduce", (feat((9, 3), dtype), off, reduce)))
+        x = feat((9, 3), dtype, grad=False)
+        for reduce in REDUCES:
+            y = ops().segment_reduce(x, off, reduce)
+            samples.append(("segment_reduce_backward",
+                            (feat((4, 3), dtype, grad=False), x, y, off, reduce)))
+        samples += [
+            ("segment_expand", (feat((4, 3), dtype), off, 9)),
+            ("segment_expand", (feat((4, 3), dtype), off, None)),
+            ("segment_pack", (feat((9, 3), dtype), off, 3)),
+            ("segment_pack", (feat((9, 3), dtype), off, 6)),
+            ("segment_unpack", (feat((4, 3, 3), dtype), off, 9)),
+            ("segment_unpack", (feat((4, 3, 3), dtype), off, None)),
+        ]
+    empty = t64([0]).to(device)
+    samples += [
+        ("segment_reduce", (feat((0, 2), torch.float32), empty, "sum")),
+        ("segment_expand", (feat((0, 2), torch.float32), empty, 0)),
+        ("segment_pack", (feat((0, 2), torch.float32), empty, 2)),
+        ("segment_unpack", (feat((0, 2, 2), torch.float32), empty, 0)),
+    ]
+    return samples
+
+
+@needs_ops
+@pytest.mark.parametrize(
+    "name", ["word_boundaries", "segment_reduce", "segment_reduce_backward",
+             "segment_expand", "segment_pack", "segment_unpack"])
+def test_opcheck(device, name):
+    samples = [args for n, args in _opcheck_samples(device) if n == name]
+    assert samples
+    op = getattr(ops(), name)
+    for args in samples:
+        torch.library.opcheck(op, args)
+
+
+# ----------------------------------------------------------------------------------------
+# 4b. gradcheck in float64 (Python wrappers and raw torch.ops)
+# ----------------------------------------------------------------------------------------
+
+GRAD_OFFSETS = [0, 3, 3, 4, 8]  # lengths 3, 0, 1, 4
+
+
+@needs_ops
+@pytest.mark.parametrize("via", ["wrapper", "raw"])
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_gradcheck_segment_reduce(device, via, reduce):
+    off = t64(GRAD_OFFSETS).to(device)
+    # Gaussian values: distinct with probability 1, so max/min are differentiable here
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 3, dtype=torch.float64, generator=g).to(device).requires_grad_(True)
+    if via == "wrapper":
+        fn = lambda x: segment_reduce(x, off, reduce)  # noqa: E731
+    else:
+        fn = lambda x: ops().segment_reduce(x, off, reduce)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+@needs_ops
+@pytest.mark.parametrize("via", ["wrapper", "raw"])
+@pytest.mark.parametrize("total", [None, 8])
+def test_gradcheck_segment_expand(device, via, total):
+    off = t64(GRAD_OFFSETS).to(device)
+    y = torch.randn(4, 3, dtype=torch.float64).to(device).requires_grad_(True)
+    if via == "wrapper":
+        fn = lambda y: segment_expand(y, off, total)  # noqa: E731
+    else:
+        fn = lambda y: ops().segment_expand(y, off, total)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (y,))
+
+
+@needs_ops
+@pytest.mark.parametrize("via", ["wrapper", "raw"])
+@pytest.mark.parametrize("max_len", [0, 2, 5])  # 2 drops rows of the longer segments
+def test_gradcheck_segment_pack(device, via, max_len):
+    off = t64(GRAD_OFFSETS).to(device)
+    x = torch.randn(8, 3, dtype=torch.float64).to(device).requires_grad_(True)
+    if via == "wrapper":
+        fn = lambda x: segment_pack(x, off, max_len)  # noqa: E731
+    else:
+        fn = lambda x: ops().segment_pack(x, off, max_len)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+@needs_ops
+@pytest.mark.parametrize("via", ["wrapper", "raw"])
+@pytest.mark.parametrize("L", [2, 5])  # 2: positions i >= 2 of longer segments get zeros
+def test_gradcheck_segment_unpack(device, via, L):
+    off = t64(GRAD_OFFSETS).to(device)
+    p = torch.randn(4, L, 3, dtype=torch.float64).to(device).requires_grad_(True)
+    if via == "wrapper":
+        fn = lambda p: segment_unpack(p, off, 8)  # noqa: E731
+    else:
+        fn = lambda p: ops().segment_unpack(p, off, None)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (p,))
+
+
+# ----------------------------------------------------------------------------------------
+# 4c. torch.compile(fullgraph=True)
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@needs_ops
+def test_compile_word_boundaries(device, fresh_dynamo):
+    def f(b, cu):
+        wo, wc = word_boundaries(b, cu, 8, "space")
+        return wo + 0, wc * 1
+
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
+    for text in (b"Hello, world! abcdefghijklmnop", b" ,foo\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9x"):
+        b = as_bytes_tensor(text)
+        cu = t64([0, 5, len(text)])
+        wo, wc = cf(b.to(device), cu.to(device))
+        ewo, ewc = ref.word_boundaries(b, cu, 8, "space")
+        assert torch.equal(wo.cpu(), ewo) and torch.equal(wc.cpu(), ewc)
+
+
+@needs_ops
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_compile_segment_reduce(device, reduce, fresh_dynamo):
+    def f(x, off):
+        return segment_reduce(x * 2, off, reduce).sin()
+
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
+    off = t64([0, 2, 2, 6]).to(device)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    xd = x.to(device).requires_grad_(True)
+    out = cf(xd, off)
+    expected = ref.segment_reduce(x * 2, off.cpu(), reduce).sin()
+    torch.testing.assert_close(out.detach().cpu(), expected)
+    out.sum().backward()
+    y = ref.segment_reduce(x * 2, off.cpu(), reduce)
+    expected_grad = 2 * ref.segment_reduce_backward(y.cos(), x * 2, y, off.cpu(), reduce)
+    torch.testing.assert_close(xd.grad.cpu(), expected_grad)
+
+
+@needs_ops
+@pytest.mark.parametrize("total", ["given", "none"])
+def test_compile_segment_expand(device, total, fresh_dynamo):
+    def f(y, off):
+        return segment_expand(y + 1, off, 6 if total == "given" else None)
+
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
+    off = t64([0, 2, 2, 6]).to(device)
+    y = torch.randn(3, 4, dtype=torch.float64)
+    yd = y.to(device).requires_grad_(True)
+    out = cf(yd, off)
+    assert_bitwise_equal(out.detach().cpu(), ref.segment_expand(y + 1, off.cpu()))
+    g = torch.randn(6, 4, dtype=torch.float64)
+    out.backward(g.to(device))
+    torch.testing.assert_close(yd.grad.cpu(), ref.segment_reduce(g, off.cpu(), "sum"))
+
+
+@needs_ops
+def test_compile_segment_pack(device, fresh_dynamo):
+    def f(x, off):
+        return segment_pack(x, off, 3) * 3
+
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
+    off = t64([0, 2, 2, 6]).to(device)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    xd = x.to(device).requires_grad_(True)
+    out = cf(xd, off)
+    assert_bitwise_equal(out.detach().cpu(), ref.segment_pack(x, off.cpu(), 3) * 3)
+    g = torch.randn(3, 3, 4, dtype=torch.float64)
+    out.backward(g.to(device))
+    assert_bitwise_equal(xd.grad.cpu(), ref.segment_unpack(g * 3, off.cpu(), 6))
+
+
+@needs_ops
+def test_compile_segment_unpack(device, fresh_dynamo):
+    def f(p, off):
+        return segment_unpack(p, off, 6) - 1
+
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
+    off = t64([0, 2, 2, 6]).to(device)
+    p = torch.randn(3, 3, 4, dtype=torch.float64)
+    pd = p.to(device).requires_grad_(True)
+    out = cf(pd, off)
+    assert_bitwise_equal(out.detach().cpu(), ref.segment_unpack(p, off.cpu()) - 1)
+    g = torch.randn(6, 4, dtype=torch.float64)
+    out.backward(g.to(device))
+    assert_bitwise_equal(pd.grad.cpu(), ref.segment_pack(g, off.cpu(), 3))
+
+
+@needs_ops
+def test_compile_inductor_pooling_pipeline(fresh_dynamo):
+    # default (inductor) backend, CPU only, one small graph through every feature op
+    def f(b, cu, table):
+        wo, _ = word_boundaries(b, cu, 16, "space")
+        x = table[b.long()]
+        y = segment_reduce(x, wo, "mean")
+        back = segment_expand(y, wo, b.shape[0])
+        return back + x
+
+    start = time.monotonic()
+    cf = torch.compile(f, fullgraph=True)
+    text = b"Hello, world! tokcore pools bytes into words."
+    b, cu = as_bytes_tensor(text), t64([0, 13, len(text)])
+    table = torch.randn(256, 4, dtype=torch.float64)
+    out = cf(b, cu, table)
+    wo, _ = ref.word_boundaries(b, cu, 16, "space")
+    x = table[b.long()]
+    expected = ref.segment_expand(ref.segment_reduce(x, wo, "mean"), wo) + x
+    torch.testing.assert_close(out, expected)
+    print(f"inductor compile + run: {time.monotonic() - start:.1f} s")
+
+
+# ----------------------------------------------------------------------------------------
+# 5a. bad inputs raise (naming the argument) and never crash
+# ----------------------------------------------------------------------------------------
+
+ERR = (RuntimeError, ValueError)
+
+
+def names(match: str) -> str:
+    """Regex matching any of the '|'-separated argument names as a whole word, so that
+    e.g. "bytes" does not match inside "max_word_bytes" and "x" not inside "expected"."""
+    return "|".join(rf"\b{n}\b" for n in match.split("|"))
+
+
+def _bad_offsets_cases(name: str, T: int):
+    """(offsets, why) pairs that violate the CSR contract for a stream of length T."""
+    return [
+        (t64([1, 2, T]), "does not start at 0"),
+        (t64([0, 3, 2, T]), "decreasing"),
+        (t64([0, T + 1]), "last != T"),
+        (t64([0, T - 1]), "last != T (short)"),
+        (t64([0, T + 5, T]), "out of range (past T)"),
+        (t64([0, -2, T]), "out of range (negative)"),
+        (t64([]), "empty"),
+    ]
+
+
+def _bad_input_cases():
+    """(id, callable, match) for every op, via the Python wrapper and the raw op."""
+    b = as_bytes_tensor(b"hello world")
+    cu = t64([0, 11])
+    x = torch.randn(6, 2)
+    off = t64([0, 2, 6])
+    y = torch.randn(2, 2)
+    p = torch.randn(2, 3, 2)
+    o = ops()
+    cases = []
+    for via, wb, sr, se, sp, su in (
+        ("wrapper", word_boundaries, segment_reduce, segment_expand, segment_pack,
+         segment_unpack),
+        ("raw", o.word_boundaries, o.segment_reduce, o.segment_expand, o.segment_pack,
+         o.segment_unpack),
+    ):
+        cases += [
+            # word_boundaries
+            (f"{via}-wb-bytes-dtype", lambda wb=wb: wb(b.to(torch.int64), cu, 16, "space"),
+             "bytes"),
+            (f"{via}-wb-bytes-int8", lambda wb=wb: wb(b.to(torch.int8), cu, 16, "space"),
+             "bytes"),
+            (f"{via}-wb-bytes-ndim", lambda wb=wb: wb(b.reshape(1, -1), cu, 16, "space"),
+             "bytes"),
+            (f"{via}-wb-cu-dtype", lambda wb=wb: wb(b, cu.to(torch.int32), 16, "space"),
+             "cu_seqlens"),
+            (f"{via}-wb-cu-ndim", lambda wb=wb: wb(b, cu.reshape(1, -1), 16, "space"),
+             "cu_seqlens"),
+            (f"{via}-wb-max3", lambda wb=wb: wb(b, cu, 3, "space"), "max_word_bytes"),
+            (f"{via}-wb-max0", lambda wb=wb: wb(b, cu, 0, "space"), "max_word_bytes"),
+            (f"{via}-wb-max-neg", lambda wb=wb: wb(b, cu, -5, "space"), "max_word_bytes"),
+            (f"{via}-wb-mode", lambda wb=wb: wb(b, cu, 16, "words"), "mode"),
+            (f"{via}-wb-mode-empty", lambda wb=wb: wb(b, cu, 16, ""), "mode"),
+            # segment_reduce
+            (f"{via}-sr-x-int", lambda sr=sr: sr(x.to(torch.int64), off, "sum"), "x"),
+            (f"{via}-sr-x-bool", lambda sr=sr: sr(x > 0, off, "sum"), "x"),
+            (f"{via}-sr-off-int32", lambda sr=sr: sr(x, off.to(torch.int32), "sum"), "offsets"),
+            (f"{via}-sr-off-float", lambda sr=sr: sr(x, off.to(torch.float32), "sum"),
+             "offsets"),
+            (f"{via}-sr-off-ndim", lambda sr=sr: sr(x, off.reshape(1, -1), "sum"), "offsets"),
+            (f"{via}-sr-reduce", lambda sr=sr: sr(x, off, "prod"), "reduce"),
+            (f"{via}-sr-reduce-case", lambda sr=sr: sr(x, off, "SUM"), "reduce"),
+            # segment_expand
+            (f"{via}-se-y-int", lambda se=se: se(y.to(torch.int32), off, 6), "y"),
+            (f"{via}-se-off-int32", lambda se=se: se(y, off.to(torch.int32), 6), "offsets"),
+            (f"{via}-se-rows", lambda se=se: se(torch.randn(3, 2), off, 6), "y|offsets"),
+            (f"{via}-se-total", lambda se=se: se(y, off, 7), "total|offsets"),
+            # segment_pack
+            (f"{via}-sp-x-int", lambda sp=sp: sp(x.to(torch.int64), off, 3), "x"),
+            (f"{via}-sp-off-int32", lambda sp=sp: sp(x, off.to(torch.int32), 3), "offsets"),
+            (f"{via}-sp-max-len", lambda sp=sp: sp(x, off, -1), "max_len"),
+            # segment_unpack
+            (f"{via}-su-p-int", lambda su=su: su(p.to(torch.int64), off, 6), "packed"),
+            (f"{via}-su-p-ndim", lambda su=su: su(p.reshape(2, 6), off, 6), "packed"),
+            (f"{via}-su-rows", lambda su=su: su(torch.randn(3, 3, 2), off, 6),
+             "packed|offsets"),
+            (f"{via}-su-total", lambda su=su: su(p, off, 5), "total|offsets"),
+        ]
+        for bad, why in _bad_offsets_cases("offsets", 6):
+            cases += [
+                (f"{via}-sr-offsets-{why}", lambda sr=sr, bad=bad: sr(x, bad, "mean"),
+                 "offsets"),
+                (f"{via}-sp-offsets-{why}", lambda sp=sp, bad=bad: sp(x, bad, 4), "offsets"),
+            ]
+            if bad.numel() == 3:  # S = 2 rows for expand/unpack
+                cases += [
+                    (f"{via}-se-offsets-{why}", lambda se=se, bad=bad: se(y, bad, 6),
+                     "offsets"),
+                    (f"{via}-su-offsets-{why}", lambda su=su, bad=bad: su(p, bad, 6),
+                     "offsets"),
+                ]
+        for bad, why in _bad_offsets_cases("cu_seqlens", 11):
+            cases.append((f"{via}-wb-cu-{why}", lambda wb=wb, bad=bad: wb(b, bad, 16, "space"),
+                          "cu_seqlens"))
+    # raw ops take [T, D] / [S, L, D] exactly
+    cases += [
+        ("raw-sr-x-ndim", lambda: o.segment_reduce(torch.randn(6), off, "sum"), "x"),
+        ("raw-se-y-ndim", lambda: o.segment_expand(torch.randn(2), off, 6), "y"),
+        ("raw-sp-x-ndim", lambda: o.segment_pack(torch.randn(6), off, 3), "x"),
+        ("wrapper-sr-x-0d", lambda: segment_reduce(torch.tensor(1.0), off, "sum"), "x"),
+    ]
+    return cases
+
+
+@needs_ops
+def test_bad_inputs_raise():
+    failures = []
+    for case_id, fn, match in _bad_input_cases():
+        try:
+            with pytest.raises(ERR, match=names(match)):
+                fn()
+        except BaseException as e:  # collect every failure, report them together
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            failures.append(f"{case_id}: {type(e).__name__}: {str(e)[:200]}")
+    assert not failures, "\n".join(failures)
+
+
+@needs_ops
+def test_device_mix_raises(cuda_device):
+    b = as_bytes_tensor(b"hello world")
+    cu = t64([0, 11])
+    x, off = torch.randn(6, 2), t64([0, 2, 6])
+    y, p = torch.randn(2, 2), torch.randn(2, 3, 2)
+    c = cuda_device
+    with pytest.raises(ERR, match=names("cu_seqlens|bytes")):
+        word_boundaries(b.to(c), cu, 16, "space")
+    with pytest.raises(ERR, match=names("cu_seqlens|bytes")):
+        word_boundaries(b, cu.to(c), 16, "space")
+    with pytest.raises(ERR, match=names("offsets|x")):
+        segment_reduce(x.to(c), off, "sum")
+    with pytest.raises(ERR, match=names("offsets|x")):
+        segment_reduce(x, off.to(c), "sum")
+    with pytest.raises(ERR, match=names("offsets|y")):
+        segment_expand(y.to(c), off, 6)
+    with pytest.raises(ERR, match=names("offsets|x")):
+        segment_pack(x.to(c), off, 3)
+    with pytest.raises(ERR, match=names("offsets|packed")):
+        segment_unpack(p.to(c), off, 6)
+    with pytest.raises(ERR, match=names("x|y|grad_y")):
+        ops().segment_reduce_backward(y.to(c), x, y, off, "sum")
+    torch.cuda.synchronize()
+
+
+@needs_ops
+def test_cuda_invalid_offsets_never_crash(cuda_device):
+    # On CUDA the offsets are not fully validated (no host sync), but kernels must never
+    # read or write out of bounds: the op may raise or return garbage, and the device
+    # must stay healthy afterwards.
+    c = cuda_device
+    x, y, p = torch.randn(6, 2, device=c), torch.randn(2, 2, device=c), torch.randn(2, 3, 2,
+                                                                                     device=c)
+    b = as_bytes_tensor(b"hello world").to(c)
+    bad_list = [[0, 100, 6], [0, -50, 6], [0, 5, 2], [3, 1, 6], [0, 2, 1000000]]
+    for bad in bad_list:
+        off = t64(bad).to(c)
+        for fn in (lambda: segment_reduce(x, off, "max"), lambda: segment_reduce(x, off, "sum"),
+                   lambda: segment_expand(y, off, 6), lambda: segment_pack(x, off, 4),
+                   lambda: segment_unpack(p, off, 6),
+                   lambda: word_boundaries(b, off, 4, "space")):
+            try:
+                fn()
+            except ERR:
+                pass
+        torch.cuda.synchronize()  # raises if a kernel faulted
+    assert torch.equal(segment_reduce(x, t64([0, 6]).to(c), "sum").cpu(),
+                       segment_reduce(x.cpu(), t64([0, 6]), "sum"))
+
+
+@needs_ops
+def test_inputs_not_mutated(device):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 3, generator=g).to(device)
+    off = t64([0, 4, 4, 9]).to(device)
+    b = as_bytes_tensor(b"mutation, never!").to(device)
+    cu = t64([0, 16]).to(device)
+    saved = [t.clone() for t in (x, off, b, cu)]
+    for reduce in REDUCES:
+        y = segment_reduce(x, off, reduce)
+        ops().segment_reduce_backward(torch.ones_like(y), x, y, off, reduce)
+    segment_expand(x[:3], off, 9)
+    segment_unpack(segment_pack(x, off, 2), off, 9)
+    word_boundaries(b, cu, 4, "space")
+    for before, after in zip(saved, (x, off, b, cu)):
+        assert torch.equal(before, after)
+
+
+# ----------------------------------------------------------------------------------------
+# 5b. determinism and 5c. non-contiguous inputs
+# ----------------------------------------------------------------------------------------
+
+
+@needs_ops
+def test_determinism(device):
+    g = torch.Generator().manual_seed(7)
+    lengths = [0, 1, 3000, 17, 0, 500, 2, 1200]
+    off = offsets_from_lengths(lengths).to(device)
+    T = int(off[-1])
+    data = bytes(torch.randint(0, 256, (T,), generator=g).tolist())
+    b = as_bytes_tensor(data).to(device)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(T, 64, generator=g).to(dtype).to(device)
+        gy = torch.randn(len(lengths), 64, generator=g).to(dtype).to(device)
+        gx = torch.randn(T, 64, generator=g).to(dtype).to(device)
+
+        def run():
+            outs = [word_boundaries(b, off, 6, "space")[0]]
+            for reduce in REDUCES:
+                xd = x.clone().requires_grad_(True)
+                y = segment_reduce(xd, off, reduce)
+                y.backward(gy)
+                outs += [y.detach(), xd.grad]
+            yd = gy.clone().requires_grad_(True)
+            e = segment_expand(yd, off, T)
+            e.backward(gx)  # backward is a segment sum: must not use float atomics
+            outs += [e.detach(), yd.grad]
+            outs.append(segment_pack(x, off, 1000))
+            outs.append(segment_unpack(segment_pack(x, off, 1000), off, T))
+            return outs
+
+        first = run()
+        for _ in range(2):
+            for a, e in zip(run(), first):
+                assert_bitwise_equal(a, e)
+
+
+@needs_ops
+def test_non_contiguous_inputs(device):
+    g = torch.Generator().manual_seed(11)
+    lengths = [3, 0, 5, 1, 7]
+    off = offsets_from_lengths(lengths)
+    T, S, D = int(off[-1]), len(lengths), 4
+    # offsets as a strided view
+    off_big = torch.zeros(2 * (S + 1) - 1, dtype=I64)
+    off_big[::2] = off
+    off_nc = off_big.to(device)[::2]
+    assert not off_nc.is_contiguous()
+    # x as a transposed view and as a column-strided view
+    x_t = torch.randn(D, T, generator=g).to(device).t()
+    x_s = torch.randn(T, 2 * D, generator=g).to(device)[:, ::2]
+    assert not x_t.is_contiguous() and not x_s.is_contiguous()
+    for x in (x_t, x_s):
+        for o in (off_nc, off.to(device)):
+            for reduce in REDUCES:
+                xd = x.detach().requires_grad_(True)
+                y = segment_reduce(xd, o, reduce)
+                check_reduce(y.detach().cpu(), x.cpu(), off, reduce)
+                # grad of y.sum() arrives as an expanded (stride 0) tensor
+                y.sum().backward()
+                check_reduce_grad(xd.grad.cpu(), torch.ones(S, D), x.cpu(), off, reduce)
+            assert_bitwise_equal(segment_pack(x, o, 4).cpu(), ref.segment_pack(x.cpu(), off, 4))
+    y_t = torch.randn(D, S, generator=g).to(device).t()
+    assert_bitwise_equal(segment_expand(y_t, off_nc, T).cpu(), ref.segment_expand(y_t.cpu(), off))
+    yd = y_t.detach().requires_grad_(True)
+    segment_expand(yd, off_nc, T).sum().backward()
+    assert_within(yd.grad.cpu(), ref.segment_reduce(torch.ones(T, D), off, "sum"),
+                  torch.zeros(S, D))
+    p_nc = torch.randn(D, 6, S, generator=g).to(device).permute(2, 1, 0)
+    assert not p_nc.is_contiguous()
+    assert_bitwise_equal(segment_unpack(p_nc, off_nc, T).cpu(),
+                         ref.segment_unpack(p_nc.cpu(), off))
+    pd = p_nc.detach().requires_grad_(True)
+    segment_unpack(pd, off_nc, T).sum().backward()
+    assert_bitwise_equal(pd.grad.cpu(), ref.segment_pack(torch.ones(T, D), off, 6))
+    # bytes as a strided view
+    data = "Hello, wörld!  snake_case_and_more ,foo".encode()
+    big = torch.zeros(2 * len(data), dtype=torch.uint8)
+    big[::2] = as_bytes_tensor(data)
+    b_nc = big.to(device)[::2]
+    cu = t64([0, 9, len(data)])
+    cu_big = torch.zeros(5, dtype=I64)
+    cu_big[::2] = cu
+    wo, wc = word_boundaries(b_nc, cu_big.to(device)[::2], 5, "space")
+    ewo, ewc = ref.word_boundaries(as_bytes_tensor(data), cu, 5, "space")
+    assert torch.equal(wo.cpu(), ewo) and torch.equal(wc.cpu(), ewc)
