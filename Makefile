@@ -1,0 +1,35 @@
+# The two commands of the README:
+#   make demo   set everything up, then run every family's end-to-end demo
+#   make test   set everything up, then run the test suite
+VENV ?= .venv
+export VENV
+
+.PHONY: setup demo test cpp-test cpp-bench bench wheel clean
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/tokcore demo
+
+test: setup
+	$(VENV)/bin/python -m pytest -q tests
+
+# The torch-free core's GoogleTest suite and a short Google Benchmark run
+# (needs libgtest-dev and libbenchmark-dev; .ci/run installs them).
+cpp-test:
+	cmake -S . -B build/cpp -G Ninja -DTOKCORE_BUILD_EXTENSION=OFF -DTOKCORE_CUDA=OFF -DTOKCORE_BUILD_CPP_TESTS=ON
+	cmake --build build/cpp
+	cd build/cpp && ctest --output-on-failure
+
+cpp-bench: cpp-test
+	build/cpp/bench/cpp/tokcore_core_bench --benchmark_min_time=0.1
+
+bench: setup
+	$(VENV)/bin/tokcore bench
+
+wheel: setup
+	bash scripts/build_wheel.sh
+
+clean:
+	rm -rf build dist wheelhouse

@@ -1,0 +1,67 @@
+// Unit tests of the shared core pieces: 16-bit float conversions and offsets checks.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "tokcore/common/dtype.h"
+#include "tokcore/common/offsets.h"
+
+using namespace tokcore;
+
+TEST(DType, BFloat16KnownValues) {
+  EXPECT_EQ(float_to_bf16(1.0f).bits, 0x3f80);
+  EXPECT_EQ(float_to_bf16(-2.0f).bits, 0xc000);
+  EXPECT_EQ(bf16_to_float(bf16_t{0x3f80}), 1.0f);
+  // 1 + 2^-8 is halfway between two bf16 values: ties go to even (1.0).
+  EXPECT_EQ(float_to_bf16(1.00390625f).bits, 0x3f80);
+  // 1 + 3 * 2^-8 is halfway as well: rounds up to the even neighbour 1 + 2^-6.
+  EXPECT_EQ(float_to_bf16(1.01171875f).bits, 0x3f82);
+  EXPECT_TRUE(std::isnan(bf16_to_float(float_to_bf16(std::nanf("")))));
+  EXPECT_EQ(float_to_bf16(std::numeric_limits<float>::infinity()).bits, 0x7f80);
+}
+
+TEST(DType, Float16KnownValues) {
+  EXPECT_EQ(float_to_f16(1.0f).bits, 0x3c00);
+  EXPECT_EQ(float_to_f16(-2.0f).bits, 0xc000);
+  EXPECT_EQ(float_to_f16(65504.0f).bits, 0x7bff);     // largest finite half
+  EXPECT_EQ(float_to_f16(65520.0f).bits, 0x7c00);     // rounds to infinity
+  EXPECT_EQ(float_to_f16(5.960464477539063e-8f).bits, 0x0001);  // smallest subnormal
+  EXPECT_EQ(float_to_f16(2.98e-8f).bits, 0x0000);     // below half the smallest subnormal
+  EXPECT_EQ(f16_to_float(f16_t{0x0001}), 5.960464477539063e-8f);
+  EXPECT_EQ(f16_to_float(f16_t{0x3555}), 0.333251953125f);
+  EXPECT_TRUE(std::isnan(f16_to_float(float_to_f16(std::nanf("")))));
+}
+
+TEST(DType, Float16RoundTripsEveryHalf) {
+  // Every finite half converts to float and back to itself.
+  for (uint32_t bits = 0; bits < 0x10000; ++bits) {
+    const f16_t h{uint16_t(bits)};
+    const float f = f16_to_float(h);
+    if (std::isnan(f)) continue;
+    ASSERT_EQ(float_to_f16(f).bits, h.bits) << "bits " << bits;
+  }
+}
+
+TEST(DType, BFloat16RoundTripsEveryValue) {
+  for (uint32_t bits = 0; bits < 0x10000; ++bits) {
+    const bf16_t h{uint16_t(bits)};
+    const float f = bf16_to_float(h);
+    if (std::isnan(f)) continue;
+    ASSERT_EQ(float_to_bf16(f).bits, h.bits) << "bits " << bits;
+  }
+}
+
+TEST(Offsets, Validation) {
+  const int64_t ok[] = {0, 2, 2, 5};
+  EXPECT_EQ(check_offsets(ok, 4, 5), kOffsetsOk);
+  EXPECT_EQ(check_offsets(ok, 4, -1), kOffsetsOk);
+  EXPECT_EQ(check_offsets(ok, 4, 6), kOffsetsLastNotTotal);
+  const int64_t first[] = {1, 2};
+  EXPECT_EQ(check_offsets(first, 2, 2), kOffsetsFirstNotZero);
+  const int64_t decreasing[] = {0, 3, 2, 5};
+  EXPECT_EQ(check_offsets(decreasing, 4, 5), kOffsetsDecreasing);
+  const int64_t single[] = {0};
+  EXPECT_EQ(check_offsets(single, 1, 0), kOffsetsOk);
+}

@@ -1,0 +1,192 @@
+// Unit tests of the pooling core and its CPU kernels, with a serial runtime.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "pooling/pooling_kernels.h"
+
+using namespace tokcore;
+using namespace tokcore::pooling;
+
+namespace {
+
+std::vector<std::string> split(const std::string& text, int64_t max_bytes = 16,
+                               WordMode mode = WordMode::kSpace) {
+  const auto* bytes = reinterpret_cast<const uint8_t*>(text.data());
+  const int64_t cu[2] = {0, int64_t(text.size())};
+  std::vector<int64_t> starts;
+  if (!text.empty())
+    for_each_word_start(bytes, cu, 1, 0, int64_t(text.size()), max_bytes, mode,
+                        [&](int64_t p) { starts.push_back(p); });
+  starts.push_back(int64_t(text.size()));
+  std::vector<std::string> words;
+  for (size_t i = 0; i + 1 < starts.size(); ++i)
+    words.push_back(text.substr(size_t(starts[i]), size_t(starts[i + 1] - starts[i])));
+  return words;
+}
+
+using Words = std::vector<std::string>;
+
+}  // namespace
+
+TEST(WordBoundaries, ByteClasses) {
+  EXPECT_EQ(byte_class(' '), kWhitespace);
+  EXPECT_EQ(byte_class('\v'), kWhitespace);
+  EXPECT_EQ(byte_class('_'), kWordByte);
+  EXPECT_EQ(byte_class(0x80), kWordByte);
+  EXPECT_EQ(byte_class('!'), kPunct);
+  EXPECT_EQ(byte_class(0x00), kPunct);
+}
+
+TEST(WordBoundaries, SpaceRule) {
+  EXPECT_EQ(split("Hello, world!"), (Words{"Hello,", " world!"}));
+  EXPECT_EQ(split(" ,foo"), (Words{" ,", "foo"}));
+  EXPECT_EQ(split("a  b"), (Words{"a", "  b"}));
+  EXPECT_EQ(split("x=y+1"), (Words{"x=", "y+", "1"}));
+  EXPECT_EQ(split("\n\n\tdef f():"), (Words{"\n\n\tdef", " f():"}));
+}
+
+TEST(WordBoundaries, CutsLongWordsAtCharacterStarts) {
+  EXPECT_EQ(split("abcdefghij", 4), (Words{"abcd", "efgh", "ij"}));
+  // "é" is 2 bytes (0xC3 0xA9): the cut goes before a character, never inside one.
+  EXPECT_EQ(split("abc\xC3\xA9" "def", 4), (Words{"abc", "\xC3\xA9" "de", "f"}));
+  // Invalid UTF-8 (only continuation bytes): cut at the limit.
+  EXPECT_EQ(split("\x80\x80\x80\x80\x80\x80", 4), (Words{"\x80\x80\x80\x80", "\x80\x80"}));
+}
+
+TEST(WordBoundaries, BytesMode) {
+  EXPECT_EQ(split("ab c", 4, WordMode::kBytes), (Words{"a", "b", " ", "c"}));
+}
+
+TEST(WordBoundaries, ChunkingDoesNotChangeTheResult) {
+  // Any split of the stream into ranges gives the same words as one range:
+  // the property that the parallel CPU and CUDA kernels rely on.
+  std::mt19937 rng(7);
+  const char alphabet[] = "ab ,.\n\xC3\xA9\x80_9";
+  for (int trial = 0; trial < 200; ++trial) {
+    std::string text;
+    const int n = 1 + int(rng() % 80);
+    for (int i = 0; i < n; ++i) text.push_back(alphabet[rng() % (sizeof(alphabet) - 1)]);
+    const auto* bytes = reinterpret_cast<const uint8_t*>(text.data());
+    const int64_t mid = int64_t(rng() % text.size());
+    const int64_t cu[4] = {0, mid, mid, int64_t(text.size())};  // with an empty sequence
+    std::vector<int64_t> whole, pieces;
+    for_each_word_start(bytes, cu, 3, 0, int64_t(text.size()), 5, WordMode::kSpace,
+                        [&](int64_t p) { whole.push_back(p); });
+    for (int64_t lo = 0; lo < int64_t(text.size()); lo += 3)
+      for_each_word_start(bytes, cu, 3, lo, std::min<int64_t>(lo + 3, text.size()), 5,
+                          WordMode::kSpace, [&](int64_t p) { pieces.push_back(p); });
+    ASSERT_EQ(whole, pieces) << "text '" << text << "'";
+    ASSERT_EQ(whole.front(), 0);
+    ASSERT_TRUE(std::find(whole.begin(), whole.end(), mid) != whole.end() || mid == 0);
+  }
+}
+
+TEST(WordBoundaries, CpuKernelCountsAndFills) {
+  const std::string text = "one two\nthree, four";
+  const auto* bytes = reinterpret_cast<const uint8_t*>(text.data());
+  const int64_t cu[3] = {0, 8, int64_t(text.size())};
+  Runtime rt;
+  std::vector<int64_t> counts(num_word_chunks(int64_t(text.size()), kWordChunkBytesCpu));
+  const int64_t W = word_boundaries_count_cpu(rt, bytes, cu, 2, 16, WordMode::kSpace, counts.data());
+  ASSERT_EQ(W, 5);
+  std::vector<int64_t> offsets(W + 1), word_cu(3);
+  word_boundaries_fill_cpu(rt, bytes, cu, 2, 16, WordMode::kSpace, counts.data(), W, offsets.data(),
+                           word_cu.data());
+  // Sequence 0 "one two\n": "one", " two", "\n"; sequence 1 "three, four": "three,", " four".
+  EXPECT_EQ(offsets, (std::vector<int64_t>{0, 3, 7, 8, 14, 19}));
+  EXPECT_EQ(word_cu, (std::vector<int64_t>{0, 3, 5}));
+}
+
+namespace {
+
+template <Reduce R>
+std::vector<float> naive_reduce(const std::vector<float>& x, const std::vector<int64_t>& off, int64_t D) {
+  std::vector<float> y((off.size() - 1) * D, 0.0f);
+  for (size_t s = 0; s + 1 < off.size(); ++s)
+    for (int64_t d = 0; d < D; ++d) {
+      if (off[s] == off[s + 1]) continue;
+      float acc = x[off[s] * D + d];
+      for (int64_t t = off[s] + 1; t < off[s + 1]; ++t) {
+        const float v = x[t * D + d];
+        if (R == Reduce::kSum || R == Reduce::kMean) acc += v;
+        if (R == Reduce::kMax) acc = std::max(acc, v);
+        if (R == Reduce::kMin) acc = std::min(acc, v);
+      }
+      if (R == Reduce::kMean) acc /= float(off[s + 1] - off[s]);
+      y[s * D + d] = acc;
+    }
+  return y;
+}
+
+}  // namespace
+
+TEST(SegmentReduce, MatchesNaiveLoops) {
+  const int64_t D = 300;  // crosses the 256-feature tile of the CPU kernel
+  const std::vector<int64_t> off = {0, 1, 1, 4, 9};
+  std::vector<float> x(9 * D);
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  for (auto& v : x) v = dist(rng);
+  Runtime rt;
+  std::vector<float> y(4 * D);
+  segment_reduce_cpu(rt, DType::kFloat32, x.data(), off.data(), 4, 9, D, Reduce::kMean, y.data());
+  const auto mean = naive_reduce<Reduce::kMean>(x, off, D);
+  for (size_t i = 0; i < y.size(); ++i) ASSERT_NEAR(y[i], mean[i], 1e-6f);
+  segment_reduce_cpu(rt, DType::kFloat32, x.data(), off.data(), 4, 9, D, Reduce::kMax, y.data());
+  EXPECT_EQ(y, naive_reduce<Reduce::kMax>(x, off, D));
+  segment_reduce_cpu(rt, DType::kFloat32, x.data(), off.data(), 4, 9, D, Reduce::kMin, y.data());
+  EXPECT_EQ(y, naive_reduce<Reduce::kMin>(x, off, D));
+}
+
+TEST(SegmentReduce, MaxPropagatesNanAndBackwardPicksFirst) {
+  const std::vector<int64_t> off = {0, 4};
+  const std::vector<float> x = {1.0f, 3.0f, 3.0f, 2.0f};
+  Runtime rt;
+  float y = 0;
+  segment_reduce_cpu(rt, DType::kFloat32, x.data(), off.data(), 1, 4, 1, Reduce::kMax, &y);
+  EXPECT_EQ(y, 3.0f);
+  const float g = 5.0f;
+  std::vector<float> gx(4, -1.0f);
+  segment_reduce_backward_cpu(rt, DType::kFloat32, &g, x.data(), &y, off.data(), 1, 4, 1, Reduce::kMax,
+                              gx.data());
+  EXPECT_EQ(gx, (std::vector<float>{0.0f, 5.0f, 0.0f, 0.0f}));
+  const std::vector<float> with_nan = {1.0f, std::nanf(""), 7.0f, std::nanf("")};
+  segment_reduce_cpu(rt, DType::kFloat32, with_nan.data(), off.data(), 1, 4, 1, Reduce::kMax, &y);
+  EXPECT_TRUE(std::isnan(y));
+  segment_reduce_backward_cpu(rt, DType::kFloat32, &g, with_nan.data(), &y, off.data(), 1, 4, 1,
+                              Reduce::kMax, gx.data());
+  EXPECT_EQ(gx, (std::vector<float>{0.0f, 5.0f, 0.0f, 0.0f}));
+}
+
+TEST(SegmentReduce, BFloat16AccumulatesInFloat) {
+  // 256 copies of 1 + 2^-7: a bf16 running sum would stall, a float one does not.
+  const int64_t T = 256;
+  std::vector<bf16_t> x(T, float_to_bf16(1.0078125f));
+  const std::vector<int64_t> off = {0, T};
+  bf16_t y;
+  Runtime rt;
+  segment_reduce_cpu(rt, DType::kBFloat16, x.data(), off.data(), 1, T, 1, Reduce::kSum, &y);
+  EXPECT_EQ(bf16_to_float(y), 258.0f);
+}
+
+TEST(SegmentPack, PackUnpackRoundTripAndTruncation) {
+  const std::vector<int64_t> off = {0, 2, 2, 7};
+  std::vector<double> x(7 * 2);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = double(i + 1);
+  Runtime rt;
+  const int64_t L = 3;
+  std::vector<double> packed(3 * L * 2, -1.0);
+  segment_pack_cpu(rt, DType::kFloat64, x.data(), off.data(), 3, 7, 2, L, packed.data());
+  EXPECT_EQ(packed, (std::vector<double>{1, 2, 3, 4, 0, 0,  0, 0, 0, 0, 0, 0,  5, 6, 7, 8, 9, 10}));
+  std::vector<double> back(7 * 2, -1.0);
+  segment_unpack_cpu(rt, DType::kFloat64, packed.data(), off.data(), 3, 7, 2, L, back.data());
+  EXPECT_EQ(back, (std::vector<double>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 0, 0, 0}));
+  std::vector<double> y = {1, 2, 3, 4, 5, 6}, expanded(14);
+  segment_expand_cpu(rt, DType::kFloat64, y.data(), off.data(), 3, 7, 2, expanded.data());
+  EXPECT_EQ(expanded, (std::vector<double>{1, 2, 1, 2, 5, 6, 5, 6, 5, 6, 5, 6, 5, 6}));
+}
