@@ -1,9 +1,26 @@
 #include "adapter.h"
 
 #include <dlfcn.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace tokcore {
 namespace adapter {
+
+void advise_huge_pages(const Tensor& fresh_cpu_output) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
+  const uintptr_t nbytes = uintptr_t(fresh_cpu_output.numel()) * fresh_cpu_output.element_size();
+  if (nbytes < 8 * kHugePage) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(fresh_cpu_output.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + nbytes) & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)fresh_cpu_output;
+#endif
+}
 
 void* current_cuda_stream(int32_t device_index) {
   // aoti_torch_get_current_cuda_stream lives in libtorch_cuda, which a CPU-only

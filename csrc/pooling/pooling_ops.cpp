@@ -156,6 +156,7 @@ Tensor segment_reduce(Tensor x, Tensor offsets, std::string reduce) {
   Tensor y = torch::stable::new_empty(x, {S, D});
   if (x.is_cpu()) {
     adapter::check_offsets_cpu(offsets, T, op, "offsets");
+    adapter::advise_huge_pages(y);
     segment_reduce_cpu(adapter::cpu_runtime(), dtype, x.const_data_ptr(),
                        offsets.const_data_ptr<int64_t>(), S, T, D, r, y.mutable_data_ptr());
     return y;
@@ -205,6 +206,7 @@ Tensor segment_reduce_backward(Tensor grad_y, Tensor offsets, int64_t total, std
   Tensor grad_x = torch::stable::new_empty(grad_y, {total, D});
   if (grad_y.is_cpu()) {
     adapter::check_offsets_cpu(offsets, total, op, "offsets");
+    adapter::advise_huge_pages(grad_x);
     segment_reduce_backward_cpu(adapter::cpu_runtime(), dtype, grad_y.const_data_ptr(), x_ptr, y_ptr,
                                 offsets.const_data_ptr<int64_t>(), S, total, D, r,
                                 grad_x.mutable_data_ptr());
@@ -234,6 +236,7 @@ Tensor segment_expand(Tensor y, Tensor offsets, std::optional<int64_t> total) {
   const int64_t T = output_rows(offsets, total, op);
   Tensor x = torch::stable::new_empty(y, {T, D});
   if (y.is_cpu()) {
+    adapter::advise_huge_pages(x);
     segment_expand_cpu(adapter::cpu_runtime(), dtype, y.const_data_ptr(),
                        offsets.const_data_ptr<int64_t>(), S, T, D, x.mutable_data_ptr());
     return x;
@@ -261,6 +264,7 @@ Tensor segment_pack(Tensor x, Tensor offsets, int64_t max_len) {
   Tensor packed = torch::stable::new_empty(x, {S, max_len, D});
   if (x.is_cpu()) {
     adapter::check_offsets_cpu(offsets, T, op, "offsets");
+    adapter::advise_huge_pages(packed);
     segment_pack_cpu(adapter::cpu_runtime(), dtype, x.const_data_ptr(),
                      offsets.const_data_ptr<int64_t>(), S, T, D, max_len,
                      packed.mutable_data_ptr());
@@ -290,6 +294,7 @@ Tensor segment_unpack(Tensor packed, Tensor offsets, std::optional<int64_t> tota
   const int64_t T = output_rows(offsets, total, op);
   Tensor x = torch::stable::new_empty(packed, {T, D});
   if (packed.is_cpu()) {
+    adapter::advise_huge_pages(x);
     segment_unpack_cpu(adapter::cpu_runtime(), dtype, packed.const_data_ptr(),
                        offsets.const_data_ptr<int64_t>(), S, T, D, L, x.mutable_data_ptr());
     return x;

@@ -1,0 +1,154 @@
+"""pooling benchmarks: tokcore against torch's own segment ops, side by side.
+
+  python bench/bench_pooling.py                 # CPU: the issue's workload
+  python bench/bench_pooling.py --device cuda   # GPU: T = 2^21, D = 512 bf16
+  python bench/bench_pooling.py --quick         # tiny sizes (CI smoke run)
+
+Each row times tokcore and a peer on the same inputs in this process and prints
+peer time / tokcore time, plus achieved GB/s against the measured copy ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import sysconfig
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+import tokcore  # noqa: E402,F401
+from tokcore.pooling import segment_expand, segment_reduce, word_boundaries  # noqa: E402
+
+
+def random_offsets(total: int, low: int, high: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high + 1, (total // low + 1,), generator=g)
+    cum = torch.cumsum(lengths, 0)
+    cum = cum[cum < total]
+    return torch.cat([torch.zeros(1, dtype=torch.int64), cum, torch.tensor([total])]).to(device)
+
+
+def bench_segment_reduce(T: int, D: int, dtype: torch.dtype, device: torch.device, ceiling: float,
+                         table: harness.Table, quick: bool) -> None:
+    offsets = random_offsets(T, 1, 9, device)
+    S = offsets.numel() - 1
+    lengths = offsets.diff()
+    segment_ids = torch.repeat_interleave(torch.arange(S, device=device), lengths)
+    x = torch.randn(T, D, dtype=dtype, device=device, requires_grad=True)
+    elem = x.element_size()
+    fwd_bytes = (T + S) * D * elem
+    runs = dict(min_runs=2 if quick else 5, min_seconds=0.0 if quick else 0.5)
+
+    def tok():
+        return segment_reduce(x, offsets, "mean")
+
+    peers = {
+        "torch.segment_reduce": lambda: torch.segment_reduce(x, "mean", lengths=lengths, axis=0),
+        "index_reduce_": lambda: torch.zeros(S, D, dtype=dtype, device=device).index_reduce(
+            0, segment_ids, x, "mean", include_self=False),
+        "scatter_reduce": lambda: torch.zeros(S, D, dtype=dtype, device=device).scatter_reduce(
+            0, segment_ids[:, None].expand(T, D), x, "mean", include_self=False),
+    }
+    if device.type == "cuda":  # the GPU target is stated against torch.segment_reduce only
+        peers = {"torch.segment_reduce": peers["torch.segment_reduce"]}
+
+    name = str(dtype).replace("torch.", "")
+    with torch.no_grad():
+        t_tok = harness.time_fn(tok, device, **runs)
+        for peer, fn in peers.items():
+            t_peer = harness.time_fn(fn, device, **runs)
+            table.add(f"segment_reduce mean fwd {name}", peer, t_tok * 1e3, t_peer * 1e3, t_peer / t_tok,
+                      harness.gbps(fwd_bytes, t_tok), f"{100 * fwd_bytes / t_tok / ceiling:.0f}%")
+
+    grad = torch.randn(S, D, dtype=dtype, device=device)
+    y_tok = tok()
+    t_tok = harness.time_fn(lambda: torch.autograd.grad(y_tok, x, grad, retain_graph=True), device, **runs)
+    for peer, fn in peers.items():
+        y_peer = fn()
+        t_peer = harness.time_fn(lambda: torch.autograd.grad(y_peer, x, grad, retain_graph=True), device, **runs)
+        table.add(f"segment_reduce mean bwd {name}", peer, t_tok * 1e3, t_peer * 1e3, t_peer / t_tok,
+                  harness.gbps(fwd_bytes, t_tok), f"{100 * fwd_bytes / t_tok / ceiling:.0f}%")
+        del y_peer
+
+    # segment_expand: each row gets its segment's row; the torch peer is a gather.
+    y = torch.randn(S, D, dtype=dtype, device=device)
+    with torch.no_grad():
+        t_tok = harness.time_fn(lambda: segment_expand(y, offsets, T), device, **runs)
+        t_peer = harness.time_fn(lambda: y.index_select(0, segment_ids), device, **runs)
+    table.add(f"segment_expand fwd {name}", "index_select", t_tok * 1e3, t_peer * 1e3, t_peer / t_tok,
+              harness.gbps(fwd_bytes, t_tok), f"{100 * fwd_bytes / t_tok / ceiling:.0f}%")
+
+
+def stdlib_text(nbytes: int) -> bytes:
+    """The Python standard library's own sources, repeated up to nbytes."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, size = [], 0
+    for path in sorted(root.rglob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        size += len(data)
+        if size >= nbytes:
+            break
+    text = b"".join(chunks)
+    return (text * (nbytes // max(len(text), 1) + 1))[:nbytes]
+
+
+WORD_RE = re.compile(rb"[ \t\n\r\v\f]*[^ \t\n\r\v\f]*")  # a rough regex splitter, for scale only
+
+
+def bench_word_boundaries(nbytes: int, device: torch.device, table: harness.Table, quick: bool) -> None:
+    text = stdlib_text(nbytes)
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(device)
+    cu = torch.tensor([0, len(text)], dtype=torch.int64, device=device)
+    runs = dict(min_runs=2 if quick else 3, min_seconds=0.0)
+    t_tok = harness.time_fn(lambda: word_boundaries(data, cu, 16, "space"), device, **runs)
+    sample = text[: min(len(text), 10_000_000)]
+    t_re = harness.time_fn(lambda: sum(1 for _ in WORD_RE.finditer(sample)), torch.device("cpu"), warmup=0,
+                           min_runs=1, min_seconds=0.0)
+    mbps_tok = len(text) / t_tok / 1e6
+    mbps_re = len(sample) / t_re / 1e6
+    table.add(f"word_boundaries {len(text) / 1e6:.0f} MB stdlib text", "re.finditer (whitespace split)",
+              t_tok * 1e3, t_re * 1e3 * len(text) / len(sample), mbps_tok / mbps_re, f"{mbps_tok:.0f} MB/s", "-")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    parser.add_argument("--no-save", action="store_true", help="do not append to bench/results/")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+
+    if device.type == "cuda":
+        T, D, dtypes, text_bytes = (1 << 21), 512, [torch.bfloat16], 100_000_000
+    else:
+        T, D, dtypes, text_bytes = (1 << 20), 256, [torch.float32, torch.bfloat16], 100_000_000
+    if args.quick:
+        T, D, text_bytes = 1 << 12, 32, 1 << 16
+
+    ceiling = harness.copy_bandwidth(device, nbytes=(1 << 30) if not args.quick else (1 << 22))
+    table = harness.Table(
+        f"pooling on {harness.machine_kind(device)} (T={T}, D={D}, word lengths 1..9)",
+        ["workload", "peer", "tokcore ms", "peer ms", "speedup (peer/tokcore)", "tokcore GB/s or MB/s",
+         "of copy ceiling"],
+    )
+    table.notes.append(f"copy ceiling measured in this run: {ceiling / 1e9:.1f} GB/s (read + write)")
+    table.notes.append("GB/s counts bytes read + written once: fwd reads T*D and writes S*D; "
+                       "bwd and expand the reverse")
+    for dtype in dtypes:
+        bench_segment_reduce(T, D, dtype, device, ceiling, table, args.quick)
+    bench_word_boundaries(text_bytes, device, table, args.quick)
+    print(table.markdown())
+    if not args.no_save and not args.quick:
+        command = "python bench/bench_pooling.py" + (f" --device {args.device}" if device.type != "cpu" else "")
+        print("results appended to", harness.write_results([table], device, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

