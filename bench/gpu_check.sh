@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU check: on a machine with a CUDA GPU and no network, build tokcore, run
+# the CUDA tests and the GPU benchmarks, and print one table. Writes its logs and
+# table to $OUT when that is set. Meant to finish well under 8 minutes.
+#   bash bench/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+export OUT
+PY=${PYTHON:-python3}
+start=$(date +%s)
+status=0
+stamp() { echo "[gpu_check +$(( $(date +%s) - start ))s] $*"; }
+
+stamp "device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -n 1)"
+stamp "torch: $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)')"
+
+# Build only for the GPU at hand (its compute capability) to keep the build short.
+arch=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')
+export TOKCORE_CUDA=ON TOKCORE_CUDA_ARCHS="${arch}-real"
+stamp "building tokcore for sm_${arch}"
+if ! $PY -m pip install --no-build-isolation --no-deps --no-index . > "$OUT/build.log" 2>&1; then
+  tail -n 40 "$OUT/build.log"; stamp "BUILD FAILED"; exit 1
+fi
+stamp "built: $($PY -c 'import tokcore; print(tokcore.LIBRARY_PATH, "cuda kernels:", tokcore.has_cuda_kernels())')"
+
+stamp "CUDA tests"
+$PY -m pytest -q tests -k cuda -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1 || status=1
+tail -n 15 "$OUT/tests_cuda.log"
+
+stamp "GPU benchmarks"
+$PY bench/bench_pooling.py --device cuda 2>&1 | tee "$OUT/bench_cuda.log" || status=1
+
+stamp "done, status $status; table in $OUT"
+exit $status
