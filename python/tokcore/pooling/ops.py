@@ -12,6 +12,8 @@ they synchronize anyway (word_boundaries, and segment_expand/unpack without
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _ops = torch.ops.tokcore
@@ -50,11 +52,10 @@ def word_boundaries(
 
 
 def _as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    """[T, *F] -> [T, prod(F)] (no -1: it is ambiguous for tensors with no elements)."""
     if x.dim() < 1:
         raise ValueError(f"tokcore: {name} must have at least 1 dimension (rows), got a scalar")
-    if x.dim() == 1:
-        return x.unsqueeze(1)
-    return x.reshape(x.shape[0], -1)
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 def segment_reduce(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
@@ -97,7 +98,7 @@ def segment_unpack(packed: torch.Tensor, offsets: torch.Tensor, total: int | Non
     """
     if packed.dim() < 2:
         raise ValueError(f"tokcore: packed must have at least 2 dimensions [S, L, ...], got {packed.dim()}")
-    flat = packed.reshape(packed.shape[0], packed.shape[1], -1) if packed.dim() != 3 else packed
+    flat = packed.reshape(packed.shape[0], packed.shape[1], math.prod(packed.shape[2:]))
     x = _ops.segment_unpack(flat, offsets, total)
     return x.reshape((x.shape[0],) + tuple(packed.shape[2:]))
 
@@ -107,9 +108,11 @@ def segment_unpack(packed: torch.Tensor, offsets: torch.Tensor, total: int | Non
 
 @torch.library.register_fake("tokcore::word_boundaries")
 def _word_boundaries_fake(data, cu_seqlens, max_word_bytes, mode):
-    num_words = torch.library.get_ctx().new_dynamic_size()
+    # The output length W + 1 itself is the unbacked size (>= 1): compile cannot
+    # return a size expression (u0 + 1) whose symbol it never sees bare.
+    num_offsets = torch.library.get_ctx().new_dynamic_size(min=1)
     return (
-        data.new_empty(num_words + 1, dtype=torch.int64),
+        data.new_empty(num_offsets, dtype=torch.int64),
         data.new_empty(cu_seqlens.shape[0], dtype=torch.int64),
     )
 
