@@ -20,19 +20,21 @@ std::vector<int64_t> word_offsets(int64_t T, uint32_t seed) {
   return off;
 }
 
+template <typename V, DType kType>
 void BM_SegmentReduceMean(benchmark::State& state) {
   const int64_t T = state.range(0), D = state.range(1);
   const auto off = word_offsets(T, 1);
   const int64_t S = int64_t(off.size()) - 1;
-  std::vector<float> x(T * D, 1.0f), y(S * D);
+  std::vector<V> x(T * D, from_acc<V>(1.0f)), y(S * D);
   Runtime rt;
   for (auto _ : state) {
-    segment_reduce_cpu(rt, DType::kFloat32, x.data(), off.data(), S, T, D, Reduce::kMean, y.data());
+    segment_reduce_cpu(rt, kType, x.data(), off.data(), S, T, D, Reduce::kMean, y.data());
     benchmark::DoNotOptimize(y.data());
   }
-  state.SetBytesProcessed(state.iterations() * (T + S) * D * int64_t(sizeof(float)));
+  state.SetBytesProcessed(state.iterations() * (T + S) * D * int64_t(sizeof(V)));
 }
-BENCHMARK(BM_SegmentReduceMean)->Args({1 << 16, 256})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_SegmentReduceMean<float, DType::kFloat32>)->Args({1 << 16, 256})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_SegmentReduceMean<bf16_t, DType::kBFloat16>)->Args({1 << 16, 256})->Unit(benchmark::kMillisecond);
 
 void BM_SegmentExpand(benchmark::State& state) {
   const int64_t T = state.range(0), D = state.range(1);

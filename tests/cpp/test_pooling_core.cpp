@@ -2,7 +2,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -189,4 +191,48 @@ TEST(SegmentPack, PackUnpackRoundTripAndTruncation) {
   std::vector<double> y = {1, 2, 3, 4, 5, 6}, expanded(14);
   segment_expand_cpu(rt, DType::kFloat64, y.data(), off.data(), 3, 7, 2, expanded.data());
   EXPECT_EQ(expanded, (std::vector<double>{1, 2, 1, 2, 5, 6, 5, 6, 5, 6, 5, 6, 5, 6}));
+}
+
+TEST(SegmentReduce, VectorPathMatchesScalarRulesForEveryDtype) {
+  // D = 45 runs 32 features through the 16-byte vector path and 13 through the
+  // scalar one; both must equal float accumulation + the scalar conversions.
+  const int64_t D = 45;
+  const std::vector<int64_t> off = {0, 3, 3, 4, 9};
+  const int64_t T = 9, S = 4;
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> dist(-3.0f, 3.0f);
+  std::vector<float> xf(T * D);
+  for (auto& v : xf) v = dist(rng);
+  xf[0] = std::nanf("");                          // NaN stays NaN
+  xf[1] = std::numeric_limits<float>::infinity();  // inf stays inf
+  xf[2] = 1.00390625f;                             // bf16 tie: rounds to even
+  std::vector<bf16_t> xb(T * D);
+  std::vector<f16_t> xh(T * D);
+  for (int64_t i = 0; i < T * D; ++i) {
+    xb[i] = float_to_bf16(xf[i]);
+    xh[i] = float_to_f16(xf[i]);
+  }
+  Runtime rt;
+  for (Reduce r : {Reduce::kSum, Reduce::kMean}) {
+    std::vector<bf16_t> yb(S * D);
+    std::vector<f16_t> yh(S * D);
+    segment_reduce_cpu(rt, DType::kBFloat16, xb.data(), off.data(), S, T, D, r, yb.data());
+    segment_reduce_cpu(rt, DType::kFloat16, xh.data(), off.data(), S, T, D, r, yh.data());
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t d = 0; d < D; ++d) {
+        float accb = 0.0f, acch = 0.0f;
+        for (int64_t t = off[s]; t < off[s + 1]; ++t) {
+          accb += bf16_to_float(xb[t * D + d]);
+          acch += f16_to_float(xh[t * D + d]);
+        }
+        const int64_t n = off[s + 1] - off[s];
+        if (r == Reduce::kMean && n > 0) {
+          accb /= float(n);
+          acch /= float(n);
+        }
+        const uint16_t eb = float_to_bf16(accb).bits, eh = float_to_f16(acch).bits;
+        ASSERT_EQ(yb[s * D + d].bits, eb) << "bf16 s=" << s << " d=" << d;
+        ASSERT_EQ(yh[s * D + d].bits, eh) << "f16 s=" << s << " d=" << d;
+      }
+  }
 }
