@@ -1,6 +1,9 @@
 #include "adapter.h"
 
 #include <dlfcn.h>
+
+#include <cstdlib>
+#include <string>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -10,6 +13,11 @@ namespace adapter {
 
 void advise_huge_pages(const Tensor& fresh_cpu_output) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = [] {
+    const char* env = std::getenv("TOKCORE_CPU_HUGE_PAGES");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  if (!enabled) return;
   constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
   const uintptr_t nbytes = uintptr_t(fresh_cpu_output.numel()) * fresh_cpu_output.element_size();
   if (nbytes < 8 * kHugePage) return;
