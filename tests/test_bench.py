@@ -1,0 +1,39 @@
+"""The benchmark suite must keep running: CI runs each benchmark at tiny sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture(autouse=True)
+def _bench_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+
+
+def test_bench_pooling_quick_run(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("OUT", str(tmp_path))  # never touch bench/results from a test
+    import bench_pooling
+
+    assert bench_pooling.main(["--quick", "--no-save"]) == 0
+    out = capsys.readouterr().out
+    for workload in ("segment_reduce mean fwd float32", "segment_reduce mean bwd bfloat16",
+                     "segment_expand fwd", "word_boundaries"):
+        assert workload in out
+    assert "torch.segment_reduce" in out and "index_reduce_" in out
+
+
+def test_harness_writes_results_with_command(monkeypatch, tmp_path):
+    import torch
+
+    import harness
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    table = harness.Table("t", ["a", "b"])
+    table.add("x", 1.5)
+    path = harness.write_results([table], torch.device("cpu"), "python bench/x.py")
+    text = path.read_text()
+    assert "`python bench/x.py`" in text and "| x | 1.5 |" in text
