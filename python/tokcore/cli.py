@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 __all__ = ["Command", "COMMANDS", "register", "build_parser", "main"]
@@ -219,6 +220,46 @@ def _generate_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", default="all", help="which family's benchmark (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
+    p.add_argument("--no-save", action="store_true", help="do not append to bench/results/")
+    p.add_argument("--repo", default=None,
+                   help="the tokcore checkout holding bench/ (default: the current directory or its parents)")
+
+
+def _find_bench_dir(repo: str | None) -> Path | None:
+    # The benchmarks live in the repository (bench/), not in the installed wheel.
+    starts = [Path(repo)] if repo else [Path.cwd(), *Path.cwd().parents]
+    for root in starts:
+        if (root / "bench" / "harness.py").is_file():
+            return root / "bench"
+    return None
+
+
+def _bench_run(args: argparse.Namespace) -> int:
+    import runpy
+
+    bench_dir = _find_bench_dir(args.repo)
+    if bench_dir is None:
+        print("tokcore bench: no bench/ folder found; run it from a tokcore checkout or pass --repo",
+              file=sys.stderr)
+        return 2
+    scripts = sorted(bench_dir.glob("bench_*.py"))
+    if args.family != "all":
+        scripts = [s for s in scripts if s.stem == f"bench_{args.family}"]
+        if not scripts:
+            print(f"tokcore bench: no benchmark for family {args.family!r} in {bench_dir}", file=sys.stderr)
+            return 2
+    argv = ["--device", args.device] + (["--quick"] if args.quick else []) + (["--no-save"] if args.no_save else [])
+    status = 0
+    for script in scripts:
+        module = runpy.run_path(str(script), run_name="tokcore_bench")
+        status |= int(module["main"](argv) or 0)
+    return status
+
+
 # ---------------------------------------------------------------------------- registry
 register("demo", "run every op family's end-to-end demo (quick on CPU)", _demo_args, _demo_run)
 register("train", "train a byte-level LM (hierarchical or plain) and report held-out bits/byte",
@@ -226,7 +267,8 @@ register("train", "train a byte-level LM (hierarchical or plain) and report held
 register("compare", "train the hierarchical and the byte LM for the same budget; side-by-side table",
          _compare_args, _compare_run)
 register("generate", "sample from a trained checkpoint", _generate_args, _generate_run)
-# bench: `tokcore bench` is registered here (register("bench", ..., _bench_args, _bench_run)).
+register("bench", "run the benchmarks (tokcore against its peers) from a tokcore checkout",
+         _bench_args, _bench_run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -120,12 +120,13 @@ def resolve_model_config(kind: str, size: str = "small", overrides: dict[str, An
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
-    """Learning rate: linear warmup over `warmup_steps`, then decay by run progress."""
+    """Learning rate: linear warmup over `warmup_steps` (or over the first 5% of the run's
+    progress, whichever ends first), then decay by run progress."""
     warm = cfg.warmup_steps
     if cfg.steps:
         warm = min(warm, max(1, cfg.steps // 10))
-    scale = min(1.0, (step + 1) / max(1, warm))
     p = min(max(progress, 0.0), 1.0)
+    scale = min(1.0, max((step + 1) / max(1, warm), p / 0.05))
     lo = cfg.min_lr_ratio
     if cfg.schedule == "cosine":
         decay = lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p))
@@ -327,9 +328,10 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
             state["seqs"] += int(out["n_seqs"])
             ema_loss = loss if ema_loss is None else 0.95 * ema_loss + 0.05 * loss
             ema_bpb = bpb if ema_bpb is None else 0.95 * ema_bpb + 0.05 * bpb
-            bar.update(dt if bar_seconds else 1)
-            bar.set_postfix(loss=f"{ema_loss:.3f}", bpb=f"{ema_bpb:.3f}", lr=f"{lr:.1e}",
-                            Bps=f"{state['bytes'] / state['train_time']:.0f}", refresh=False)
+            bar.update(max(0.0, min(dt, cfg.time_budget - bar.n)) if bar_seconds else 1)  # n > total breaks tqdm
+            bar.set_postfix({"loss": f"{ema_loss:.3f}", "bpb": f"{ema_bpb:.3f}",
+                             "B/s": f"{state['bytes'] / state['train_time']:.0f}", "lr": f"{lr:.1e}"},
+                            refresh=False)
             if ckpt_path and state["train_time"] - last_save >= cfg.save_every:
                 save_checkpoint(ckpt_path, model, opt, checkpoint_state(), cfg)
                 last_save = state["train_time"]

@@ -1,0 +1,358 @@
+"""Fast tests of the pooling models, training loop, data loading, demo registry and CLI.
+
+Everything runs on CPU with tiny models and a tiny synthetic corpus (a few seconds in all).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+import tokcore  # noqa: F401  (loads the ops)
+from tokcore import cli
+from tokcore.data import batched, heldout_windows, list_files, load_corpus, pack_sequences, sample_batch
+from tokcore.pooling.lm import (
+    EOW,
+    ByteLM,
+    ByteLMConfig,
+    HierarchicalByteLM,
+    HierConfig,
+    build_model,
+    count_parameters,
+    matched_byte_config,
+)
+from tokcore.pooling.modules import BytePoolingEncoder
+from tokcore.pooling.ops import segment_reduce, word_boundaries
+from tokcore.pooling.train import (
+    TrainConfig,
+    compare,
+    evaluate,
+    format_compare,
+    format_report,
+    load_checkpoint,
+    load_model,
+    lr_at,
+    save_checkpoint,
+    train,
+)
+
+TINY_HIER = dict(d_model=32, n_layers=1, n_heads=2, d_local=16, n_local_heads=2, n_enc_layers=1, n_dec_layers=1,
+                 max_word_bytes=8)
+TINY_BYTE = dict(d_model=32, n_layers=2, n_heads=2)
+TEXT = (
+    b"def add(a, b):\n    return a + b\n\n"
+    b"class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n"
+    b"# The quick brown fox jumps over the lazy dog. Na\xc3\xafve caf\xc3\xa9!\n"
+)
+
+
+def _batch(texts):
+    return pack_sequences([t if isinstance(t, bytes) else t.encode() for t in texts])
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    """25 small text files: file 20 is held out (every 20th)."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(25):
+        (root / f"f{i:02d}.py").write_bytes(TEXT * 6 + f"value_{i} = {i * i}\n".encode())
+    (root / "blob.bin").write_bytes(b"\x00\x01" * 100)  # binary: skipped
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# ------------------------------------------------------------------------------ encoder
+@pytest.mark.parametrize("pool", ["mean", "max", "attention"])
+def test_encoder_shapes_and_grad(pool):
+    b, cu = _batch([TEXT, b"x", b"hello world"])
+    enc = BytePoolingEncoder(d_model=16, n_layers=1, n_heads=2, max_word_bytes=8, pool=pool, d_out=24)
+    wo, wcu = enc.segment(b, cu)
+    w = enc(b, wo)
+    assert w.shape == (wo.numel() - 1, 24)
+    assert wcu.tolist()[-1] == wo.numel() - 1
+    assert torch.isfinite(w).all()
+    w.square().sum().backward()
+    assert enc.embed.weight.grad is not None and torch.isfinite(enc.embed.weight.grad).all()
+
+
+def test_encoder_mean_pool_is_segment_mean():
+    b, cu = _batch([TEXT])
+    enc = BytePoolingEncoder(d_model=16, n_layers=1, n_heads=2, max_word_bytes=8, pool="mean")
+    wo, _ = enc.segment(b, cu)
+    states = enc.byte_states(b, wo)
+    bounds = wo.tolist()
+    ref = torch.stack([states[a:e].mean(0) for a, e in zip(bounds[:-1], bounds[1:])])
+    torch.testing.assert_close(enc(b, wo), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_words_are_independent():
+    # the local layer sees only its own word: changing one word leaves the others' vectors alone
+    enc = BytePoolingEncoder(d_model=16, n_layers=2, n_heads=2, max_word_bytes=8, pool="attention").eval()
+    b1, cu = _batch([b"alpha beta gamma"])
+    b2, _ = _batch([b"alpha bXta gamma"])
+    wo, _ = enc.segment(b1, cu)
+    assert torch.equal(wo, enc.segment(b2, cu)[0])
+    w1, w2 = enc(b1, wo), enc(b2, wo)
+    torch.testing.assert_close(w1[[0, 2]], w2[[0, 2]])
+    assert not torch.allclose(w1[1], w2[1])
+
+
+# ------------------------------------------------------------------------------ hierarchical LM
+def test_hier_forward_counts_and_targets():
+    model = HierarchicalByteLM(HierConfig(**TINY_HIER))
+    b, cu = _batch([TEXT, b"Hello, world!"])
+    out = model(b, cu)
+    wo, wcu = model.segment(b, cu)
+    t, w = b.numel(), wo.numel() - 1
+    assert out["n_bytes"] == t and out["n_words"] == w and out["n_symbols"] == t + w
+    assert out["backbone_tokens"] == w and out["n_seqs"] == 2
+    assert torch.isfinite(out["loss"]) and out["loss"].item() == pytest.approx(out["nll"].item() / (t + w))
+    # targets: each word's bytes then EOW
+    bounds, data = wo.tolist(), b.tolist()
+    ref = []
+    for a, e in zip(bounds[:-1], bounds[1:]):
+        ref += data[a:e] + [EOW]
+    assert model.decoder_targets(b, wo).tolist() == ref
+
+
+def test_hier_is_causal():
+    """A symbol's logits depend only on earlier words of its sequence and earlier bytes of its word."""
+    model = HierarchicalByteLM(HierConfig(**TINY_HIER)).eval()
+    s0 = b"one two three four"
+    b1, cu = _batch([s0, b"alpha beta gamma"])
+    b2, _ = _batch([s0, b"alpha beta gaXma"])  # change byte 3 of the last word of sequence 1
+    wo, wcu = model.segment(b1, cu)
+    assert torch.equal(wo, model.segment(b2, cu)[0])
+
+    def logits(b):
+        h = model.word_states(b, wo, wcu)
+        return model.decoder_logits(model.previous_word_context(h, wcu), b, wo)[0]
+
+    l1, l2 = logits(b1), logits(b2)
+    # decoder stream of the last word: [ctx, g, a, m|X, m, a] (slot i predicts byte i, slot 5
+    # predicts EOW); slots 0..2 see only bytes before the changed one, slots 3..5 see it.
+    n = l1.shape[0]
+    torch.testing.assert_close(l1[: n - 3], l2[: n - 3])
+    assert not torch.allclose(l1[n - 3:], l2[n - 3:])
+
+
+def test_hier_first_word_uses_start_state():
+    model = HierarchicalByteLM(HierConfig(**TINY_HIER))
+    b, cu = _batch([b"ab cd", b"ef gh ij"])
+    wo, wcu = model.segment(b, cu)
+    h = model.word_states(b, wo, wcu)
+    ctx = model.previous_word_context(h, wcu)
+    assert wcu.tolist() == [0, 2, 5]
+    for first in (0, 2):
+        torch.testing.assert_close(ctx[first], model.start.detach().to(ctx.dtype), check_stride=False)
+    torch.testing.assert_close(ctx[1], h[0])
+    torch.testing.assert_close(ctx[4], h[3])
+
+
+@pytest.mark.parametrize("kind,cfg", [("hier", TINY_HIER), ("hier", {**TINY_HIER, "pool": "attention"}),
+                                      ("byte", TINY_BYTE)])
+def test_loss_decreases(kind, cfg):
+    model = build_model(kind, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    b, cu = _batch([TEXT[:96], TEXT[96:192]])
+    losses = []
+    for _ in range(12):
+        out = model(b, cu)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert all(np.isfinite(losses))
+    assert losses[-1] < losses[0] - 0.3
+
+
+def test_byte_lm_is_causal_and_counts():
+    model = ByteLM(ByteLMConfig(**TINY_BYTE)).eval()
+    b1, cu = _batch([b"abcdef", b"ghijkl"])
+    b2 = b1.clone()
+    b2[9] = ord("X")
+    l1, l2 = model.logits(b1, cu), model.logits(b2, cu)
+    torch.testing.assert_close(l1[:10], l2[:10])  # row t predicts byte t from bytes < t
+    assert not torch.allclose(l1[10:], l2[10:])
+    out = model(b1, cu)
+    assert out["n_bytes"] == out["n_symbols"] == 12 and out["backbone_tokens"] == 12
+
+
+@pytest.mark.parametrize("kind,cfg", [("hier", TINY_HIER), ("byte", TINY_BYTE)])
+def test_generate_returns_bytes(kind, cfg):
+    model = build_model(kind, cfg)
+    out = model.generate(b"def f", max_new_bytes=20, temperature=1.0, top_k=10,
+                         generator=torch.Generator().manual_seed(0))
+    assert isinstance(out, bytes) and 0 < len(out) <= 20
+    g1 = model.generate("x = ", max_new_bytes=12, temperature=0)
+    g2 = model.generate("x = ", max_new_bytes=12, temperature=0)
+    assert g1 == g2 and len(g1) == 12
+    assert isinstance(model.generate(b"", max_new_bytes=5), bytes)
+    assert model.training  # generate restores the mode
+
+
+def test_matched_byte_config_params():
+    hier = HierConfig(d_model=64, n_layers=2, n_heads=2, d_local=32, n_local_heads=2)
+    n_hier = count_parameters(HierarchicalByteLM(hier))
+    byte_cfg = matched_byte_config(hier)
+    n_byte = count_parameters(ByteLM(byte_cfg))
+    assert byte_cfg.d_model == 64
+    assert abs(n_byte - n_hier) / n_hier < 0.2
+
+
+# ------------------------------------------------------------------------------ data
+def test_corpus_split_and_windows(corpus_dir):
+    c = load_corpus(corpus_dir)
+    assert c.n_train_files == 24 and c.n_heldout_files == 1
+    assert c.heldout.tobytes().endswith(b"value_19 = 361\n")  # the 20th file in sorted order
+    assert load_corpus(corpus_dir).train.tobytes() == c.train.tobytes()  # deterministic
+    assert [p.name for p in list_files(corpus_dir, "*.py")][:2] == ["f00.py", "f01.py"]
+    single = load_corpus(corpus_dir / "f00.py")
+    assert len(single.train) > 0 and len(single.heldout) > 0
+    b, cu = sample_batch(c.train, 3, 64, np.random.default_rng(0))
+    assert b.dtype == torch.uint8 and b.shape == (192,) and cu.tolist() == [0, 64, 128, 192]
+    w1, w2 = heldout_windows(c.heldout, 4, 32), heldout_windows(c.heldout, 4, 32)
+    assert len(w1) == 4 and all(np.array_equal(x, y) for x, y in zip(w1, w2))
+    batches = list(batched(w1, 3))
+    assert [bb[1].tolist() for bb in batches] == [[0, 32, 64, 96], [0, 32]]
+
+
+def test_stdlib_corpus_default():
+    c = load_corpus(max_bytes=300_000)
+    assert c.source == "python stdlib" and len(c.train) > 100_000 and len(c.heldout) > 0
+
+
+# ------------------------------------------------------------------------------ training
+def _cfg(corpus_dir, **kw):
+    base = dict(model="hier", model_config=dict(TINY_HIER), data=str(corpus_dir), seq_len=64, batch_size=4,
+                steps=4, eval_windows=4, progress=False, device="cpu", warmup_steps=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(cfg, 0, 0.0) == pytest.approx(0.1)
+    assert lr_at(cfg, 50, 0.0) == pytest.approx(1.0)
+    assert lr_at(cfg, 99, 1.0) == pytest.approx(0.1)
+    assert lr_at(TrainConfig(lr=1.0, schedule="linear", min_lr_ratio=0.0, warmup_steps=1), 5, 0.5) == pytest.approx(0.5)
+
+
+def test_train_report_and_resume(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    r = train(_cfg(corpus_dir, out=str(out)), log=lambda s: None)
+    model = r.pop("_model")
+    assert r["steps"] == 4 and np.isfinite(r["heldout_bpb"]) and r["bytes_per_s"] > 0 and r["words_per_s"] > 0
+    assert r["params"] == count_parameters(model) and 1 < r["backbone_seq_len"] < 64
+    assert "held-out bits/byte" in format_report(r)
+    assert json.loads((out / "report.json").read_text())["steps"] == 4
+    # checkpoint round trip: same outputs
+    loaded = load_model(out, "cpu")
+    b, cu = _batch([TEXT[:80]])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(b, cu)["nll"], model(b, cu)["nll"])
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["kind"] == "hier" and ckpt["state"]["counters"]["step"] == 4
+    # resume to 6 steps in total
+    r2 = train(_cfg(corpus_dir, out=str(out), steps=6), resume=True, log=lambda s: None)
+    assert r2["steps"] == 6 and r2["train_bytes"] == 6 * 4 * 64
+
+
+def test_save_load_byte_model(tmp_path):
+    model = ByteLM(ByteLMConfig(**TINY_BYTE))
+    save_checkpoint(tmp_path / "c.pt", model, None, {"counters": {}})
+    loaded = load_model(tmp_path / "c.pt")
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert asdict(loaded.config) == asdict(model.config)
+
+
+def test_evaluate_bpb_is_code_length():
+    model = HierarchicalByteLM(HierConfig(**TINY_HIER))
+    windows = [np.frombuffer(TEXT[:64], np.uint8), np.frombuffer(TEXT[64:128], np.uint8)]
+    ev = evaluate(model, windows, batch_size=1)
+    b, cu = pack_sequences(windows)
+    with torch.no_grad():
+        out = model(b, cu)
+    assert ev["bytes"] == 128
+    assert ev["bpb"] == pytest.approx(out["nll"].item() / np.log(2) / 128, rel=1e-4)
+    assert ev["bpb"] > 7  # untrained: about log2(257) bits per symbol, more than one symbol per byte
+
+
+def test_compare_writes_table(corpus_dir, tmp_path):
+    base = _cfg(corpus_dir, steps=2)
+    res = compare(base, out=tmp_path / "cmp", log=lambda s: None)
+    assert [r["model"] for r in res["reports"]] == ["hier", "byte"]
+    assert (tmp_path / "cmp" / "compare.md").read_text().count("|") > 10
+    data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert data["reports"][1]["model"] == "byte"
+    assert "held-out bits/byte" in format_compare(res["reports"])
+
+
+# ------------------------------------------------------------------------------ CLI and demo
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for name in ("demo", "train", "compare", "generate"):
+        assert name in text
+        with pytest.raises(SystemExit) as e:
+            cli.main([name, "--help"])
+        assert e.value.code == 0
+    assert cli.main([]) == 2
+
+
+def test_cli_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "tokcore", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "train" in r.stdout
+
+
+def test_cli_registry_rejects_duplicates():
+    with pytest.raises(ValueError):
+        cli.register("train", "again", lambda p: None, lambda a: 0)
+
+
+def test_cli_train_and_generate(corpus_dir, tmp_path, capsys):
+    out = tmp_path / "cli_run"
+    argv = ["train", "--model", "hier", "--data", str(corpus_dir), "--steps", "3", "--seq-len", "64",
+            "--batch-size", "2", "--eval-windows", "2", "--size", "tiny", "--d-model", "32", "--n-layers", "1",
+            "--n-heads", "2", "--d-local", "16", "--no-progress", "--device", "cpu", "--out", str(out),
+            "--sample", "10"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "held-out bits/byte" in text and "sample:" in text
+    assert (out / "checkpoint.pt").exists()
+    assert cli.main(["generate", str(out), "--prompt", "def ", "-n", "8", "--device", "cpu"]) == 0
+    assert cli.main(argv[:-2] + ["--steps", "4", "--resume"]) == 0
+    assert "steps                 4" in capsys.readouterr().out
+
+
+def test_demo_registry(capsys):
+    from tokcore.demo import DEMOS
+
+    assert "pooling" in [d.name for d in DEMOS]
+    assert cli.main(["demo", "--list"]) == 0
+    assert "pooling" in capsys.readouterr().out
+
+
+def test_word_boundaries_used_by_models_match_op():
+    # the model's words are exactly word_boundaries(..., "space") and pool with segment_reduce
+    model = HierarchicalByteLM(HierConfig(**TINY_HIER))
+    b, cu = _batch([TEXT])
+    wo, wcu = model.segment(b, cu)
+    wo2, wcu2 = word_boundaries(b, cu, TINY_HIER["max_word_bytes"], "space")
+    assert torch.equal(wo, wo2) and torch.equal(wcu, wcu2)
+    lengths = segment_reduce(torch.ones(b.numel(), 1), wo, "sum").squeeze(1)
+    assert int(lengths.max()) <= TINY_HIER["max_word_bytes"]
