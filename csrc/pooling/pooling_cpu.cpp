@@ -163,16 +163,6 @@ void zero_rows(T* dst, int64_t count, int64_t D) {
 }
 
 
-template <typename F>
-void dispatch_reduce(Reduce reduce, F&& f) {
-  switch (reduce) {
-    case Reduce::kSum: f(std::integral_constant<Reduce, Reduce::kSum>{}); break;
-    case Reduce::kMean: f(std::integral_constant<Reduce, Reduce::kMean>{}); break;
-    case Reduce::kMax: f(std::integral_constant<Reduce, Reduce::kMax>{}); break;
-    case Reduce::kMin: f(std::integral_constant<Reduce, Reduce::kMin>{}); break;
-  }
-}
-
 }  // namespace
 
 int64_t word_boundaries_count_cpu(const Runtime& rt, const uint8_t* bytes, const int64_t* cu,

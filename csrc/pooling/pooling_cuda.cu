@@ -244,16 +244,6 @@ int launch_segments(int64_t S, int64_t D, std::initializer_list<const void*> buf
   return cudaGetLastError();
 }
 
-template <typename F>
-void dispatch_reduce(Reduce reduce, F&& f) {
-  switch (reduce) {
-    case Reduce::kSum: f(std::integral_constant<Reduce, Reduce::kSum>{}); break;
-    case Reduce::kMean: f(std::integral_constant<Reduce, Reduce::kMean>{}); break;
-    case Reduce::kMax: f(std::integral_constant<Reduce, Reduce::kMax>{}); break;
-    case Reduce::kMin: f(std::integral_constant<Reduce, Reduce::kMin>{}); break;
-  }
-}
-
 }  // namespace
 
 const char* cuda_error_string(int error) { return cudaGetErrorString(cudaError_t(error)); }

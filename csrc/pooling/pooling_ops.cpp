@@ -41,11 +41,13 @@ void check_features_and_offsets(const Tensor& x, const char* x_arg, int64_t x_di
   adapter::check_same_device(offsets, x, op, "offsets", x_arg);
 }
 
-#ifdef TOKCORE_WITH_CUDA
 void check_cuda(int error, const char* op) {
   TOKCORE_CHECK(error == 0, op, "CUDA error: ", cuda_error_string(error));
 }
 
+// Device guard + current stream of the device holding t, for the CUDA launchers.
+// (Only reached through the CUDA impl block, registered in CUDA builds; a build
+// without CUDA links pooling_cuda_stub.cpp, whose launchers report an error.)
 struct CudaContext {
   torch::stable::accelerator::DeviceGuard guard;
   void* stream;
@@ -65,7 +67,6 @@ int64_t validated_total_cuda(const Tensor& offsets, int64_t total, void* stream,
   TOKCORE_CHECK(result[0] == kOffsetsOk, op, arg, " ", offsets_status_message(int(result[0])));
   return result[1];
 }
-#endif
 
 // Number of rows T of an expand/unpack output: `total` when given, else offsets[-1].
 int64_t output_rows(const Tensor& offsets, std::optional<int64_t> total, const char* op) {
@@ -74,14 +75,9 @@ int64_t output_rows(const Tensor& offsets, std::optional<int64_t> total, const c
     adapter::check_offsets_cpu(offsets, total.value_or(-1), op, "offsets");
     return offsets.const_data_ptr<int64_t>()[offsets.size(0) - 1];
   }
-#ifdef TOKCORE_WITH_CUDA
   if (total.has_value()) return *total;  // no sync: kernels clamp offsets into [0, total]
   CudaContext ctx(offsets);
   return validated_total_cuda(offsets, -1, ctx.stream, op, "offsets");
-#else
-  TOKCORE_CHECK(false, op, "tokcore was built without CUDA kernels");
-  return 0;
-#endif
 }
 
 // ---------------------------------------------------------------- word_boundaries
@@ -116,7 +112,6 @@ std::tuple<Tensor, Tensor> word_boundaries(Tensor bytes, Tensor cu_seqlens, int6
                              word_cu.mutable_data_ptr<int64_t>());
     return {word_offsets, word_cu};
   }
-#ifdef TOKCORE_WITH_CUDA
   CudaContext ctx(bytes);
   validated_total_cuda(cu_seqlens, T, ctx.stream, op, "cu_seqlens");
   const size_t ws_bytes = word_boundaries_workspace_cuda(T);
@@ -137,10 +132,6 @@ std::tuple<Tensor, Tensor> word_boundaries(Tensor bytes, Tensor cu_seqlens, int6
                                        word_cu.mutable_data_ptr<int64_t>(), ctx.stream),
              op);
   return {word_offsets, word_cu};
-#else
-  TOKCORE_CHECK(false, op, "tokcore was built without CUDA kernels");
-  return {bytes, bytes};
-#endif
 }
 
 // ---------------------------------------------------------------- segment ops
@@ -161,16 +152,11 @@ Tensor segment_reduce(Tensor x, Tensor offsets, std::string reduce) {
                        offsets.const_data_ptr<int64_t>(), S, T, D, r, y.mutable_data_ptr());
     return y;
   }
-#ifdef TOKCORE_WITH_CUDA
   CudaContext ctx(x);
   check_cuda(segment_reduce_cuda(dtype, x.const_data_ptr(), offsets.const_data_ptr<int64_t>(), S, T,
                                  D, r, y.mutable_data_ptr(), ctx.stream),
              op);
   return y;
-#else
-  TOKCORE_CHECK(false, op, "tokcore was built without CUDA kernels");
-  return y;
-#endif
 }
 
 Tensor segment_reduce_backward(Tensor grad_y, Tensor offsets, int64_t total, std::string reduce,
@@ -212,17 +198,12 @@ Tensor segment_reduce_backward(Tensor grad_y, Tensor offsets, int64_t total, std
                                 grad_x.mutable_data_ptr());
     return grad_x;
   }
-#ifdef TOKCORE_WITH_CUDA
   CudaContext ctx(grad_y);
   check_cuda(segment_reduce_backward_cuda(dtype, grad_y.const_data_ptr(), x_ptr, y_ptr,
                                           offsets.const_data_ptr<int64_t>(), S, total, D, r,
                                           grad_x.mutable_data_ptr(), ctx.stream),
              op);
   return grad_x;
-#else
-  TOKCORE_CHECK(false, op, "tokcore was built without CUDA kernels");
-  return grad_x;
-#endif
 }
 
 Tensor segment_expand(Tensor y, Tensor offsets, std::optional<int64_t> total) {
@@ -241,16 +222,11 @@ Tensor segment_expand(Tensor y, Tensor offsets, std::optional<int64_t> total) {
                        offsets.const_data_ptr<int64_t>(), S, T, D, x.mutable_data_ptr());
     return x;
   }
-#ifdef TOKCORE_WITH_CUDA
   CudaContext ctx(y);
   check_cuda(segment_expand_cuda(dtype, y.const_data_ptr(), offsets.const_data_ptr<int64_t>(), S, T,
                                  D, x.mutable_data_ptr(), ctx.stream),
              op);
   return x;
-#else
-  TOKCORE_CHECK(false, op, "tokcore was built without CUDA kernels");
-  return x;
-#endif
 }
 
 Tensor segment_pack(Tensor x, Tensor offsets, int64_t max_len) {
@@ -270,16 +246,11 @@ Tensor segment_pack(Tensor x, Tensor offsets, int64_t max_len) {
                      packed.mutable_data_ptr());
     return packed;
   }
-#ifdef TOKCORE_WITH_CUDA
   CudaContext ctx(x);
   check_cuda(segment_pack_cuda(dtype, x.const_data_ptr(), offsets.const_data_ptr<int64_t>(), S, T, D,
                                max_len, packed.mutable_data_ptr(), ctx.stream),
              op);
   return packed;
-#else
-  TOKCORE_CHECK(false, op, "tokcore was built without CUDA kernels");
-  return packed;
-#endif
 }
 
 Tensor segment_unpack(Tensor packed, Tensor offsets, std::optional<int64_t> total) {
@@ -299,16 +270,11 @@ Tensor segment_unpack(Tensor packed, Tensor offsets, std::optional<int64_t> tota
                        offsets.const_data_ptr<int64_t>(), S, T, D, L, x.mutable_data_ptr());
     return x;
   }
-#ifdef TOKCORE_WITH_CUDA
   CudaContext ctx(packed);
   check_cuda(segment_unpack_cuda(dtype, packed.const_data_ptr(), offsets.const_data_ptr<int64_t>(), S,
                                  T, D, L, x.mutable_data_ptr(), ctx.stream),
              op);
   return x;
-#else
-  TOKCORE_CHECK(false, op, "tokcore was built without CUDA kernels");
-  return x;
-#endif
 }
 
 }  // namespace

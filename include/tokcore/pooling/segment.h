@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "tokcore/common/dtype.h"
 #include "tokcore/common/macros.h"
@@ -36,6 +37,18 @@ TOKCORE_HD A reduce_combine(A acc, A v) {
   if (is_nan(v)) return v;
   if (R == Reduce::kMax) return v > acc ? v : acc;
   return v < acc ? v : acc;
+}
+
+// Calls f with std::integral_constant<Reduce, reduce>: the one place where a
+// runtime reduce becomes a template argument (CPU and CUDA kernels alike).
+template <typename F>
+inline void dispatch_reduce(Reduce reduce, F&& f) {
+  switch (reduce) {
+    case Reduce::kSum: f(std::integral_constant<Reduce, Reduce::kSum>{}); break;
+    case Reduce::kMean: f(std::integral_constant<Reduce, Reduce::kMean>{}); break;
+    case Reduce::kMax: f(std::integral_constant<Reduce, Reduce::kMax>{}); break;
+    case Reduce::kMin: f(std::integral_constant<Reduce, Reduce::kMin>{}); break;
+  }
 }
 
 // Result of a segment of `count` rows; an empty segment gives 0 for every reduce.
