@@ -28,7 +28,10 @@ stamp "building tokcore for sm_${arch}"
 if ! $PY -m pip install --no-build-isolation --no-deps --no-index . > "$OUT/build.log" 2>&1; then
   tail -n 40 "$OUT/build.log"; stamp "BUILD FAILED"; exit 1
 fi
-$PY -c 'import hypothesis' 2>/dev/null || stamp "WARNING: hypothesis missing: the CUDA tests that use it will not run"
+if [ -d build/gpu_wheels ]; then  # made by bench/gpu_prepare.sh on the CPU machine
+  $PY -m pip install -q --no-index --find-links build/gpu_wheels pytest hypothesis expecttest >> "$OUT/build.log" 2>&1
+fi
+$PY -c 'import pytest, hypothesis' 2>/dev/null || stamp "WARNING: pytest or hypothesis missing: run bench/gpu_prepare.sh first and carry build/gpu_wheels"
 
 stamp "built: $($PY -c 'import tokcore; print(tokcore.LIBRARY_PATH, "cuda kernels:", tokcore.has_cuda_kernels())')"
 

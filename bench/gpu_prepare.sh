@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run on the CPU machine before a GPU check: downloads the pure-Python test tools
+# (pytest, hypothesis, expecttest and their dependencies, 2.4 MB) into
+# build/gpu_wheels, an ignored folder that the device tool can carry
+# (carry: ["build/gpu_wheels"]); gpu_check.sh installs them from there, since
+# the GPU machine has no network and may lack them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+mkdir -p build/gpu_wheels
+"$PY" -m pip download -q -d build/gpu_wheels --only-binary=:all: --python-version 3.12 \
+  --platform manylinux_2_28_x86_64 pytest hypothesis expecttest
+ls build/gpu_wheels
