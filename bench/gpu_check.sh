@@ -21,15 +21,25 @@ venv=$(mktemp -d)/venv
 $PY -m venv --system-site-packages "$venv"
 PY="$venv/bin/python"
 
-# Build only for the GPU at hand (its compute capability) to keep the build short.
-arch=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')
-export TOKCORE_CUDA=ON TOKCORE_CUDA_ARCHS="${arch}-real"
-stamp "building tokcore for sm_${arch}"
-if ! $PY -m pip install --no-build-isolation --no-deps --no-index . > "$OUT/build.log" 2>&1; then
-  tail -n 40 "$OUT/build.log"; stamp "BUILD FAILED"; exit 1
+# Prefer the one abi3 wheel built on the CPU machine (make wheel; carry
+# "wheelhouse"): running it here shows that the same binary serves this torch
+# and Python. Without it, build from source for the GPU at hand only.
+wheel=$(ls wheelhouse/tokcore-*.whl 2>/dev/null | head -n 1 || true)
+if [ -n "$wheel" ]; then
+  stamp "installing the CPU machine's wheel $wheel"
+  if ! $PY -m pip install --no-deps --no-index "$wheel" > "$OUT/build.log" 2>&1; then
+    tail -n 40 "$OUT/build.log"; stamp "WHEEL INSTALL FAILED"; exit 1
+  fi
+else
+  arch=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')
+  export TOKCORE_CUDA=ON TOKCORE_CUDA_ARCHS="${arch}-real"
+  stamp "building tokcore for sm_${arch}"
+  if ! $PY -m pip install --no-build-isolation --no-deps --no-index . > "$OUT/build.log" 2>&1; then
+    tail -n 40 "$OUT/build.log"; stamp "BUILD FAILED"; exit 1
+  fi
 fi
 if [ -d build/gpu_wheels ]; then  # made by bench/gpu_prepare.sh on the CPU machine
-  $PY -m pip install -q --no-index --find-links build/gpu_wheels pytest hypothesis expecttest >> "$OUT/build.log" 2>&1
+  $PY -m pip install -q --no-index --find-links build/gpu_wheels pytest hypothesis expecttest tqdm >> "$OUT/build.log" 2>&1
 fi
 $PY -c 'import pytest, hypothesis' 2>/dev/null || stamp "WARNING: pytest or hypothesis missing: run bench/gpu_prepare.sh first and carry build/gpu_wheels"
 
