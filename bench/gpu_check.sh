@@ -18,8 +18,12 @@ stamp "torch: $($PY -c 'import torch; print(torch.__version__, torch.version.cud
 # A throwaway venv over the machine's packages (torch, scikit-build-core, cmake,
 # ninja, pytest): nothing is downloaded and the system site is left alone.
 venv=$(mktemp -d)/venv
-$PY -m venv --system-site-packages "$venv"
-PY="$venv/bin/python"
+if $PY -m venv --system-site-packages "$venv" > /dev/null 2>&1; then
+  PY="$venv/bin/python"
+else  # no venv module (ensurepip missing): install into the interpreter's own site
+  stamp "no usable venv module; installing into $PY's site-packages"
+  export PIP_BREAK_SYSTEM_PACKAGES=1
+fi
 
 # Prefer the one abi3 wheel built on the CPU machine (make wheel; carry
 # "wheelhouse"): running it here shows that the same binary serves this torch
