@@ -17,6 +17,7 @@ import sysconfig
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
@@ -140,9 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     table.notes.append(f"copy ceiling measured in this run: {ceiling / 1e9:.1f} GB/s (read + write)")
     table.notes.append("GB/s counts bytes read + written once: fwd reads T*D and writes S*D; "
                        "bwd and expand the reverse")
-    for dtype in dtypes:
-        bench_segment_reduce(T, D, dtype, device, ceiling, table, args.quick)
-    bench_word_boundaries(text_bytes, device, table, args.quick)
+    steps = [(f"segment ops {dtype}".replace("torch.", ""),
+              lambda dtype=dtype: bench_segment_reduce(T, D, dtype, device, ceiling, table, args.quick))
+             for dtype in dtypes]
+    steps.append(("word_boundaries", lambda: bench_word_boundaries(text_bytes, device, table, args.quick)))
+    with tqdm(steps, desc="bench pooling", unit="workload", disable=args.quick) as bar:
+        for name, run in bar:
+            bar.set_postfix_str(name)
+            run()
     print(table.markdown())
     if not args.no_save and not args.quick:
         command = "python bench/bench_pooling.py" + (f" --device {args.device}" if device.type != "cpu" else "")
