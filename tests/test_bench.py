@@ -37,3 +37,12 @@ def test_harness_writes_results_with_command(monkeypatch, tmp_path):
     path = harness.write_results([table], torch.device("cpu"), "python bench/x.py")
     text = path.read_text()
     assert "`python bench/x.py`" in text and "| x | 1.5 |" in text
+
+
+def test_cli_bench_runs_from_a_checkout(capsys):
+    from tokcore import cli
+
+    repo = str(BENCH_DIR.parent)
+    assert cli.main(["bench", "--family", "pooling", "--quick", "--no-save", "--repo", repo]) == 0
+    assert "segment_reduce mean fwd" in capsys.readouterr().out
+    assert cli.main(["bench", "--family", "nosuch", "--quick", "--repo", repo]) == 2
