@@ -1301,3 +1301,23 @@ def test_non_contiguous_inputs(device):
     wo, wc = word_boundaries(b_nc, cu_big.to(device)[::2], 5, "space")
     ewo, ewc = ref.word_boundaries(as_bytes_tensor(data), cu, 5, "space")
     assert torch.equal(wo.cpu(), ewo) and torch.equal(wc.cpu(), ewc)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_segment_reduce_cpu_isa_variants_agree_bitwise(monkeypatch, reduce, dtype):
+    # The CPU forward reduce is built per instruction set (baseline and AVX2) and
+    # picked at run time; TOKCORE_CPU_ISA=base forces the baseline. Both must give
+    # the same bits, for widths that use the vector path, its tail, or neither.
+    g = torch.Generator().manual_seed(5)
+    offsets = torch.tensor([0, 3, 3, 10, 11, 40], dtype=I64)
+    for D in (1, 7, 32, 45, 64, 100):
+        x = (torch.randn(40, D, generator=g, dtype=torch.float64) * 3).to(dtype)
+        x[0, 0] = float("nan")
+        x[1, -1] = float("inf")
+        monkeypatch.delenv("TOKCORE_CPU_ISA", raising=False)
+        best = segment_reduce(x, offsets, reduce)
+        monkeypatch.setenv("TOKCORE_CPU_ISA", "base")
+        base = segment_reduce(x, offsets, reduce)
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+        assert torch.equal(best.view(bits), base.view(bits)), f"D={D}"

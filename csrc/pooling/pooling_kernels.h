@@ -3,6 +3,7 @@
 // torch adapter pooling_ops.cpp checks arguments and allocates outputs.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -25,6 +26,12 @@ inline int64_t num_word_chunks(int64_t total_bytes, int64_t chunk_bytes) {
 }
 
 // ---- CPU ----
+// Segments per parallel task so that each task touches at least ~64K elements.
+inline int64_t segment_grain(int64_t S, int64_t T, int64_t D) {
+  const int64_t per_segment = std::max<int64_t>(1, (T / std::max<int64_t>(S, 1)) * D);
+  return std::max<int64_t>(1, (int64_t(1) << 16) / per_segment);
+}
+
 // Pass 1: chunk_counts[c] = number of words owned by chunk c; returns the total.
 int64_t word_boundaries_count_cpu(const Runtime& rt, const uint8_t* bytes, const int64_t* cu,
                                   int64_t B, int64_t max_bytes, WordMode mode,
@@ -36,6 +43,16 @@ void word_boundaries_fill_cpu(const Runtime& rt, const uint8_t* bytes, const int
 
 void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets,
                         int64_t S, int64_t T, int64_t D, Reduce reduce, void* y);
+// The forward reduce built per instruction set (pooling_cpu_reduce.cpp);
+// segment_reduce_cpu above picks one at run time (tokcore/common/cpu_isa.h).
+namespace isa_base {
+void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets,
+                        int64_t S, int64_t T, int64_t D, Reduce reduce, void* y);
+}
+namespace isa_avx2 {
+void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets,
+                        int64_t S, int64_t T, int64_t D, Reduce reduce, void* y);
+}
 void segment_reduce_backward_cpu(const Runtime& rt, DType dtype, const void* grad_y, const void* x,
                                  const void* y, const int64_t* offsets, int64_t S, int64_t T,
                                  int64_t D, Reduce reduce, void* grad_x);
