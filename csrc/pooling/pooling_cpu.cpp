@@ -1,5 +1,6 @@
 // CPU kernels of the pooling family: torch-free loops over the core's
 // per-element logic, parallelized through the Runtime the adapter passes in.
+// (The forward reduce, built per instruction set, is in pooling_cpu_reduce.cpp.)
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -13,6 +14,7 @@ namespace pooling {
 namespace {
 
 constexpr int64_t kTile = 256;  // features handled at once by the max/min backward's bookkeeping
+
 template <typename T, Reduce R>
 void reduce_backward_rows(const Runtime& rt, const T* grad_y, const T* x, const T* y,
                           const int64_t* offsets, int64_t S, int64_t T_, int64_t D, T* grad_x) {
@@ -54,7 +56,6 @@ template <typename T>
 void zero_rows(T* dst, int64_t count, int64_t D) {
   std::memset(static_cast<void*>(dst), 0, sizeof(T) * count * D);
 }
-
 
 }  // namespace
 
