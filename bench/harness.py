@@ -102,8 +102,9 @@ def write_results(tables: list[Table], device: torch.device, command: str) -> Pa
     header = (f"## {stamp}: `{command}`\n\n"
               f"torch {torch.__version__}, Python {sys.version.split()[0]}, "
               f"{torch.get_num_threads()} CPU threads\n\n")
+    separator = "\n" if path.exists() and path.stat().st_size else ""
     with path.open("a") as f:
-        f.write(header + "\n".join(t.markdown() for t in tables) + "\n")
+        f.write(separator + header + "\n".join(t.markdown() for t in tables) + "\n")
     return path
 
 
