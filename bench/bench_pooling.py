@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import sysconfig
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import tokcore  # noqa: E402,F401
+from tokcore.data import list_files, stdlib_dir  # noqa: E402
 from tokcore.pooling import segment_expand, segment_reduce, word_boundaries  # noqa: E402
 
 
@@ -87,9 +87,8 @@ def bench_segment_reduce(T: int, D: int, dtype: torch.dtype, device: torch.devic
 
 def stdlib_text(nbytes: int) -> bytes:
     """The Python standard library's own sources, repeated up to nbytes."""
-    root = Path(sysconfig.get_paths()["stdlib"])
     chunks, size = [], 0
-    for path in sorted(root.rglob("*.py")):
+    for path in list_files(stdlib_dir(), "*.py"):
         data = path.read_bytes()
         chunks.append(data)
         size += len(data)
