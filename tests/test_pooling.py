@@ -602,6 +602,21 @@ def test_word_boundaries_large_random_stream(device, seed):
         assert torch.equal(wo.cpu(), ewo) and torch.equal(wc.cpu(), ewc)
 
 
+def test_word_boundaries_words_longer_than_a_work_chunk(device):
+    # The kernels split the stream into chunks (64 KiB on the CPU, 256 bytes on CUDA);
+    # a chunk's worker owns the words that start in it and walks them past its end.
+    # Words of 150 KB (multi-byte letters, so the cuts depend on where each piece
+    # started) cross many chunks; they must be cut exactly as by the reference.
+    long_word = ("é" * 20_000 + "x" * 7 + "東京" * 15_000).encode() + b"\x80" * 1000
+    data = b"start, " + long_word + b" middle\n" + long_word[:70_001] + b"!end"
+    b = as_bytes_tensor(data)
+    for cu in (t64([0, len(data)]), t64([0, 7, 7, 90_000, len(data)])):
+        for max_word_bytes in (4, 7, 64):
+            wo, wc = word_boundaries(b.to(device), cu.to(device), max_word_bytes, "space")
+            ewo, ewc = ref.word_boundaries(b, cu, max_word_bytes, "space")
+            assert torch.equal(wo.cpu(), ewo) and torch.equal(wc.cpu(), ewc)
+
+
 @st.composite
 def segment_offsets(draw, max_segments=8):
     """CSR offsets with empty segments, S = 0 and T = 0 included, sometimes long ones."""
