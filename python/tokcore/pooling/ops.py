@@ -18,9 +18,6 @@ import torch
 
 _ops = torch.ops.tokcore
 
-REDUCES = ("sum", "mean", "max", "min")
-WORD_MODES = ("space", "bytes")
-
 
 def word_boundaries(
     data: torch.Tensor | bytes | bytearray,
