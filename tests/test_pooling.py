@@ -1336,3 +1336,11 @@ def test_segment_reduce_cpu_isa_variants_agree_bitwise(monkeypatch, reduce, dtyp
         base = segment_reduce(x, offsets, reduce)
         bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
         assert torch.equal(best.view(bits), base.view(bits)), f"D={D}"
+
+
+def test_word_boundaries_accepts_python_text():
+    # str is encoded as UTF-8; bytes are taken as they are; both give one sequence
+    wo, wc = word_boundaries("naïve, café")
+    assert wo.tolist() == [0, 7, 13] and wc.tolist() == [0, 2]
+    wo, wc = word_boundaries(b"")
+    assert wo.tolist() == [0] and wc.tolist() == [0, 0]

@@ -20,7 +20,7 @@ _ops = torch.ops.tokcore
 
 
 def word_boundaries(
-    data: torch.Tensor | bytes | bytearray,
+    data: torch.Tensor | bytes | bytearray | str,
     cu_seqlens: torch.Tensor | None = None,
     max_word_bytes: int = 16,
     mode: str = "space",
@@ -28,7 +28,8 @@ def word_boundaries(
     """Split UTF-8 byte streams into words.
 
     Args:
-        data: uint8 [T], the sequences concatenated (``bytes`` are accepted too).
+        data: uint8 [T], the sequences concatenated (``bytes``, or ``str`` encoded as
+            UTF-8, are accepted too).
         cu_seqlens: int64 [B+1] sequence offsets into ``data``; None means one sequence.
         max_word_bytes: words longer than this (>= 4) are cut greedily from the left
             at the last UTF-8 character start within the limit.
@@ -41,6 +42,8 @@ def word_boundaries(
         (word_offsets int64 [W+1] into ``data``, word_cu_seqlens int64 [B+1]: the
         number of words before each sequence). Words never cross sequences.
     """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
     if isinstance(data, (bytes, bytearray)):
         data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     if cu_seqlens is None:
