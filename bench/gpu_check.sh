@@ -43,7 +43,7 @@ else
   fi
 fi
 if [ -d build/gpu_wheels ]; then  # made by bench/gpu_prepare.sh on the CPU machine
-  $PY -m pip install -q --no-index --find-links build/gpu_wheels pytest hypothesis expecttest tqdm >> "$OUT/build.log" 2>&1
+  $PY -m pip install -q --no-index --find-links build/gpu_wheels pytest hypothesis expecttest tqdm numpy >> "$OUT/build.log" 2>&1
 fi
 $PY -c 'import pytest, hypothesis' 2>/dev/null || stamp "WARNING: pytest or hypothesis missing: run bench/gpu_prepare.sh first and carry build/gpu_wheels"
 
