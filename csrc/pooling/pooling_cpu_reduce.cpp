@@ -61,22 +61,18 @@ inline u32xN bf16_bits(f32xN v) {
 // Lanes<T>: how one load of T features is accumulated. N features per load;
 // Acc::add accumulates a load of a row, Acc::store writes the N results.
 template <typename T> struct Lanes;
-template <> struct Lanes<float> {
-  static constexpr int N = kVecBytes / 4;
+// float and double: the features are the accumulator's own type, loaded as is.
+template <typename T, typename VecT>
+struct NativeLanes {
+  static constexpr int N = kVecBytes / int(sizeof(T));
   struct Acc {
-    f32xN v = {};
-    void add(const float* p) { f32xN x; std::memcpy(&x, p, sizeof x); v += x; }
-    void store(float* p, float divisor) const { const f32xN r = v / divisor; std::memcpy(p, &r, sizeof r); }
+    VecT v = {};
+    void add(const T* p) { VecT x; std::memcpy(&x, p, sizeof x); v += x; }
+    void store(T* p, T divisor) const { const VecT r = v / divisor; std::memcpy(p, &r, sizeof r); }
   };
 };
-template <> struct Lanes<double> {
-  static constexpr int N = kVecBytes / 8;
-  struct Acc {
-    f64xN v = {};
-    void add(const double* p) { f64xN x; std::memcpy(&x, p, sizeof x); v += x; }
-    void store(double* p, double divisor) const { const f64xN r = v / divisor; std::memcpy(p, &r, sizeof r); }
-  };
-};
+template <> struct Lanes<float> : NativeLanes<float, f32xN> {};
+template <> struct Lanes<double> : NativeLanes<double, f64xN> {};
 // bf16: a 32-bit lane holds two neighbours; the even one is its low half shifted
 // up, the odd one its high half masked: one load, a shift and a mask per 2N
 // features, and no shuffles, since the results are interleaved back the same way.
