@@ -1321,21 +1321,24 @@ def test_non_contiguous_inputs(device):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("reduce", REDUCES)
 def test_segment_reduce_cpu_isa_variants_agree_bitwise(monkeypatch, reduce, dtype):
-    # The CPU forward reduce is built per instruction set (baseline and AVX2) and
-    # picked at run time; TOKCORE_CPU_ISA=base forces the baseline. Both must give
-    # the same bits, for widths that use the vector path, its tail, or neither.
+    # The CPU forward reduce is built per instruction set (baseline, AVX2, AVX-512)
+    # and picked at run time; TOKCORE_CPU_ISA=base|avx2 caps the choice. Every
+    # variant the CPU runs must give the same bits, for widths that use the wide
+    # tiles (up to 256 features), the narrower ones, the scalar tail, or a mix.
     g = torch.Generator().manual_seed(5)
     offsets = torch.tensor([0, 3, 3, 10, 11, 40], dtype=I64)
-    for D in (1, 7, 32, 45, 64, 100):
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    for D in (1, 7, 32, 45, 64, 100, 256, 300, 520):
         x = (torch.randn(40, D, generator=g, dtype=torch.float64) * 3).to(dtype)
         x[0, 0] = float("nan")
         x[1, -1] = float("inf")
-        monkeypatch.delenv("TOKCORE_CPU_ISA", raising=False)
-        best = segment_reduce(x, offsets, reduce)
-        monkeypatch.setenv("TOKCORE_CPU_ISA", "base")
-        base = segment_reduce(x, offsets, reduce)
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
-        assert torch.equal(best.view(bits), base.view(bits)), f"D={D}"
+        results = {}
+        for isa in ("avx512", "avx2", "base"):
+            monkeypatch.setenv("TOKCORE_CPU_ISA", isa)
+            results[isa] = segment_reduce(x, offsets, reduce).view(bits)
+        check_reduce(results["base"].view(dtype), x, offsets, reduce)
+        for isa in ("avx512", "avx2"):
+            assert torch.equal(results[isa], results["base"]), f"{isa} vs base, D={D}"
 
 
 def test_word_boundaries_accepts_python_text():

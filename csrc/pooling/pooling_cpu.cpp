@@ -105,10 +105,11 @@ void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int
                         int64_t S, int64_t T, int64_t D, Reduce reduce, void* y) {
   // The forward reduce is the one CPU kernel whose speed is arithmetic-bound:
   // it is built per instruction set (pooling_cpu_reduce.cpp) and picked here.
-#if defined(TOKCORE_HAVE_AVX2_KERNELS)
-  if (cpu_isa() == CpuIsa::kAvx2) {
-    isa_avx2::segment_reduce_cpu(rt, dtype, x, offsets, S, T, D, reduce, y);
-    return;
+#if defined(TOKCORE_HAVE_X86_ISA_KERNELS)
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512: return isa_avx512::segment_reduce_cpu(rt, dtype, x, offsets, S, T, D, reduce, y);
+    case CpuIsa::kAvx2: return isa_avx2::segment_reduce_cpu(rt, dtype, x, offsets, S, T, D, reduce, y);
+    case CpuIsa::kBase: break;
   }
 #endif
   isa_base::segment_reduce_cpu(rt, dtype, x, offsets, S, T, D, reduce, y);

@@ -53,6 +53,10 @@ namespace isa_avx2 {
 void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets,
                         int64_t S, int64_t T, int64_t D, Reduce reduce, void* y);
 }
+namespace isa_avx512 {
+void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets,
+                        int64_t S, int64_t T, int64_t D, Reduce reduce, void* y);
+}
 void segment_reduce_backward_cpu(const Runtime& rt, DType dtype, const void* grad_y, const void* x,
                                  const void* y, const int64_t* offsets, int64_t S, int64_t T,
                                  int64_t D, Reduce reduce, void* grad_x);
