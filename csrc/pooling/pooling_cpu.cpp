@@ -66,10 +66,9 @@ int64_t word_boundaries_count_cpu(const Runtime& rt, const uint8_t* bytes, const
   const int64_t chunks = num_word_chunks(total_bytes, kWordChunkBytesCpu);
   parallel_for(rt, 0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t lo = c * kWordChunkBytesCpu;
-      const int64_t hi = std::min(total_bytes, lo + kWordChunkBytesCpu);
       int64_t n = 0;
-      for_each_word_start(bytes, cu, B, lo, hi, max_bytes, mode, [&](int64_t) { ++n; });
+      for_each_word_start_in_chunk(bytes, cu, B, total_bytes, kWordChunkBytesCpu, c, max_bytes, mode,
+                                   [&](int64_t) { ++n; });
       chunk_counts[c] = n;
     }
   });
@@ -91,10 +90,9 @@ void word_boundaries_fill_cpu(const Runtime& rt, const uint8_t* bytes, const int
   }
   parallel_for(rt, 0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t lo = c * kWordChunkBytesCpu;
-      const int64_t hi = std::min(total_bytes, lo + kWordChunkBytesCpu);
       int64_t* out = word_offsets + chunk_counts[c];
-      for_each_word_start(bytes, cu, B, lo, hi, max_bytes, mode, [&](int64_t p) { *out++ = p; });
+      for_each_word_start_in_chunk(bytes, cu, B, total_bytes, kWordChunkBytesCpu, c, max_bytes, mode,
+                                   [&](int64_t p) { *out++ = p; });
     }
   });
   word_offsets[num_words] = total_bytes;

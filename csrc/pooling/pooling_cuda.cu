@@ -1,10 +1,9 @@
 // CUDA kernels of the pooling family. Torch-free: only the core headers and the
 // CUDA toolkit (CUB for the scan), so this file compiles in seconds.
 //
-// Segment kernels use one thread per (segment, vector of features): consecutive
-// threads read consecutive 16-byte vectors of the same row (coalesced), and
-// each thread walks its segment's rows, so no atomics and no host sync are
-// needed and results are deterministic.
+// Segment kernels use one thread per (segment, vector of features); the thread
+// bodies are in tokcore/pooling/segment_threads.h, where the host tests run them
+// too. No atomics and no host sync: results are deterministic.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -14,6 +13,7 @@
 #include <cub/device/device_scan.cuh>
 
 #include "pooling_kernels.h"
+#include "tokcore/pooling/segment_threads.h"
 
 namespace tokcore {
 namespace pooling {
@@ -22,29 +22,6 @@ namespace {
 constexpr int kThreads = 256;
 
 inline unsigned blocks_for(int64_t n) { return unsigned((n + kThreads - 1) / kThreads); }
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T, N>*>(p);
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
-  *reinterpret_cast<Vec<T, N>*>(p) = v;
-}
-
-template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> zero_vec() {
-  Vec<T, N> z;
-#pragma unroll
-  for (int j = 0; j < N; ++j) z.v[j] = from_acc<T>(acc_t<T>(0));
-  return z;
-}
 
 // ---------------------------------------------------------------- offsets
 
@@ -67,11 +44,9 @@ __global__ void word_count_kernel(const uint8_t* bytes, const int64_t* cu, int64
   const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (c > chunks) return;
   int64_t n = 0;
-  if (c < chunks) {
-    const int64_t lo = c * kWordChunkBytesCuda;
-    const int64_t hi = min(total_bytes, lo + kWordChunkBytesCuda);
-    for_each_word_start(bytes, cu, B, lo, hi, max_bytes, mode, [&](int64_t) { ++n; });
-  }
+  if (c < chunks)
+    for_each_word_start_in_chunk(bytes, cu, B, total_bytes, kWordChunkBytesCuda, c, max_bytes, mode,
+                                 [&](int64_t) { ++n; });
   counts[c] = n;  // counts[chunks] = 0, so the exclusive scan's last entry is the total
 }
 
@@ -81,10 +56,9 @@ __global__ void word_fill_kernel(const uint8_t* bytes, const int64_t* cu, int64_
                                  int64_t* word_offsets) {
   const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (c >= chunks) return;
-  const int64_t lo = c * kWordChunkBytesCuda;
-  const int64_t hi = min(total_bytes, lo + kWordChunkBytesCuda);
   int64_t* out = word_offsets + chunk_offsets[c];
-  for_each_word_start(bytes, cu, B, lo, hi, max_bytes, mode, [&](int64_t p) { *out++ = p; });
+  for_each_word_start_in_chunk(bytes, cu, B, total_bytes, kWordChunkBytesCuda, c, max_bytes, mode,
+                               [&](int64_t p) { *out++ = p; });
 }
 
 __global__ void word_cu_kernel(const int64_t* cu, int64_t B, int64_t total_bytes,
@@ -116,29 +90,15 @@ WordWorkspace word_workspace(void* base, int64_t chunks) {
 
 // ---------------------------------------------------------------- segment kernels
 
+// Each kernel runs its per-thread body (tokcore/pooling/segment_threads.h) for
+// thread i < S * D / N.
+inline __device__ int64_t global_thread() { return blockIdx.x * int64_t(blockDim.x) + threadIdx.x; }
+
 template <typename T, int N, Reduce R>
 __global__ void segment_reduce_kernel(const T* __restrict__ x, const int64_t* __restrict__ offsets,
                                       int64_t S, int64_t rows_total, int64_t D, T* __restrict__ y) {
-  using A = acc_t<T>;
-  const int64_t nvec = D / N;
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i >= S * nvec) return;
-  const int64_t s = i / nvec, col = (i % nvec) * N;
-  const RowRange rows = segment_rows(offsets, s, rows_total);
-  A acc[N];
-#pragma unroll
-  for (int j = 0; j < N; ++j) acc[j] = reduce_identity<R, A>();
-  const T* p = x + rows.begin * D + col;
-#pragma unroll 4
-  for (int64_t t = rows.begin; t < rows.end; ++t, p += D) {
-    const Vec<T, N> v = load_vec<T, N>(p);
-#pragma unroll
-    for (int j = 0; j < N; ++j) acc[j] = reduce_combine<R, A>(acc[j], to_acc(v.v[j]));
-  }
-  Vec<T, N> out;
-#pragma unroll
-  for (int j = 0; j < N; ++j) out.v[j] = from_acc<T>(reduce_finalize<R, A>(acc[j], rows.end - rows.begin));
-  store_vec<T, N>(y + s * D + col, out);
+  const int64_t i = global_thread();
+  if (i < S * (D / N)) segment_reduce_thread<T, N, R>(i, x, offsets, rows_total, D, y);
 }
 
 template <typename T, int N, Reduce R>
@@ -146,89 +106,32 @@ __global__ void segment_reduce_backward_kernel(const T* __restrict__ grad_y, con
                                                const T* __restrict__ y,
                                                const int64_t* __restrict__ offsets, int64_t S,
                                                int64_t rows_total, int64_t D, T* __restrict__ grad_x) {
-  using A = acc_t<T>;
-  const int64_t nvec = D / N;
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i >= S * nvec) return;
-  const int64_t s = i / nvec, col = (i % nvec) * N;
-  const RowRange rows = segment_rows(offsets, s, rows_total);
-  const Vec<T, N> g = load_vec<T, N>(grad_y + s * D + col);
-  if (R == Reduce::kSum || R == Reduce::kMean) {
-    const A scale = reduce_grad_scale<R, A>(rows.end - rows.begin);
-    Vec<T, N> out;
-#pragma unroll
-    for (int j = 0; j < N; ++j) out.v[j] = from_acc<T>(to_acc(g.v[j]) * scale);
-    for (int64_t t = rows.begin; t < rows.end; ++t) store_vec<T, N>(grad_x + t * D + col, out);
-    return;
-  }
-  const Vec<T, N> result = load_vec<T, N>(y + s * D + col);
-  bool found[N];
-#pragma unroll
-  for (int j = 0; j < N; ++j) found[j] = false;
-  for (int64_t t = rows.begin; t < rows.end; ++t) {
-    const Vec<T, N> v = load_vec<T, N>(x + t * D + col);
-    Vec<T, N> out;
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      const bool take = !found[j] && attains(to_acc(v.v[j]), to_acc(result.v[j]));
-      found[j] = found[j] || take;
-      out.v[j] = take ? g.v[j] : from_acc<T>(A(0));
-    }
-    store_vec<T, N>(grad_x + t * D + col, out);
-  }
+  const int64_t i = global_thread();
+  if (i < S * (D / N))
+    segment_reduce_backward_thread<T, N, R>(i, grad_y, x, y, offsets, rows_total, D, grad_x);
 }
 
 template <typename T, int N>
 __global__ void segment_expand_kernel(const T* __restrict__ y, const int64_t* __restrict__ offsets,
                                       int64_t S, int64_t rows_total, int64_t D, T* __restrict__ x) {
-  const int64_t nvec = D / N;
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i >= S * nvec) return;
-  const int64_t s = i / nvec, col = (i % nvec) * N;
-  const RowRange rows = segment_rows(offsets, s, rows_total);
-  const Vec<T, N> v = load_vec<T, N>(y + s * D + col);
-  for (int64_t t = rows.begin; t < rows.end; ++t) store_vec<T, N>(x + t * D + col, v);
+  const int64_t i = global_thread();
+  if (i < S * (D / N)) segment_expand_thread<T, N>(i, y, offsets, rows_total, D, x);
 }
 
 template <typename T, int N>
 __global__ void segment_pack_kernel(const T* __restrict__ x, const int64_t* __restrict__ offsets,
                                     int64_t S, int64_t rows_total, int64_t D, int64_t max_len,
                                     T* __restrict__ packed) {
-  const int64_t nvec = D / N;
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i >= S * nvec) return;
-  const int64_t s = i / nvec, col = (i % nvec) * N;
-  const RowRange rows = segment_rows(offsets, s, rows_total);
-  const int64_t kept = min(rows.end - rows.begin, max_len);
-  T* out = packed + s * max_len * D + col;
-  for (int64_t k = 0; k < max_len; ++k, out += D)
-    store_vec<T, N>(out, k < kept ? load_vec<T, N>(x + (rows.begin + k) * D + col) : zero_vec<T, N>());
+  const int64_t i = global_thread();
+  if (i < S * (D / N)) segment_pack_thread<T, N>(i, x, offsets, rows_total, D, max_len, packed);
 }
 
 template <typename T, int N>
 __global__ void segment_unpack_kernel(const T* __restrict__ packed, const int64_t* __restrict__ offsets,
                                       int64_t S, int64_t rows_total, int64_t D, int64_t max_len,
                                       T* __restrict__ x) {
-  const int64_t nvec = D / N;
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i >= S * nvec) return;
-  const int64_t s = i / nvec, col = (i % nvec) * N;
-  const RowRange rows = segment_rows(offsets, s, rows_total);
-  const T* src = packed + s * max_len * D + col;
-  for (int64_t t = rows.begin; t < rows.end; ++t) {
-    const int64_t k = t - rows.begin;
-    store_vec<T, N>(x + t * D + col, k < max_len ? load_vec<T, N>(src + k * D) : zero_vec<T, N>());
-  }
-}
-
-// Elements per thread: a 16-byte vector when every row of every buffer starts
-// 16-byte aligned (null buffers, unused by the kernel, count as aligned).
-template <typename T>
-int vector_width(int64_t D, std::initializer_list<const void*> buffers) {
-  constexpr int kVec = 16 / sizeof(T);
-  bool aligned = D % kVec == 0;
-  for (const void* p : buffers) aligned = aligned && reinterpret_cast<uintptr_t>(p) % 16 == 0;
-  return aligned ? kVec : 1;
+  const int64_t i = global_thread();
+  if (i < S * (D / N)) segment_unpack_thread<T, N>(i, packed, offsets, rows_total, D, max_len, x);
 }
 
 // Launches kernel<T, N> over S * D / N threads with N the vector width.
@@ -236,7 +139,7 @@ template <typename T, typename Launch>
 int launch_segments(int64_t S, int64_t D, std::initializer_list<const void*> buffers,
                     Launch&& launch) {
   constexpr int kVec = 16 / sizeof(T);
-  const int n = vector_width<T>(D, buffers);
+  const int n = segment_vector_width<T>(D, buffers);
   const int64_t threads = S * (D / n);
   if (threads == 0) return cudaSuccess;
   if (n == kVec) launch(std::integral_constant<int, kVec>{}, blocks_for(threads));

@@ -8,3 +8,14 @@
 #define TOKCORE_HD inline
 #define TOKCORE_DEVICE_CODE 0
 #endif
+
+// Loop unrolling hints: full (TOKCORE_UNROLL) or by n (TOKCORE_UNROLL_N(n)).
+// nvcc needs them on the GPU; host compilers decide for themselves.
+#define TOKCORE_PRAGMA(x) _Pragma(#x)
+#if defined(__CUDACC__)
+#define TOKCORE_UNROLL TOKCORE_PRAGMA(unroll)
+#define TOKCORE_UNROLL_N(n) TOKCORE_PRAGMA(unroll n)
+#else
+#define TOKCORE_UNROLL
+#define TOKCORE_UNROLL_N(n)
+#endif

@@ -112,6 +112,18 @@ TOKCORE_HD void for_each_word_start(const uint8_t* bytes, const int64_t* cu, int
   }
 }
 
+// The word starts owned by chunk c (bytes [c * chunk_bytes, + chunk_bytes) of the
+// flat stream): the body of the count and fill passes of word_boundaries, one
+// chunk per CPU task or CUDA thread.
+template <typename Emit>
+TOKCORE_HD void for_each_word_start_in_chunk(const uint8_t* bytes, const int64_t* cu, int64_t B,
+                                             int64_t total_bytes, int64_t chunk_bytes, int64_t c,
+                                             int64_t max_bytes, WordMode mode, Emit&& emit) {
+  const int64_t lo = c * chunk_bytes;
+  const int64_t hi = lo + chunk_bytes < total_bytes ? lo + chunk_bytes : total_bytes;
+  for_each_word_start(bytes, cu, B, lo, hi, max_bytes, mode, emit);
+}
+
 // First index i in values[0, n) with values[i] >= key. The adapters use it for
 // word_cu[b] = number of word starts < cu[b] (every non-empty sequence starts a word).
 TOKCORE_HD int64_t lower_bound(const int64_t* values, int64_t n, int64_t key) {

@@ -1,0 +1,235 @@
+// The CUDA kernels' per-thread bodies (tokcore/pooling/segment_threads.h) and
+// chunked word_boundaries pipeline, run on the host thread by thread with the
+// GPU's launch parameters, against the CPU kernels. Same bits expected: both
+// sum each element's rows in order, in the same accumulator type.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "pooling/pooling_kernels.h"
+#include "tokcore/pooling/segment_threads.h"
+
+using namespace tokcore;
+using namespace tokcore::pooling;
+
+namespace {
+
+template <typename T> constexpr DType dtype_of();
+template <> constexpr DType dtype_of<float>() { return DType::kFloat32; }
+template <> constexpr DType dtype_of<double>() { return DType::kFloat64; }
+template <> constexpr DType dtype_of<bf16_t>() { return DType::kBFloat16; }
+template <> constexpr DType dtype_of<f16_t>() { return DType::kFloat16; }
+
+// 16-byte aligned storage, as torch's allocators give (the vector path needs it).
+template <typename T>
+struct Buffer {
+  std::vector<Vec<uint8_t, 16>> raw;
+  int64_t n;
+  explicit Buffer(int64_t count) : raw(size_t((count * int64_t(sizeof(T)) + 15) / 16 + 1)), n(count) {}
+  T* data() { return reinterpret_cast<T*>(raw.data()); }
+  const T* data() const { return reinterpret_cast<const T*>(raw.data()); }
+  std::vector<uint8_t> bytes() const {
+    const auto* p = reinterpret_cast<const uint8_t*>(raw.data());
+    return std::vector<uint8_t>(p, p + n * int64_t(sizeof(T)));
+  }
+};
+
+template <typename T>
+Buffer<T> random_rows(int64_t rows, int64_t D, std::mt19937& rng, bool specials) {
+  Buffer<T> x(rows * D);
+  std::normal_distribution<double> normal(0.0, 3.0);
+  for (int64_t i = 0; i < rows * D; ++i) x.data()[i] = from_acc<T>(acc_t<T>(normal(rng)));
+  if (specials && rows * D >= 3) {
+    x.data()[0] = from_acc<T>(std::numeric_limits<acc_t<T>>::quiet_NaN());
+    x.data()[rows * D / 2] = from_acc<T>(std::numeric_limits<acc_t<T>>::infinity());
+    x.data()[rows * D - 1] = from_acc<T>(-std::numeric_limits<acc_t<T>>::infinity());
+  }
+  return x;
+}
+
+// Offsets over T rows with segment lengths 0..max_len (empty segments included).
+std::vector<int64_t> random_offsets(int64_t T, int64_t max_len, std::mt19937& rng) {
+  if (max_len < 1) throw std::invalid_argument("random_offsets: max_len must be >= 1");
+  std::vector<int64_t> off = {0};
+  while (off.back() < T) off.push_back(std::min<int64_t>(T, off.back() + int64_t(rng() % (max_len + 1))));
+  return off;
+}
+
+// Runs body(i) for every thread of a launch of S * D / N threads, as the CUDA
+// launcher does (launch_segments in pooling_cuda.cu).
+template <int N, typename Body>
+void run_threads(int64_t S, int64_t D, Body&& body) {
+  for (int64_t i = 0; i < S * (D / N); ++i) body(i);
+}
+
+struct Case {
+  int64_t T, D, max_len;
+};
+const Case kCases[] = {{0, 8, 3}, {1, 8, 1}, {40, 8, 4}, {97, 16, 9}, {64, 24, 1}, {200, 64, 12}};
+
+template <typename T, int N, Reduce R>
+void check_reduce_and_backward(const Case& c, std::mt19937& rng) {
+  SCOPED_TRACE("T=" + std::to_string(c.T) + " D=" + std::to_string(c.D) + " N=" + std::to_string(N) +
+               " reduce=" + std::to_string(int(R)));
+  const Runtime rt;
+  const auto off = random_offsets(c.T, c.max_len, rng);
+  const int64_t S = int64_t(off.size()) - 1;
+  const auto x = random_rows<T>(c.T, c.D, rng, true);
+  Buffer<T> y_gpu(S * c.D), y_cpu(S * c.D);
+  run_threads<N>(S, c.D, [&](int64_t i) {
+    segment_reduce_thread<T, N, R>(i, x.data(), off.data(), c.T, c.D, y_gpu.data());
+  });
+  segment_reduce_cpu(rt, dtype_of<T>(), x.data(), off.data(), S, c.T, c.D, R, y_cpu.data());
+  EXPECT_EQ(y_gpu.bytes(), y_cpu.bytes());
+
+  const auto grad_y = random_rows<T>(S, c.D, rng, false);
+  Buffer<T> gx_gpu(c.T * c.D), gx_cpu(c.T * c.D);
+  run_threads<N>(S, c.D, [&](int64_t i) {
+    segment_reduce_backward_thread<T, N, R>(i, grad_y.data(), x.data(), y_cpu.data(), off.data(), c.T,
+                                            c.D, gx_gpu.data());
+  });
+  segment_reduce_backward_cpu(rt, dtype_of<T>(), grad_y.data(), x.data(), y_cpu.data(), off.data(), S,
+                              c.T, c.D, R, gx_cpu.data());
+  EXPECT_EQ(gx_gpu.bytes(), gx_cpu.bytes());
+}
+
+template <typename T, int N>
+void check_expand_pack_unpack(const Case& c, std::mt19937& rng) {
+  SCOPED_TRACE("T=" + std::to_string(c.T) + " D=" + std::to_string(c.D) + " N=" + std::to_string(N));
+  const Runtime rt;
+  const auto off = random_offsets(c.T, c.max_len, rng);
+  const int64_t S = int64_t(off.size()) - 1;
+  const auto y = random_rows<T>(S, c.D, rng, true);
+  Buffer<T> x_gpu(c.T * c.D), x_cpu(c.T * c.D);
+  run_threads<N>(S, c.D, [&](int64_t i) {
+    segment_expand_thread<T, N>(i, y.data(), off.data(), c.T, c.D, x_gpu.data());
+  });
+  segment_expand_cpu(rt, dtype_of<T>(), y.data(), off.data(), S, c.T, c.D, x_cpu.data());
+  EXPECT_EQ(x_gpu.bytes(), x_cpu.bytes());
+
+  const auto x = random_rows<T>(c.T, c.D, rng, true);
+  for (int64_t max_len : {int64_t(0), int64_t(1), c.max_len / 2, c.max_len + 2}) {
+    SCOPED_TRACE("max_len=" + std::to_string(max_len));
+    Buffer<T> p_gpu(S * max_len * c.D), p_cpu(S * max_len * c.D);
+    run_threads<N>(S, c.D, [&](int64_t i) {
+      segment_pack_thread<T, N>(i, x.data(), off.data(), c.T, c.D, max_len, p_gpu.data());
+    });
+    segment_pack_cpu(rt, dtype_of<T>(), x.data(), off.data(), S, c.T, c.D, max_len, p_cpu.data());
+    EXPECT_EQ(p_gpu.bytes(), p_cpu.bytes());
+
+    Buffer<T> u_gpu(c.T * c.D), u_cpu(c.T * c.D);
+    run_threads<N>(S, c.D, [&](int64_t i) {
+      segment_unpack_thread<T, N>(i, p_cpu.data(), off.data(), c.T, c.D, max_len, u_gpu.data());
+    });
+    segment_unpack_cpu(rt, dtype_of<T>(), p_cpu.data(), off.data(), S, c.T, c.D, max_len, u_cpu.data());
+    EXPECT_EQ(u_gpu.bytes(), u_cpu.bytes());
+  }
+}
+
+// Both widths the launcher picks for T: one element, or a 16-byte vector.
+template <typename T>
+void check_all() {
+  constexpr int kVec = 16 / sizeof(T);
+  std::mt19937 rng(7);
+  for (const Case& c : kCases) {
+    if (c.D % kVec != 0) continue;
+    check_reduce_and_backward<T, 1, Reduce::kSum>(c, rng);
+    check_reduce_and_backward<T, 1, Reduce::kMean>(c, rng);
+    check_reduce_and_backward<T, 1, Reduce::kMax>(c, rng);
+    check_reduce_and_backward<T, 1, Reduce::kMin>(c, rng);
+    check_reduce_and_backward<T, kVec, Reduce::kSum>(c, rng);
+    check_reduce_and_backward<T, kVec, Reduce::kMean>(c, rng);
+    check_reduce_and_backward<T, kVec, Reduce::kMax>(c, rng);
+    check_reduce_and_backward<T, kVec, Reduce::kMin>(c, rng);
+    check_expand_pack_unpack<T, 1>(c, rng);
+    check_expand_pack_unpack<T, kVec>(c, rng);
+  }
+}
+
+}  // namespace
+
+TEST(CudaThreadsOnHost, Float32) { check_all<float>(); }
+TEST(CudaThreadsOnHost, Float64) { check_all<double>(); }
+TEST(CudaThreadsOnHost, BFloat16) { check_all<bf16_t>(); }
+TEST(CudaThreadsOnHost, Float16) { check_all<f16_t>(); }
+
+TEST(CudaThreadsOnHost, VectorWidthNeedsAlignedRowsAndBuffers) {
+  alignas(16) float buf[8] = {};
+  EXPECT_EQ(segment_vector_width<float>(8, {buf, buf + 4}), 4);
+  EXPECT_EQ(segment_vector_width<float>(6, {buf}), 1);          // rows would start misaligned
+  EXPECT_EQ(segment_vector_width<float>(8, {buf, buf + 1}), 1);  // a misaligned buffer
+  EXPECT_EQ(segment_vector_width<float>(8, {buf, nullptr}), 4);  // unused buffers don't count
+  EXPECT_EQ(segment_vector_width<bf16_t>(16, {buf}), 8);
+  EXPECT_EQ(segment_vector_width<double>(2, {buf}), 2);
+}
+
+// Offsets out of range (which the CUDA adapter does not validate without a sync)
+// are clamped: every thread stays inside x and y.
+TEST(CudaThreadsOnHost, BadOffsetsStayInBounds) {
+  const int64_t T = 6, D = 4;
+  const std::vector<int64_t> off = {-5, 2, 1, 100, std::numeric_limits<int64_t>::min()};
+  const int64_t S = int64_t(off.size()) - 1;
+  Buffer<float> x(T * D), y(S * D), back(T * D);
+  for (int64_t i = 0; i < T * D; ++i) x.data()[i] = 1.0f;
+  run_threads<4>(S, D, [&](int64_t i) {
+    segment_reduce_thread<float, 4, Reduce::kSum>(i, x.data(), off.data(), T, D, y.data());
+    segment_expand_thread<float, 4>(i, y.data(), off.data(), T, D, back.data());
+  });
+  // each end clamped into [0, T], the end to at least the begin: [0, 2), [2, 2), [1, 6), [6, 6)
+  const float expected[] = {2, 0, 5, 0};
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t d = 0; d < D; ++d) EXPECT_EQ(y.data()[s * D + d], expected[s]) << s;
+}
+
+// word_boundaries as the CUDA path computes it: per-chunk counts over
+// kWordChunkBytesCuda-byte chunks, an exclusive scan, per-chunk fills, then
+// word_cu by binary search; against the CPU kernels (64 KiB chunks).
+TEST(CudaThreadsOnHost, WordBoundariesChunkPipeline) {
+  std::mt19937 rng(11);
+  const char* pieces[] = {"def ", "f(x):", "\n    ", "return", " x", "+1", " caf\xC3\xA9", "\t",
+                          "\xE2\x82\xAC\xE2\x82\xAC\xE2\x82\xAC\xE2\x82\xAC", "abcdefghijklmnopqrstuvwxyz",
+                          "\x80\x80\x80\x80\x80\x80\x80", ",,", "  "};
+  std::string text;
+  while (text.size() < 5000) text += pieces[rng() % (sizeof(pieces) / sizeof(pieces[0]))];
+  const auto* bytes = reinterpret_cast<const uint8_t*>(text.data());
+  const int64_t total = int64_t(text.size());
+  const std::vector<int64_t> cu = {0, 0, 1, 700, 701, 2500, total};
+  const int64_t B = int64_t(cu.size()) - 1;
+  const Runtime rt;
+  for (WordMode mode : {WordMode::kSpace, WordMode::kBytes}) {
+    for (int64_t max_bytes : {4, 7, 64}) {
+      SCOPED_TRACE("mode=" + std::to_string(int(mode)) + " max_bytes=" + std::to_string(max_bytes));
+      // GPU pipeline, emulated
+      const int64_t chunks = num_word_chunks(total, kWordChunkBytesCuda);
+      std::vector<int64_t> counts(size_t(chunks + 1), 0), starts(size_t(chunks + 1), 0);
+      for (int64_t c = 0; c < chunks; ++c)
+        for_each_word_start_in_chunk(bytes, cu.data(), B, total, kWordChunkBytesCuda, c, max_bytes, mode,
+                                     [&](int64_t) { ++counts[size_t(c)]; });
+      for (int64_t c = 0; c < chunks; ++c) starts[size_t(c + 1)] = starts[size_t(c)] + counts[size_t(c)];
+      const int64_t W = starts[size_t(chunks)];
+      std::vector<int64_t> wo_gpu(size_t(W + 1)), wc_gpu(size_t(B + 1));
+      for (int64_t c = 0; c < chunks; ++c) {
+        int64_t* out = wo_gpu.data() + starts[size_t(c)];
+        for_each_word_start_in_chunk(bytes, cu.data(), B, total, kWordChunkBytesCuda, c, max_bytes, mode,
+                                     [&](int64_t p) { *out++ = p; });
+      }
+      wo_gpu[size_t(W)] = total;
+      for (int64_t b = 0; b <= B; ++b) wc_gpu[size_t(b)] = lower_bound(wo_gpu.data(), W, cu[size_t(b)]);
+      // CPU kernels
+      std::vector<int64_t> chunk_counts(size_t(num_word_chunks(total, kWordChunkBytesCpu)));
+      const int64_t W_cpu = word_boundaries_count_cpu(rt, bytes, cu.data(), B, max_bytes, mode, chunk_counts.data());
+      ASSERT_EQ(W, W_cpu);
+      std::vector<int64_t> wo_cpu(size_t(W + 1)), wc_cpu(size_t(B + 1));
+      word_boundaries_fill_cpu(rt, bytes, cu.data(), B, max_bytes, mode, chunk_counts.data(), W,
+                               wo_cpu.data(), wc_cpu.data());
+      EXPECT_EQ(wo_gpu, wo_cpu);
+      EXPECT_EQ(wc_gpu, wc_cpu);
+    }
+  }
+}
