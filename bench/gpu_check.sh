@@ -18,10 +18,11 @@ stamp "torch: $($PY -c 'import torch; print(torch.__version__, torch.version.cud
 # A throwaway venv over the machine's packages (torch, scikit-build-core, cmake,
 # ninja, pytest): nothing is downloaded and the system site is left alone.
 venv=$(mktemp -d)/venv
-if $PY -m venv --system-site-packages "$venv" > /dev/null 2>&1; then
+# (If $PY is itself a venv's interpreter, a nested venv would not see its torch.)
+if $PY -m venv --system-site-packages "$venv" > /dev/null 2>&1 && "$venv/bin/python" -c 'import torch' 2>/dev/null; then
   PY="$venv/bin/python"
-else  # no venv module (ensurepip missing): install into the interpreter's own site
-  stamp "no usable venv module; installing into $PY's site-packages"
+else  # no venv module (ensurepip missing), or torch not visible from one
+  stamp "no usable venv over $PY's packages; installing into $PY's site-packages"
   export PIP_BREAK_SYSTEM_PACKAGES=1
 fi
 
@@ -29,16 +30,20 @@ fi
 # "wheelhouse"): running it here shows that the same binary serves this torch
 # and Python. Without it, build from source for the GPU at hand only.
 wheel=$(ls wheelhouse/tokcore-*.whl 2>/dev/null | head -n 1 || true)
+installed=0
 if [ -n "$wheel" ]; then
   stamp "installing the CPU machine's wheel $wheel"
-  if ! $PY -m pip install --no-deps --no-index "$wheel" > "$OUT/build.log" 2>&1; then
-    tail -n 40 "$OUT/build.log"; stamp "WHEEL INSTALL FAILED"; exit 1
+  if $PY -m pip install --no-deps --no-index "$wheel" > "$OUT/build.log" 2>&1; then
+    installed=1
+  else  # e.g. a platform tag this machine's glibc does not accept
+    tail -n 5 "$OUT/build.log"; stamp "WHEEL INSTALL FAILED; building from source instead"
   fi
-else
+fi
+if [ "$installed" = 0 ]; then
   arch=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')
   export TOKCORE_CUDA=ON TOKCORE_CUDA_ARCHS="${arch}-real"
   stamp "building tokcore for sm_${arch}"
-  if ! $PY -m pip install --no-build-isolation --no-deps --no-index . > "$OUT/build.log" 2>&1; then
+  if ! $PY -m pip install --no-build-isolation --no-deps --no-index . >> "$OUT/build.log" 2>&1; then
     tail -n 40 "$OUT/build.log"; stamp "BUILD FAILED"; exit 1
   fi
 fi
