@@ -12,8 +12,10 @@
 #    libstdc++ uses and glibc 2.28 lacks;
 #  - --no-undefined turns any other symbol that glibc 2.28 lacks into a link error.
 
-set(TOKCORE_GLIBC_COMPAT "AUTO" CACHE STRING
-    "Link for glibc 2.28 (manylinux_2_28) with zig-made stub libraries: AUTO (when zig is found), ON or OFF")
+# OFF by default, so that a zig that happens to be installed never changes a
+# developer's build; scripts/build_wheel.sh turns it ON.
+set(TOKCORE_GLIBC_COMPAT "OFF" CACHE STRING
+    "Link for glibc 2.28 (manylinux_2_28) with zig-made stub libraries: OFF, ON, or AUTO (when zig is found)")
 set_property(CACHE TOKCORE_GLIBC_COMPAT PROPERTY STRINGS AUTO ON OFF)
 set(TOKCORE_GLIBC_COMPAT_VERSION "2.28" CACHE STRING "Oldest glibc the extension must load on")
 

