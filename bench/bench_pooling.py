@@ -43,7 +43,8 @@ def bench_segment_reduce(T: int, D: int, dtype: torch.dtype, device: torch.devic
     x = torch.randn(T, D, dtype=dtype, device=device, requires_grad=True)
     elem = x.element_size()
     fwd_bytes = (T + S) * D * elem
-    runs = dict(min_runs=2 if quick else 5, min_seconds=0.0 if quick else 0.5)
+    runs = dict(min_runs=2 if quick else 5, min_seconds=0.0 if quick else 0.5,
+                warmup_seconds=0.0 if quick else 3.0)
 
     def tok():
         return segment_reduce(x, offsets, "mean")
@@ -105,7 +106,7 @@ def bench_word_boundaries(nbytes: int, device: torch.device, table: harness.Tabl
     text = stdlib_text(nbytes)
     data = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(device)
     cu = torch.tensor([0, len(text)], dtype=torch.int64, device=device)
-    runs = dict(min_runs=2 if quick else 3, min_seconds=0.0)
+    runs = dict(min_runs=2 if quick else 3, min_seconds=0.0, warmup_seconds=0.0 if quick else 3.0)
     t_tok = harness.time_fn(lambda: word_boundaries(data, cu, 16, "space"), device, **runs)
     sample = text[: min(len(text), 10_000_000)]
     t_re = harness.time_fn(lambda: sum(1 for _ in WORD_RE.finditer(sample)), torch.device("cpu"), warmup=0,
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         T, D, text_bytes = 1 << 12, 32, 1 << 16
 
-    ceiling = harness.copy_bandwidth(device, nbytes=(1 << 30) if not args.quick else (1 << 22))
+    ceiling = harness.copy_bandwidth(device, nbytes=(1 << 30) if not args.quick else (1 << 22),
+                                     warmup_seconds=0.0 if args.quick else 3.0)
     table = harness.Table(
         f"pooling on {harness.machine_kind(device)} (T={T}, D={D}, word lengths 1..9)",
         ["workload", "peer", "tokcore ms", "peer ms", "speedup (peer/tokcore)", "tokcore GB/s or MB/s",

@@ -28,21 +28,29 @@ def sync(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, min_runs: int = 5,
-            min_seconds: float = 0.5, warmup_seconds: float = 5.0) -> float:
+            min_seconds: float = 0.5, warmup_seconds: float = 3.0, max_warmup_seconds: float = 20.0) -> float:
     """Median seconds per call of fn in steady state (CUDA events on GPU, wall clock on CPU).
 
-    Warm-up is `warmup` calls, or fewer (at least 2) once warmup_seconds have
-    passed: on the CPU machines here the first calls of a process that allocate
-    large fresh outputs are several times slower than later ones (measured: 4
-    calls at 0.27 s, then 0.047 s, for a 215 MB output), while the kernel finds
-    free huge pages and first-touches memory.
+    Warm-up (skipped if warmup is 0) runs at least `warmup` calls and warmup_seconds,
+    then goes on until three calls in a row are within 15% of each other, for at most
+    max_warmup_seconds. On the CPU machines here (VMs) the first calls of a process
+    that allocate large fresh outputs are several times slower than later ones, and
+    steadily so (measured: 2 to 9 calls at 0.25 s, then 0.022 s, for a 215 MB output):
+    memory that the VM gave back to its host is faulted in again until the process
+    reuses its own. Counting calls alone mistook that slow phase for the steady state.
     """
     start = time.perf_counter()
-    for i in range(warmup):
-        if i >= 2 and time.perf_counter() - start > warmup_seconds:
+    recent: list[float] = []
+    for i in range(10_000):
+        elapsed = time.perf_counter() - start
+        steady = len(recent) >= 3 and max(recent[-3:]) <= 1.15 * min(recent[-3:])
+        if warmup == 0 or elapsed > max_warmup_seconds or (
+                i >= warmup and elapsed >= warmup_seconds and steady):
             break
+        t0 = time.perf_counter()
         fn()
         sync(device)
+        recent.append(time.perf_counter() - t0)
     times: list[float] = []
     start_all = time.perf_counter()
     while len(times) < min_runs or (time.perf_counter() - start_all < min_seconds and len(times) < 200):
@@ -60,11 +68,11 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, 
     return statistics.median(times)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, warmup_seconds: float = 3.0) -> float:
     """Measured ceiling: bytes read + written per second by a large device copy."""
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    seconds = time_fn(lambda: dst.copy_(src), device, min_runs=5)
+    seconds = time_fn(lambda: dst.copy_(src), device, min_runs=5, warmup_seconds=warmup_seconds)
     return 2 * nbytes / seconds
 
 
