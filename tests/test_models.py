@@ -6,6 +6,7 @@ Everything runs on CPU with tiny models and a tiny synthetic corpus (a few secon
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 import subprocess
 import sys
 from dataclasses import asdict
@@ -16,6 +17,7 @@ import torch
 
 import tokcore  # noqa: F401  (loads the ops)
 from tokcore import cli
+from tokcore.plot import line_chart_svg, nice_ticks
 from tokcore.data import batched, heldout_windows, list_files, load_corpus, pack_sequences, sample_batch
 from tokcore.pooling.lm import (
     EOW,
@@ -298,6 +300,26 @@ def test_compare_writes_table(corpus_dir, tmp_path):
     data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert data["reports"][1]["model"] == "byte"
     assert "held-out bits/byte" in format_compare(res["reports"])
+    # learning curves: one line per model (one point per step), one held-out dot each
+    assert [len(r["curve"]) for r in data["reports"]] == [2, 2]
+    svg = ET.fromstring((tmp_path / "cmp" / "compare.svg").read_text())
+    ns = "{http://www.w3.org/2000/svg}"
+    assert len(svg.findall(f"{ns}polyline")) == 2
+    assert len(svg.findall(f"{ns}circle")) >= 2
+    assert "compare.svg" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_line_chart_svg_scales_and_rejects_empty():
+    svg = line_chart_svg({"a": [(0, 1.0), (10, 3.0)], "b": [(0, 2.0), (5, float("nan"))]},
+                         points={"end": (10, 2.5)}, title="t <&>", x_label="x", y_label="y")
+    root = ET.fromstring(svg)  # well-formed, title escaped
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = root.findall(f"{ns}polyline")
+    assert len(lines) == 2 and len(lines[1].get("points").split()) == 1  # the NaN point is dropped
+    assert nice_ticks(0, 10) == [0, 2, 4, 6, 8, 10]
+    assert nice_ticks(2.3, 7.9)[0] <= 2.3 and nice_ticks(2.3, 7.9)[-1] >= 7.9
+    with pytest.raises(ValueError, match="nothing to draw"):
+        line_chart_svg({"a": []}, title="", x_label="", y_label="")
 
 
 # ------------------------------------------------------------------------------ CLI and demo

@@ -33,6 +33,7 @@ from .lm import (
     count_parameters,
     matched_byte_config,
 )
+from ..plot import line_chart_svg
 from .ops import word_boundaries
 
 __all__ = [
@@ -274,10 +275,12 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
     model.to(device).train()
     opt = _make_optimizer(model, cfg)
     state = {"step": 0, "train_time": 0.0, "bytes": 0, "words": 0, "backbone_tokens": 0, "seqs": 0}
+    curve: list[tuple[float, float]] = []  # (seconds trained, train bits/byte EMA) per step
     if ckpt is not None:
         if ckpt.get("optimizer") is not None:
             opt.load_state_dict(ckpt["optimizer"])
         state.update(ckpt["state"].get("counters", {}))
+        curve = [tuple(p) for p in ckpt["state"].get("curve", [])]
         if "numpy_rng" in ckpt["state"]:
             rng.bit_generator.state = ckpt["state"]["numpy_rng"]
         if "torch_rng" in ckpt["state"]:
@@ -288,7 +291,8 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
         f"{cfg.batch_size} x {cfg.seq_len} bytes per step")
 
     def checkpoint_state():
-        return {"counters": dict(state), "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+        return {"counters": dict(state), "curve": _thin(curve, 2000), "numpy_rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state()}
 
     ckpt_path = Path(cfg.out) / CHECKPOINT_NAME if cfg.out else None
     if cfg.out:
@@ -331,6 +335,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
             state["seqs"] += int(out["n_seqs"])
             ema_loss = loss if ema_loss is None else 0.95 * ema_loss + 0.05 * loss
             ema_bpb = bpb if ema_bpb is None else 0.95 * ema_bpb + 0.05 * bpb
+            curve.append((state["train_time"], ema_bpb))
             bar.update(max(0.0, min(dt, cfg.time_budget - bar.n)) if bar_seconds else 1)  # n > total breaks tqdm
             bar.set_postfix({"loss": f"{ema_loss:.3f}", "bpb": f"{ema_bpb:.3f}",
                              "B/s": f"{state['bytes'] / state['train_time']:.0f}", "lr": f"{lr:.1e}"},
@@ -367,11 +372,19 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
         "torch_threads": torch.get_num_threads(),
         "model_config": asdict(model.config),
         "corpus": corpus.describe(),
+        "curve": _thin(curve, 200),
     }
     if cfg.out:
         (Path(cfg.out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     report["_model"] = model  # for callers in the same process (not serialized)
     return report
+
+
+def _thin(points: list, n: int) -> list:
+    """At most n points, evenly spaced by index, the first and last included."""
+    if len(points) <= n:
+        return list(points)
+    return [points[round(i * (len(points) - 1) / (n - 1))] for i in range(n)]
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -414,6 +427,15 @@ def format_compare(reports: list[dict[str, Any]], markdown: bool = False) -> str
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
 
 
+def compare_chart(reports: list[dict[str, Any]]) -> str:
+    """SVG learning curves: each model's training bits/byte (EMA) against seconds trained,
+    and its held-out bits/byte as a dot at the end."""
+    series = {f"{r['model']} (train, EMA)": r.get("curve", []) for r in reports}
+    points = {f"{r['model']} held-out": (r["train_time_s"], r["heldout_bpb"]) for r in reports}
+    return line_chart_svg(series, points=points, title="hierarchical vs byte-level LM, same wall time",
+                          x_label="seconds trained", y_label="bits per byte")
+
+
 def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callable[[str], None] = print,
             models: tuple[str, ...] = ("hier", "byte")) -> dict[str, Any]:
     """Train each model of `models` with the same data, budget and settings; print and
@@ -443,6 +465,8 @@ def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callab
         md = [f"# tokcore compare ({base.time_budget or '-'}s budget, {base.steps or '-'} steps, "
               f"{base.batch_size} x {base.seq_len} bytes/step, device {reports[0]['device']})", "",
               format_compare(reports, markdown=True), "", f"corpus: {corpus.describe()}", ""]
+        (out / "compare.svg").write_text(compare_chart(reports))
+        md[2:2] = ["![held-out and training bits/byte against training time](compare.svg)", ""]
         (out / "compare.md").write_text("\n".join(md))
-        log(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
+        log(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and {out / 'compare.svg'} (learning curves)")
     return result
