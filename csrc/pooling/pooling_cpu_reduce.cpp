@@ -35,7 +35,8 @@ inline void reduce_tile(const T* x, int64_t D, int64_t begin, int64_t end, int64
 // Accumulator vectors (GCC/Clang vector extensions) of the build's width: 16 bytes
 // (SSE2, the x86-64 baseline), 32 bytes (AVX2) or 64 bytes (AVX-512). The
 // compiler does not keep a scalar accumulator array in registers across the row
-// loop; these do, and run 2x faster (measured 17 vs 9 GB/s on one core for f32 mean, D = 256, SSE2).
+// loop; these do, and run 2x faster (measured 17 vs 9 GB/s on one core for f32
+// mean, D = 256, SSE2).
 // Sums are formed in the same order as the scalar path: the results are
 // bitwise the same in every variant.
 #if defined(__AVX512F__)
