@@ -31,6 +31,10 @@ fi
 # and Python. Without it, build from source for the GPU at hand only.
 wheel=$(ls wheelhouse/tokcore-*.whl 2>/dev/null | head -n 1 || true)
 installed=0
+if [ -n "$wheel" ] && [ "$(cat wheelhouse/SOURCE_HASH 2>/dev/null)" != "$(bash scripts/source_hash.sh)" ]; then
+  stamp "WARNING: $wheel was built from other sources than this tree (wheelhouse/SOURCE_HASH); building from source instead"
+  wheel=""
+fi
 if [ -n "$wheel" ]; then
   stamp "installing the CPU machine's wheel $wheel"
   if $PY -m pip install --no-deps --no-index "$wheel" > "$OUT/build.log" 2>&1; then

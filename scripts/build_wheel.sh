@@ -27,6 +27,9 @@ if [ -n "$plat" ]; then
   wheel=$(ls wheelhouse/tokcore-*.whl)
   echo "[wheel] repaired: $wheel"
 fi
+mkdir -p wheelhouse
+[ -e wheelhouse/$(basename "$wheel") ] || cp "$wheel" wheelhouse/
+bash scripts/source_hash.sh > wheelhouse/SOURCE_HASH  # gpu_check.sh tests this wheel only if it matches
 [ "${SKIP_WHEEL_TESTS:-0}" = 1 ] && exit 0
 
 fresh=$(mktemp -d)/venv
