@@ -109,11 +109,17 @@ def write_results(tables: list[Table], device: torch.device, command: str) -> Pa
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     header = (f"## {stamp}: `{command}`\n\n"
               f"torch {torch.__version__}, Python {sys.version.split()[0]}, "
-              f"{torch.get_num_threads()} CPU threads\n\n")
+              f"{torch.get_num_threads()} CPU threads, tokcore CPU kernels: {_tokcore_cpu_isa()}\n\n")
     separator = "\n" if path.exists() and path.stat().st_size else ""
     with path.open("a") as f:
         f.write(separator + header + "\n".join(t.markdown() for t in tables) + "\n")
     return path
+
+
+def _tokcore_cpu_isa() -> str:
+    import tokcore
+
+    return tokcore.cpu_isa()
 
 
 def gbps(nbytes: float, seconds: float) -> float:

@@ -4,6 +4,9 @@
 #include <torch/csrc/stable/library.h>
 
 STABLE_TORCH_LIBRARY(tokcore, m) {
+  // ---- about the build (csrc/common/info_ops.cpp)
+  m.def("_cpu_isa_level() -> int");
+
   // ---- pooling: bytes to words and back
   m.def("word_boundaries(Tensor bytes, Tensor cu_seqlens, int max_word_bytes, str mode) -> (Tensor, Tensor)");
   m.def("segment_reduce(Tensor x, Tensor offsets, str reduce) -> Tensor");

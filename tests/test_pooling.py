@@ -32,7 +32,7 @@ except ImportError:  # tests/ imported as a package
     from tests.reference import pooling as ref
 
 # A missing or broken build must fail the suite, never turn into skips.
-import tokcore  # noqa: F401,E402  (loads the library, registers torch.ops.tokcore.*)
+import tokcore  # noqa: E402  (loads the library, registers torch.ops.tokcore.*)
 from tokcore.pooling import (  # noqa: E402
     segment_expand,
     segment_pack,
@@ -1339,6 +1339,17 @@ def test_segment_reduce_cpu_isa_variants_agree_bitwise(monkeypatch, reduce, dtyp
         check_reduce(results["base"].view(dtype), x, offsets, reduce)
         for isa in ("avx512", "avx2"):
             assert torch.equal(results[isa], results["base"]), f"{isa} vs base, D={D}"
+
+
+def test_cpu_isa_reports_the_variant_in_use(monkeypatch):
+    # what benchmark reports print; TOKCORE_CPU_ISA caps it, the CPU's support too
+    monkeypatch.delenv("TOKCORE_CPU_ISA", raising=False)
+    best = tokcore.cpu_isa()
+    assert best in ("baseline", "avx2", "avx512")
+    monkeypatch.setenv("TOKCORE_CPU_ISA", "base")
+    assert tokcore.cpu_isa() == "baseline"
+    monkeypatch.setenv("TOKCORE_CPU_ISA", "avx2")
+    assert tokcore.cpu_isa() == ("baseline" if best == "baseline" else "avx2")
 
 
 def test_word_boundaries_accepts_python_text():

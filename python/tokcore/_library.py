@@ -36,3 +36,12 @@ torch.ops.load_library(str(LIBRARY_PATH))
 def has_cuda_kernels() -> bool:
     """Whether this build of tokcore contains CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("tokcore::segment_reduce", "CUDA")
+
+
+_CPU_ISA_NAMES = {0: "baseline", 1: "avx2", 2: "avx512"}
+
+
+def cpu_isa() -> str:
+    """The instruction set of the CPU kernels built for several ("baseline", "avx2" or
+    "avx512"): the best this CPU runs, capped by TOKCORE_CPU_ISA=base|avx2."""
+    return _CPU_ISA_NAMES[int(torch.ops.tokcore._cpu_isa_level())]
