@@ -1332,6 +1332,8 @@ def test_segment_reduce_cpu_isa_variants_agree_bitwise(monkeypatch, reduce, dtyp
         x = (torch.randn(40, D, generator=g, dtype=torch.float64) * 3).to(dtype)
         x[0, 0] = float("nan")
         x[1, -1] = float("inf")
+        x[3:10] *= 1e-6 if dtype == torch.float16 else 1e-39  # a segment of subnormal results
+        x[11:14] = 6e4 if dtype == torch.float16 else 3e38  # sums that overflow to inf
         results = {}
         for isa in ("avx512", "avx2", "base"):
             monkeypatch.setenv("TOKCORE_CPU_ISA", isa)

@@ -35,6 +35,7 @@ void BM_SegmentReduceMean(benchmark::State& state) {
 }
 BENCHMARK(BM_SegmentReduceMean<float, DType::kFloat32>)->Args({1 << 16, 256})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_SegmentReduceMean<bf16_t, DType::kBFloat16>)->Args({1 << 16, 256})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_SegmentReduceMean<f16_t, DType::kFloat16>)->Args({1 << 16, 256})->Unit(benchmark::kMillisecond);
 
 void BM_SegmentExpand(benchmark::State& state) {
   const int64_t T = state.range(0), D = state.range(1);

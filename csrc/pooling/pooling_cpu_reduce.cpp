@@ -7,6 +7,10 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "pooling_kernels.h"
 
 #ifndef TOKCORE_CPU_ISA_NAMESPACE
@@ -96,6 +100,45 @@ template <> struct Lanes<bf16_t> {
     }
   };
 };
+// f16: the AVX2 and AVX-512 builds convert a whole vector at a time with F16C
+// (exact widening; narrowing rounds to nearest even, as float_to_f16 does, so
+// the results match the baseline bitwise); the baseline converts lane by lane.
+#if defined(__AVX512F__) || defined(__AVX2__)
+template <> struct Lanes<f16_t> {
+  static constexpr int N = kVecBytes / 4;  // one load of N halves fills one float vector
+  struct Acc {
+    f32xN v = {};
+    void add(const f16_t* p) {
+#if defined(__AVX512F__)
+      __m256i h;
+      std::memcpy(&h, p, sizeof h);
+      const __m512 f = _mm512_cvtph_ps(h);
+#else
+      __m128i h;
+      std::memcpy(&h, p, sizeof h);
+      const __m256 f = _mm256_cvtph_ps(h);
+#endif
+      f32xN x;
+      std::memcpy(&x, &f, sizeof x);
+      v += x;
+    }
+    void store(f16_t* p, float divisor) const {
+      const f32xN r = v / divisor;
+      constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+#if defined(__AVX512F__)
+      __m512 f;
+      std::memcpy(&f, &r, sizeof f);
+      const __m256i h = _mm512_cvtps_ph(f, kRound);
+#else
+      __m256 f;
+      std::memcpy(&f, &r, sizeof f);
+      const __m128i h = _mm256_cvtps_ph(f, kRound);
+#endif
+      std::memcpy(p, &h, sizeof h);
+    }
+  };
+};
+#else
 template <> struct Lanes<f16_t> {  // no f16 conversion in the baseline ISA: lane by lane
   static constexpr int N = kVecBytes / 4;
   struct Acc {
@@ -108,6 +151,7 @@ template <> struct Lanes<f16_t> {  // no f16 conversion in the baseline ISA: lan
     }
   };
 };
+#endif
 
 // Sums rows [begin, end) of features [d0, d0 + kLoads * N) for as many whole
 // tiles as fit, advancing d0. The row loop is short (a word has a few bytes), so
