@@ -1334,6 +1334,9 @@ def test_segment_reduce_cpu_isa_variants_agree_bitwise(monkeypatch, reduce, dtyp
         x[1, -1] = float("inf")
         x[3:10] *= 1e-6 if dtype == torch.float16 else 1e-39  # a segment of subnormal results
         x[11:14] = 6e4 if dtype == torch.float16 else 3e38  # sums that overflow to inf
+        if D > 1:  # a signalling NaN with a payload (not torch's canonical quiet NaN)
+            x.view(bits)[4, 1] = {torch.float16: 0x7C01, torch.bfloat16: 0x7F81,
+                                  torch.float32: 0x7F800001, torch.float64: 0x7FF0000000000001}[dtype]
         results = {}
         for isa in ("avx512", "avx2", "base"):
             monkeypatch.setenv("TOKCORE_CPU_ISA", isa)

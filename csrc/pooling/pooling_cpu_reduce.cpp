@@ -22,8 +22,8 @@ namespace pooling {
 namespace TOKCORE_CPU_ISA_NAMESPACE {
 namespace {
 
-// Reduces rows [begin, end) of features [d0, d0 + W): the generic path (max/min,
-// and the last D % width features of sum/mean).
+// Reduces rows [begin, end) of features [d0, d0 + W) with scalar code: the last
+// D % N features, where no whole vector fits.
 template <typename T, Reduce R, int W>
 inline void reduce_tile(const T* x, int64_t D, int64_t begin, int64_t end, int64_t d0, T* out) {
   using A = acc_t<T>;
@@ -66,111 +66,129 @@ inline u32xN bf16_bits(f32xN v) {
   return ((u & 0x7fffffffu) > 0x7f800000u) ? quiet_nan : rounded;
 }
 
-// Lanes<T>: how one load of T features is accumulated. N features per load;
-// Acc::add accumulates a load of a row, Acc::store writes the N results.
+// Lanes<T>: how one load of N features of T becomes K accumulator vectors (V, of
+// acc_t<T> lanes) and how K vectors go back to N features. Every conversion is
+// exact or rounds as the scalar from_acc<T> does, so each variant gives the
+// scalar path's bits.
 template <typename T> struct Lanes;
 // float and double: the features are the accumulator's own type, loaded as is.
 template <typename T, typename VecT>
 struct NativeLanes {
-  static constexpr int N = kVecBytes / int(sizeof(T));
-  struct Acc {
-    VecT v = {};
-    void add(const T* p) { VecT x; std::memcpy(&x, p, sizeof x); v += x; }
-    void store(T* p, T divisor) const { const VecT r = v / divisor; std::memcpy(p, &r, sizeof r); }
-  };
+  using V = VecT;
+  static constexpr int N = kVecBytes / int(sizeof(T)), K = 1;
+  static void load(const T* p, V* v) { std::memcpy(v, p, sizeof(V)); }
+  static void store(T* p, const V* v) { std::memcpy(p, v, sizeof(V)); }
 };
 template <> struct Lanes<float> : NativeLanes<float, f32xN> {};
 template <> struct Lanes<double> : NativeLanes<double, f64xN> {};
 // bf16: a 32-bit lane holds two neighbours; the even one is its low half shifted
-// up, the odd one its high half masked: one load, a shift and a mask per 2N
-// features, and no shuffles, since the results are interleaved back the same way.
+// up, the odd one its high half masked: one load, a shift and a mask per 2
+// vectors, and no shuffles, since the results are interleaved back the same way.
 template <> struct Lanes<bf16_t> {
-  static constexpr int N = kVecBytes / 2;
-  struct Acc {
-    f32xN even = {}, odd = {};
-    void add(const bf16_t* p) {
-      u32xN w;
-      std::memcpy(&w, p, sizeof w);
-      even += as_f32(w << 16);
-      odd += as_f32(w & 0xffff0000u);
-    }
-    void store(bf16_t* p, float divisor) const {
-      const u32xN packed = bf16_bits(even / divisor) | (bf16_bits(odd / divisor) << 16);
-      std::memcpy(p, &packed, sizeof packed);
-    }
-  };
+  using V = f32xN;
+  static constexpr int N = kVecBytes / 2, K = 2;
+  static void load(const bf16_t* p, V* v) {
+    u32xN w;
+    std::memcpy(&w, p, sizeof w);
+    v[0] = as_f32(w << 16);
+    v[1] = as_f32(w & 0xffff0000u);
+  }
+  static void store(bf16_t* p, const V* v) {
+    const u32xN packed = bf16_bits(v[0]) | (bf16_bits(v[1]) << 16);
+    std::memcpy(p, &packed, sizeof packed);
+  }
 };
 // f16: the AVX2 and AVX-512 builds convert a whole vector at a time with F16C
-// (exact widening; narrowing rounds to nearest even, as float_to_f16 does, so
-// the results match the baseline bitwise); the baseline converts lane by lane.
+// (exact widening; narrowing rounds to nearest even as float_to_f16 does, and
+// NaN is made canonical first, as float_to_f16 makes it); the baseline converts
+// lane by lane.
 #if defined(__AVX512F__) || defined(__AVX2__)
 template <> struct Lanes<f16_t> {
-  static constexpr int N = kVecBytes / 4;  // one load of N halves fills one float vector
-  struct Acc {
-    f32xN v = {};
-    void add(const f16_t* p) {
+  using V = f32xN;
+  static constexpr int N = kVecBytes / 4, K = 1;  // N halves fill one float vector
+  static void load(const f16_t* p, V* v) {
 #if defined(__AVX512F__)
-      __m256i h;
-      std::memcpy(&h, p, sizeof h);
-      const __m512 f = _mm512_cvtph_ps(h);
+    __m256i h;
+    std::memcpy(&h, p, sizeof h);
+    const __m512 f = _mm512_cvtph_ps(h);
 #else
-      __m128i h;
-      std::memcpy(&h, p, sizeof h);
-      const __m256 f = _mm256_cvtph_ps(h);
+    __m128i h;
+    std::memcpy(&h, p, sizeof h);
+    const __m256 f = _mm256_cvtph_ps(h);
 #endif
-      f32xN x;
-      std::memcpy(&x, &f, sizeof x);
-      v += x;
-    }
-    void store(f16_t* p, float divisor) const {
-      const f32xN r = v / divisor;
-      constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    std::memcpy(v, &f, sizeof f);
+  }
+  static void store(f16_t* p, const V* v) {
+    const u32xN u = as_u32(v[0]);
+    const V r = (v[0] != v[0]) ? as_f32((u & 0x80000000u) | 0x7fc00000u) : v[0];
+    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 #if defined(__AVX512F__)
-      __m512 f;
-      std::memcpy(&f, &r, sizeof f);
-      const __m256i h = _mm512_cvtps_ph(f, kRound);
+    __m512 f;
+    std::memcpy(&f, &r, sizeof f);
+    const __m256i h = _mm512_cvtps_ph(f, kRound);
 #else
-      __m256 f;
-      std::memcpy(&f, &r, sizeof f);
-      const __m128i h = _mm256_cvtps_ph(f, kRound);
+    __m256 f;
+    std::memcpy(&f, &r, sizeof f);
+    const __m128i h = _mm256_cvtps_ph(f, kRound);
 #endif
-      std::memcpy(p, &h, sizeof h);
-    }
-  };
+    std::memcpy(p, &h, sizeof h);
+  }
 };
 #else
 template <> struct Lanes<f16_t> {  // no f16 conversion in the baseline ISA: lane by lane
-  static constexpr int N = kVecBytes / 4;
-  struct Acc {
-    f32xN v = {};
-    void add(const f16_t* p) {
-      for (int j = 0; j < N; ++j) v[j] += f16_to_float(p[j]);
-    }
-    void store(f16_t* p, float divisor) const {
-      for (int j = 0; j < N; ++j) p[j] = float_to_f16(v[j] / divisor);
-    }
-  };
+  using V = f32xN;
+  static constexpr int N = kVecBytes / 4, K = 1;
+  static void load(const f16_t* p, V* v) {
+    for (int j = 0; j < N; ++j) (*v)[j] = f16_to_float(p[j]);
+  }
+  static void store(f16_t* p, const V* v) {
+    for (int j = 0; j < N; ++j) p[j] = float_to_f16((*v)[j]);
+  }
 };
 #endif
 
-// Sums rows [begin, end) of features [d0, d0 + kLoads * N) for as many whole
-// tiles as fit, advancing d0. The row loop is short (a word has a few bytes), so
-// each accumulator's add chain is latency-bound; a wide tile keeps 16 chains in
-// flight and, for D * sizeof(T) up to 16 vectors, covers the whole row, so each
-// segment is read once, front to back. Measured on one core (Zen 5, D = 256,
-// make cpp-bench) against 8 chains: AVX-512 bf16 19.5 -> 35.3 GB/s, f32 37.7 ->
-// 41.1; AVX2 bf16 13.9 -> 17.9, f32 28.8 -> 31.3; SSE2 bf16 11.2 -> 16.4, f32 the
-// same (17), despite the register spills that 16 chains cost there.
-template <typename T, int kLoads>
-inline void sum_tiles(const T* x, int64_t D, RowRange rows, acc_t<T> divisor, int64_t& d0, T* out) {
+// reduce_combine (tokcore/pooling/segment.h) on every lane: the same choices, so
+// the same bits (max/min keep the first NaN, and the earlier value on ties).
+template <Reduce R, typename V>
+inline V combine(V acc, V x) {
+  if constexpr (R == Reduce::kSum || R == Reduce::kMean) {
+    return acc + x;
+  } else {
+    const auto better = R == Reduce::kMax ? (x > acc) : (x < acc);
+    return (acc != acc) ? acc : ((x != x) ? x : (better ? x : acc));
+  }
+}
+
+// Reduces rows [begin, end) of features [d0, d0 + kLoads * N) for as many whole
+// tiles as fit, advancing d0 (rows non-empty for max/min: see reduce_rows). The
+// row loop is short (a word has a few bytes), so each accumulator's chain is
+// latency-bound; a wide tile keeps 16 chains in flight and, for D * sizeof(T)
+// up to 16 vectors, covers the whole row, so each segment is read once, front to
+// back. Measured on one core (Zen 5, D = 256, make cpp-bench, mean) against 8
+// chains: AVX-512 bf16 19.5 -> 35.3 GB/s, f32 37.7 -> 41.1; AVX2 bf16 13.9 ->
+// 17.9, f32 28.8 -> 31.3; SSE2 bf16 11.2 -> 16.4, f32 the same (17), despite the
+// register spills that 16 chains cost there.
+template <typename T, Reduce R, int kLoads>
+inline void reduce_tiles(const T* x, int64_t D, RowRange rows, acc_t<T> divisor, int64_t& d0, T* out) {
   using L = Lanes<T>;
+  using V = typename L::V;
   for (; d0 + kLoads * L::N <= D; d0 += kLoads * L::N) {
-    typename L::Acc acc[kLoads];
+    V acc[kLoads][L::K];
+    for (int k = 0; k < kLoads; ++k)
+      for (int j = 0; j < L::K; ++j) acc[k][j] = V{} + reduce_identity<R, acc_t<T>>();
     for (int64_t t = rows.begin; t < rows.end; ++t) {
       const T* row = x + t * D + d0;
-      for (int k = 0; k < kLoads; ++k) acc[k].add(row + k * L::N);
+      for (int k = 0; k < kLoads; ++k) {
+        V v[L::K];
+        L::load(row + k * L::N, v);
+        for (int j = 0; j < L::K; ++j) acc[k][j] = combine<R>(acc[k][j], v[j]);
+      }
     }
-    for (int k = 0; k < kLoads; ++k) acc[k].store(out + d0 + k * L::N, divisor);
+    for (int k = 0; k < kLoads; ++k) {
+      if (R == Reduce::kMean)
+        for (int j = 0; j < L::K; ++j) acc[k][j] = acc[k][j] / divisor;
+      L::store(out + d0 + k * L::N, acc[k]);
+    }
   }
 }
 
@@ -179,22 +197,21 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
                  int64_t D, T* y) {
   using A = acc_t<T>;
   // Loads per wide tile: 16 accumulator vectors (bf16 fills two per load).
-  constexpr int kWideLoads = std::is_same_v<T, bf16_t> ? 8 : 16;
-  constexpr bool kSumLike = R == Reduce::kSum || R == Reduce::kMean;
+  constexpr int kWideLoads = 16 / Lanes<T>::K;
   parallel_for(rt, 0, S, segment_grain(S, T_, D), [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const RowRange rows = segment_rows(offsets, s, T_);
       const int64_t count = rows.end - rows.begin;
       T* out = y + s * D;
-      int64_t d0 = 0;
-      if (kSumLike) {
-        const A divisor = (R == Reduce::kMean && count > 0) ? A(count) : A(1);
-        sum_tiles<T, kWideLoads>(x, D, rows, divisor, d0, out);
-        sum_tiles<T, 4>(x, D, rows, divisor, d0, out);  // what is left of whole vectors:
-        sum_tiles<T, 1>(x, D, rows, divisor, d0, out);  // 4 chains, then 1
-      } else {
-        for (; d0 + 32 <= D; d0 += 32) reduce_tile<T, R, 32>(x, D, rows.begin, rows.end, d0, out);
+      if (count == 0) {  // every reduce gives 0 (max/min would give their identity)
+        std::memset(static_cast<void*>(out), 0, sizeof(T) * size_t(D));
+        continue;
       }
+      const A divisor = A(count);  // used by mean only
+      int64_t d0 = 0;
+      reduce_tiles<T, R, kWideLoads>(x, D, rows, divisor, d0, out);
+      reduce_tiles<T, R, 4>(x, D, rows, divisor, d0, out);  // what is left of whole
+      reduce_tiles<T, R, 1>(x, D, rows, divisor, d0, out);  // vectors: 4 chains, then 1
       for (; d0 < D; ++d0) reduce_tile<T, R, 1>(x, D, rows.begin, rows.end, d0, out);
     }
   });
