@@ -76,8 +76,15 @@ template <typename T, typename VecT>
 struct NativeLanes {
   using V = VecT;
   static constexpr int N = kVecBytes / int(sizeof(T)), K = 1;
-  static void load(const T* p, V* v) { std::memcpy(v, p, sizeof(V)); }
-  static void store(T* p, const V* v) { std::memcpy(p, v, sizeof(V)); }
+  static void load(const T* p, V* v) {
+    V x;
+    std::memcpy(&x, p, sizeof x);
+    v[0] = x;
+  }
+  static void store(T* p, const V* v) {
+    const V r = v[0];  // (a copy: memcpy straight from v compiles to scalar moves)
+    std::memcpy(p, &r, sizeof r);
+  }
 };
 template <> struct Lanes<float> : NativeLanes<float, f32xN> {};
 template <> struct Lanes<double> : NativeLanes<double, f64xN> {};
@@ -185,9 +192,9 @@ inline void reduce_tiles(const T* x, int64_t D, RowRange rows, acc_t<T> divisor,
       }
     }
     for (int k = 0; k < kLoads; ++k) {
-      if (R == Reduce::kMean)
-        for (int j = 0; j < L::K; ++j) acc[k][j] = acc[k][j] / divisor;
-      L::store(out + d0 + k * L::N, acc[k]);
+      V result[L::K];
+      for (int j = 0; j < L::K; ++j) result[j] = R == Reduce::kMean ? acc[k][j] / divisor : acc[k][j];
+      L::store(out + d0 + k * L::N, result);
     }
   }
 }
