@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 import sysconfig
+import threading
 import time
 
 import numpy as np
@@ -1344,6 +1345,72 @@ def test_segment_reduce_cpu_isa_variants_agree_bitwise(monkeypatch, reduce, dtyp
         check_reduce(results["base"].view(dtype), x, offsets, reduce)
         for isa in ("avx512", "avx2"):
             assert torch.equal(results[isa], results["base"]), f"{isa} vs base, D={D}"
+
+
+TORCH_HAS_FROM_BLOB_DELETER = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 11)
+needs_output_cache = pytest.mark.skipif(not TORCH_HAS_FROM_BLOB_DELETER,
+                                        reason="the CPU output cache needs torch >= 2.11")
+
+
+def _big_expand_case(seed=0):
+    # outputs of 2^16 x 128 float32 = 32 MB: above the 16 MB threshold of the cache
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 9, (12000,), generator=g)
+    offsets = torch.cat([t64([0]), lengths.cumsum(0)])
+    y = torch.randn(offsets.numel() - 1, 128, generator=g)
+    return y, offsets
+
+
+@needs_output_cache
+def test_cpu_output_cache_reuses_freed_outputs_and_never_aliases_live_ones(monkeypatch):
+    monkeypatch.delenv("TOKCORE_CPU_OUTPUT_CACHE_MB", raising=False)
+    y, offsets = _big_expand_case()
+    first = segment_expand(y, offsets)
+    assert not first.untyped_storage().resizable()  # a cached buffer
+    address = first.data_ptr()
+    second = segment_expand(y * 2, offsets)  # first is alive: another buffer
+    assert second.data_ptr() != address
+    expected = ref.segment_expand(y, offsets)
+    assert torch.equal(first, expected) and torch.equal(second, 2 * expected)
+    del first
+    third = segment_expand(y * 3, offsets)  # takes the buffer first gave back
+    assert third.data_ptr() == address
+    assert torch.equal(third, 3 * expected) and torch.equal(second, 2 * expected)
+    # backward outputs come from the cache too
+    x = ref.segment_expand(y, offsets).requires_grad_(True)
+    (grad,) = torch.autograd.grad(segment_reduce(x, offsets, "mean").sum(), x)
+    counts = (offsets[1:] - offsets[:-1]).clamp(min=1).to(torch.float32)
+    assert torch.equal(grad, ref.segment_expand((1 / counts)[:, None].expand(-1, 128), offsets))
+
+
+@needs_output_cache
+def test_cpu_output_cache_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("TOKCORE_CPU_OUTPUT_CACHE_MB", "0")
+    y, offsets = _big_expand_case(1)
+    out = segment_expand(y, offsets)
+    assert out.untyped_storage().resizable()  # torch's own allocation
+    assert torch.equal(out, ref.segment_expand(y, offsets))
+
+
+@needs_output_cache
+def test_cpu_output_cache_is_thread_safe(monkeypatch):
+    monkeypatch.delenv("TOKCORE_CPU_OUTPUT_CACHE_MB", raising=False)
+    y, offsets = _big_expand_case(2)
+    expected = ref.segment_expand(y, offsets)
+    errors = []
+
+    def work(k):
+        for i in range(6):
+            out = segment_expand(y * (k + i), offsets)
+            if not torch.equal(out, expected * (k + i)):
+                errors.append((k, i))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
 
 
 def test_cpu_isa_reports_the_variant_in_use(monkeypatch):

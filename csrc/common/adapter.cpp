@@ -3,22 +3,146 @@
 #include <dlfcn.h>
 
 #include <cstdlib>
+#include <mutex>
 #include <string>
-#if defined(__linux__)
+#include <vector>
+
 #include <sys/mman.h>
-#endif
 
 namespace tokcore {
 namespace adapter {
 
-void advise_huge_pages(const Tensor& fresh_cpu_output) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
+namespace {
+
+constexpr size_t kHugePage = size_t(1) << 21;
+constexpr size_t kCachedOutputMinBytes = size_t(16) << 20;
+
+bool huge_pages_enabled() {
   static const bool enabled = [] {
     const char* env = std::getenv("TOKCORE_CPU_HUGE_PAGES");
     return env == nullptr || std::string(env) != "0";
   }();
-  if (!enabled) return;
-  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
+  return enabled;
+}
+
+// Bytes of freed outputs the cache may keep (read on every call: cheap next to a
+// >= 16 MB output, and lets tests and users change it at run time).
+size_t output_cache_limit() {
+  const char* env = std::getenv("TOKCORE_CPU_OUTPUT_CACHE_MB");
+  if (env == nullptr || *env == '\0') return size_t(2048) << 20;
+  char* end = nullptr;
+  const long long mb = std::strtoll(env, &end, 10);
+  return (end == env || mb <= 0) ? 0 : size_t(mb) << 20;
+}
+
+// A function of torch's shim that this torch may lack, or null. Python loads
+// torch's libraries with RTLD_LOCAL, so a global lookup can miss them: then the
+// already loaded library is asked by name.
+void* torch_symbol(const char* name, const char* library) {
+  void* sym = dlsym(RTLD_DEFAULT, name);
+  if (sym == nullptr) {
+    if (void* lib = dlopen(library, RTLD_LAZY | RTLD_NOLOAD)) sym = dlsym(lib, name);
+  }
+  return sym;
+}
+
+// torch_from_blob (torch >= 2.11): a tensor over our buffer whose deleter we choose.
+using FromBlobFn = AOTITorchError (*)(void*, int64_t, const int64_t*, const int64_t*, int64_t, int32_t,
+                                      int32_t, int32_t, AtenTensorHandle*, int32_t, const uint8_t*,
+                                      int64_t, void (*)(void*, void*), void*);
+FromBlobFn from_blob_with_deleter() {
+  static const FromBlobFn fn = reinterpret_cast<FromBlobFn>(torch_symbol("torch_from_blob", "libtorch_cpu.so"));
+  return fn;
+}
+
+// Freed output buffers, by size (a multiple of the huge page size), oldest
+// evicted first. Buffers are anonymous mappings, so unused memory goes straight
+// back to the OS on eviction. Leaked on purpose: tensors may be freed after
+// static destructors ran.
+class OutputCache {
+ public:
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (size_t i = idle_.size(); i-- > 0;) {  // the most recently freed first: warm
+        if (idle_[i].bytes == bytes) {
+          void* p = idle_[i].ptr;
+          idle_bytes_ -= bytes;
+          idle_.erase(idle_.begin() + std::ptrdiff_t(i));
+          return p;
+        }
+      }
+    }
+    // Map a huge page more than needed and trim both ends, so that the buffer
+    // starts on a huge page boundary and every page of it can be a huge page.
+    void* raw = mmap(nullptr, bytes + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                     -1, 0);
+    if (raw == MAP_FAILED) return nullptr;
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(raw);
+    const uintptr_t aligned = (begin + kHugePage - 1) & ~uintptr_t(kHugePage - 1);
+    if (aligned > begin) munmap(raw, aligned - begin);
+    const uintptr_t tail = begin + bytes + kHugePage - (aligned + bytes);
+    if (tail > 0) munmap(reinterpret_cast<void*>(aligned + bytes), tail);
+    void* p = reinterpret_cast<void*>(aligned);
+#if defined(MADV_HUGEPAGE)
+    if (huge_pages_enabled()) madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+    return p;
+  }
+
+  void give(void* p, size_t bytes) {
+    const size_t limit = output_cache_limit();
+    std::vector<Buffer> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      idle_.push_back(Buffer{p, bytes});
+      idle_bytes_ += bytes;
+      while (idle_bytes_ > limit && !idle_.empty()) {
+        evicted.push_back(idle_.front());
+        idle_bytes_ -= idle_.front().bytes;
+        idle_.erase(idle_.begin());
+      }
+    }
+    for (const Buffer& b : evicted) munmap(b.ptr, b.bytes);
+  }
+
+ private:
+  struct Buffer {
+    void* ptr;
+    size_t bytes;
+  };
+  std::mutex mu_;
+  std::vector<Buffer> idle_;
+  size_t idle_bytes_ = 0;
+};
+
+OutputCache& output_cache() {
+  static OutputCache* cache = new OutputCache();
+  return *cache;
+}
+
+// Bytes per element of the dtypes tokcore's ops return (0: not cached).
+size_t element_size(ScalarType type) {
+  switch (type) {
+    case ScalarType::Double:
+    case ScalarType::Long: return 8;
+    case ScalarType::Float:
+    case ScalarType::Int: return 4;
+    case ScalarType::BFloat16:
+    case ScalarType::Half: return 2;
+    case ScalarType::Byte:
+    case ScalarType::Bool: return 1;
+    default: return 0;
+  }
+}
+
+void return_to_cache(void* data, void* ctx) { output_cache().give(data, reinterpret_cast<size_t>(ctx)); }
+
+}  // namespace
+
+void advise_huge_pages(const Tensor& fresh_cpu_output) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (!huge_pages_enabled()) return;
   const uintptr_t nbytes = uintptr_t(fresh_cpu_output.numel()) * fresh_cpu_output.element_size();
   if (nbytes < 8 * kHugePage) return;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(fresh_cpu_output.data_ptr());
@@ -30,16 +154,46 @@ void advise_huge_pages(const Tensor& fresh_cpu_output) {
 #endif
 }
 
+Tensor new_output(const Tensor& like, std::initializer_list<int64_t> sizes,
+                  std::optional<ScalarType> dtype) {
+  const ScalarType type = dtype.value_or(like.scalar_type());
+  std::vector<int64_t> shape(sizes);
+  if (like.is_cpu()) {
+    int64_t numel = 1;
+    for (int64_t n : shape) numel *= n;
+    const size_t bytes = size_t(numel) * element_size(type);
+    const FromBlobFn from_blob = from_blob_with_deleter();
+    if (bytes >= kCachedOutputMinBytes && from_blob != nullptr && output_cache_limit() > 0) {
+      const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+      if (void* p = output_cache().take(rounded)) {
+        std::vector<int64_t> strides(shape.size());
+        int64_t stride = 1;
+        for (size_t i = shape.size(); i-- > 0;) {
+          strides[i] = stride;
+          stride *= shape[i];
+        }
+        AtenTensorHandle handle = nullptr;
+        const AOTITorchError err = from_blob(
+            p, int64_t(shape.size()), shape.data(), strides.data(), 0,
+            torch::stable::detail::to<int32_t>(torch::stable::detail::from(type)),
+            aoti_torch_device_type_cpu(), /*device_index=*/-1, &handle, aoti_torch_layout_strided(), nullptr, 0,
+            &return_to_cache, reinterpret_cast<void*>(rounded));
+        if (err == AOTI_TORCH_SUCCESS) return Tensor(handle);
+        output_cache().give(p, rounded);
+      }
+    }
+  }
+  Tensor out = torch::stable::new_empty(like, torch::headeronly::IntHeaderOnlyArrayRef(shape), type);
+  if (out.is_cpu()) advise_huge_pages(out);
+  return out;
+}
+
 void* current_cuda_stream(int32_t device_index) {
   // aoti_torch_get_current_cuda_stream lives in libtorch_cuda, which a CPU-only
   // torch lacks: linking against it would make the library fail to load there.
   using GetStreamFn = int32_t (*)(int32_t, void**);
   static GetStreamFn get_stream = []() -> GetStreamFn {
-    void* sym = dlsym(RTLD_DEFAULT, "aoti_torch_get_current_cuda_stream");
-    if (sym == nullptr) {
-      void* lib = dlopen("libtorch_cuda.so", RTLD_LAZY | RTLD_NOLOAD);
-      if (lib != nullptr) sym = dlsym(lib, "aoti_torch_get_current_cuda_stream");
-    }
+    void* sym = torch_symbol("aoti_torch_get_current_cuda_stream", "libtorch_cuda.so");
     return reinterpret_cast<GetStreamFn>(sym);
   }();
   STD_TORCH_CHECK(get_stream != nullptr,

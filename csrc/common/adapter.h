@@ -12,6 +12,7 @@
 #include <torch/headeronly/util/Exception.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -120,6 +121,21 @@ inline Runtime cpu_runtime() {
   rt.parallel_for = &torch_parallel_for;
   return rt;
 }
+
+// A new contiguous output tensor of `sizes`, on like's device, of like's dtype
+// (or `dtype`). Large CPU outputs (>= 16 MB) come from the CPU output cache: a
+// buffer that an earlier output of the same size gave back when it was freed,
+// else fresh memory backed by huge pages. On the VMs here a fresh large buffer
+// costs more than the kernel that fills it (the OS zeroes it, and memory the VM
+// returned to its host faults back in: measured 250 ms instead of 13 ms for a
+// 107 MB output), and training loops ask for the same sizes every step. Cached
+// outputs are ordinary tensors except that their storage cannot grow
+// (`resize_` to a larger size fails, as for tensors made by `torch.from_numpy`).
+// TOKCORE_CPU_OUTPUT_CACHE_MB sets how much freed memory is kept for reuse
+// (default 2048; 0 turns the cache off). Needs torch >= 2.11 (torch_from_blob
+// with a deleter, looked up at run time); older torch gets plain outputs.
+Tensor new_output(const Tensor& like, std::initializer_list<int64_t> sizes,
+                  std::optional<ScalarType> dtype = std::nullopt);
 
 // Asks the kernel to back a large, not yet touched CPU output with transparent
 // huge pages. A fresh 1 GiB output otherwise costs ~260k page faults, which
