@@ -51,7 +51,8 @@ using FromBlobFn = AOTITorchError (*)(void*, int64_t, const int64_t*, const int6
                                       int32_t, int32_t, AtenTensorHandle*, int32_t, const uint8_t*,
                                       int64_t, void (*)(void*, void*), void*);
 FromBlobFn from_blob_with_deleter() {
-  static const FromBlobFn fn = reinterpret_cast<FromBlobFn>(torch_symbol("torch_from_blob", "libtorch_cpu.so"));
+  static const FromBlobFn fn =
+      reinterpret_cast<FromBlobFn>(torch_symbol("torch_from_blob", "libtorch_cpu.so"));
   return fn;
 }
 
@@ -92,6 +93,10 @@ class OutputCache {
 
   void give(void* p, size_t bytes) {
     const size_t limit = output_cache_limit();
+    if (bytes > limit) {  // would not fit even alone: keep the others
+      munmap(p, bytes);
+      return;
+    }
     std::vector<Buffer> evicted;
     {
       std::lock_guard<std::mutex> lock(mu_);
