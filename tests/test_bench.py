@@ -46,3 +46,16 @@ def test_cli_bench_runs_from_a_checkout(capsys):
     assert cli.main(["bench", "--family", "pooling", "--quick", "--no-save", "--repo", repo]) == 0
     assert "segment_reduce mean fwd" in capsys.readouterr().out
     assert cli.main(["bench", "--family", "nosuch", "--quick", "--repo", repo]) == 2
+
+
+def test_gpu_target_notes_judge_each_workload():
+    import bench_pooling
+    import harness
+
+    table = harness.Table("t", ["workload", "peer", "a", "b", "c", "d", "of copy ceiling"])
+    table.add("segment_reduce mean fwd bfloat16", "torch.segment_reduce", 1.0, 2.0, 2.0, 3.0, "86%")
+    table.add("segment_reduce mean bwd bfloat16", "torch.segment_reduce", 1.0, 2.0, 2.0, 3.0, "79%")
+    notes = bench_pooling.target_notes(table, bench_pooling.GPU_TARGETS)
+    assert notes[0].endswith("86% met")
+    assert notes[1].endswith("79% NOT MET")
+    assert notes[2].endswith("NOT MEASURED")  # segment_expand has no row here
