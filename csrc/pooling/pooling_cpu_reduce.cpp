@@ -1,6 +1,6 @@
 // The forward segment reduce on the CPU, built once per instruction set (CMake
 // compiles this file with TOKCORE_CPU_ISA_NAMESPACE = isa_base and, on x86-64,
-// isa_avx2 (-mavx2 -mfma) and isa_avx512 (x86-64-v4)); pooling_cpu.cpp picks
+// isa_avx2 (AVX2, FMA, F16C) and isa_avx512 (x86-64-v4)); pooling_cpu.cpp picks
 // one at run time.
 #include <algorithm>
 #include <cstdint>
