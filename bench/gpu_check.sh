@@ -43,6 +43,23 @@ if [ -n "$wheel" ]; then
     tail -n 5 "$OUT/build.log"; stamp "WHEEL INSTALL FAILED; building from source instead"
   fi
 fi
+# A one-op CUDA smoke test of the installed wheel, so that a wheel that installs
+# but cannot run here costs a rebuild, not the whole check.
+smoke='
+import torch, tokcore
+from tokcore.pooling import segment_reduce
+x = torch.randn(1000, 64, device="cuda")
+off = torch.tensor([0, 3, 3, 700, 1000], device="cuda")
+y = segment_reduce(x, off, "mean")
+ref = torch.stack([x[0:3].mean(0), torch.zeros(64, device="cuda"), x[3:700].mean(0), x[700:].mean(0)])
+assert torch.allclose(y, ref, atol=1e-5), float((y - ref).abs().max())
+print("CUDA smoke test passed")
+'
+if [ "$installed" = 1 ] && ! (cd /tmp && $PY -c "$smoke") >> "$OUT/build.log" 2>&1; then
+  tail -n 15 "$OUT/build.log"; stamp "THE WHEEL FAILED ITS CUDA SMOKE TEST; building from source instead"
+  $PY -m pip uninstall -y tokcore >> "$OUT/build.log" 2>&1
+  installed=0
+fi
 if [ "$installed" = 0 ]; then
   arch=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')
   export TOKCORE_CUDA=ON TOKCORE_CUDA_ARCHS="${arch}-real"
