@@ -6,6 +6,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "pooling_cpu_words.h"
 #include "pooling_kernels.h"
 #include "tokcore/common/cpu_isa.h"
 
@@ -67,8 +68,8 @@ int64_t word_boundaries_count_cpu(const Runtime& rt, const uint8_t* bytes, const
   parallel_for(rt, 0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       int64_t n = 0;
-      for_each_word_start_in_chunk(bytes, cu, B, total_bytes, kWordChunkBytesCpu, c, max_bytes, mode,
-                                   [&](int64_t) { ++n; });
+      for_each_word_start_in_chunk_cpu(bytes, cu, B, total_bytes, kWordChunkBytesCpu, c, max_bytes, mode,
+                                       [&](int64_t) { ++n; });
       chunk_counts[c] = n;
     }
   });
@@ -91,8 +92,8 @@ void word_boundaries_fill_cpu(const Runtime& rt, const uint8_t* bytes, const int
   parallel_for(rt, 0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       int64_t* out = word_offsets + chunk_counts[c];
-      for_each_word_start_in_chunk(bytes, cu, B, total_bytes, kWordChunkBytesCpu, c, max_bytes, mode,
-                                   [&](int64_t p) { *out++ = p; });
+      for_each_word_start_in_chunk_cpu(bytes, cu, B, total_bytes, kWordChunkBytesCpu, c, max_bytes, mode,
+                                       [&](int64_t p) { *out++ = p; });
     }
   });
   word_offsets[num_words] = total_bytes;

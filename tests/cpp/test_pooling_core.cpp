@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "pooling/pooling_cpu_words.h"
 #include "pooling/pooling_kernels.h"
 
 using namespace tokcore;
@@ -234,5 +235,40 @@ TEST(SegmentReduce, VectorPathMatchesScalarRulesForEveryDtype) {
         ASSERT_EQ(yb[s * D + d].bits, eb) << "bf16 s=" << s << " d=" << d;
         ASSERT_EQ(yh[s * D + d].bits, eh) << "f16 s=" << s << " d=" << d;
       }
+  }
+}
+
+// The CPU kernel's 64-byte mask walk (pooling_cpu_words.h) against the core's
+// byte-by-byte walk, chunk by chunk, on random streams: every class of byte,
+// multi-byte characters, long words, empty and one-byte sequences, and chunk
+// sizes that split blocks, words and sequences anywhere.
+TEST(WordBoundaries, MaskWalkMatchesTheCoreWalk) {
+  std::mt19937 rng(3);
+  const std::vector<uint8_t> alphabet = {' ', '\t', '\n', '\r', '\v', '\f', 'a', 'Z', '0', '_', '.',
+                                         ',', '(', 0x00, 0x7f, 0xC3, 0xA9, 0xE2, 0x82, 0xAC, 0x80, 0xFF};
+  for (int trial = 0; trial < 300; ++trial) {
+    const int64_t T = int64_t(rng() % 700);
+    std::vector<uint8_t> bytes(static_cast<size_t>(T));
+    const int run = 1 + int(rng() % 40);  // long runs of one byte make long words
+    for (size_t i = 0; i < bytes.size(); ++i)
+      bytes[i] = (i % run != 0 && rng() % 3 != 0) ? bytes[i - 1] : alphabet[rng() % alphabet.size()];
+    std::vector<int64_t> cu = {0};
+    while (cu.back() < T) cu.push_back(std::min<int64_t>(T, cu.back() + int64_t(rng() % 300)));
+    if (rng() % 4 == 0) cu.push_back(T);  // an empty last sequence
+    const int64_t B = int64_t(cu.size()) - 1;
+    const int64_t chunk_sizes[] = {1, 7, 63, 64, 65, 200, 4096};
+    const int64_t chunk = chunk_sizes[rng() % 7];
+    const int64_t max_bytes = int64_t(4 + rng() % 30);
+    for (WordMode mode : {WordMode::kSpace, WordMode::kBytes}) {
+      std::vector<int64_t> core, masks;
+      for (int64_t c = 0; c < num_word_chunks(T, chunk); ++c) {
+        for_each_word_start_in_chunk(bytes.data(), cu.data(), B, T, chunk, c, max_bytes, mode,
+                                     [&](int64_t p) { core.push_back(p); });
+        for_each_word_start_in_chunk_cpu(bytes.data(), cu.data(), B, T, chunk, c, max_bytes, mode,
+                                         [&](int64_t p) { masks.push_back(p); });
+      }
+      ASSERT_EQ(masks, core) << "trial " << trial << " T=" << T << " chunk=" << chunk
+                             << " max_bytes=" << max_bytes;
+    }
   }
 }
