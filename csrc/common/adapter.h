@@ -137,14 +137,6 @@ inline Runtime cpu_runtime() {
 Tensor new_output(const Tensor& like, std::initializer_list<int64_t> sizes,
                   std::optional<ScalarType> dtype = std::nullopt);
 
-// Asks the kernel to back a large, not yet touched CPU output with transparent
-// huge pages. A fresh 1 GiB output otherwise costs ~260k page faults, which
-// take longer than the kernel that fills it (measured: 0.35 s of faults against
-// 0.06 s to copy 1 GiB on the 2-core CI machine). A hint only: no effect on
-// results, ignored where THP is off; TOKCORE_CPU_HUGE_PAGES=0 turns it off
-// (defined in adapter.cpp).
-void advise_huge_pages(const Tensor& fresh_cpu_output);
-
 // The current CUDA stream of a device, looked up in libtorch_cuda at run time
 // so that the library also loads on a CPU-only torch (defined in adapter.cpp).
 void* current_cuda_stream(int32_t device_index);

@@ -114,7 +114,8 @@ TOKCORE_HD void for_each_word_start(const uint8_t* bytes, const int64_t* cu, int
 
 // The word starts owned by chunk c (bytes [c * chunk_bytes, + chunk_bytes) of the
 // flat stream): the body of the count and fill passes of word_boundaries, one
-// chunk per CPU task or CUDA thread.
+// chunk per CUDA thread. The CPU kernel finds the same starts 64 bytes at a time
+// (csrc/pooling/pooling_cpu_words.h), tested against this walk.
 template <typename Emit>
 TOKCORE_HD void for_each_word_start_in_chunk(const uint8_t* bytes, const int64_t* cu, int64_t B,
                                              int64_t total_bytes, int64_t chunk_bytes, int64_t c,
