@@ -4,7 +4,7 @@
 VENV ?= .venv
 export VENV
 
-.PHONY: setup demo test cpp-test cpp-bench bench wheel clean
+.PHONY: setup demo test cpp-test cpp-bench sanitize bench wheel clean
 
 setup:
 	bash scripts/setup.sh
@@ -24,6 +24,10 @@ cpp-test:
 
 cpp-bench: cpp-test
 	build/cpp/bench/cpp/tokcore_core_bench --benchmark_min_time=0.1
+
+# The C++ suite and the pooling tests on an ASan + UBSan build (CPU kernels), in build/asan.
+sanitize: setup
+	bash scripts/sanitize.sh
 
 bench: setup
 	$(VENV)/bin/tokcore bench

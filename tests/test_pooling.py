@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 import sysconfig
 import threading
 import time
@@ -1422,6 +1424,18 @@ def test_cpu_isa_reports_the_variant_in_use(monkeypatch):
     assert tokcore.cpu_isa() == "baseline"
     monkeypatch.setenv("TOKCORE_CPU_ISA", "avx2")
     assert tokcore.cpu_isa() == ("baseline" if best == "baseline" else "avx2")
+
+
+def test_tokcore_library_names_the_library_to_load(tmp_path):
+    # TOKCORE_LIBRARY (how scripts/sanitize.sh loads its ASan build) must name a file;
+    # a wrong path is an ImportError that names the variable, not a silent fallback
+    code = "import tokcore._library as l; print(l.LIBRARY_PATH)"
+    env = dict(os.environ, TOKCORE_LIBRARY=str(tmp_path / "missing.so"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "TOKCORE_LIBRARY" in r.stderr and "missing.so" in r.stderr
+    env["TOKCORE_LIBRARY"] = str(tokcore._library.LIBRARY_PATH)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == str(tokcore._library.LIBRARY_PATH)
 
 
 def test_word_boundaries_accepts_python_text():

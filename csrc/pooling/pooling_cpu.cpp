@@ -55,7 +55,8 @@ void reduce_backward_rows(const Runtime& rt, const T* grad_y, const T* x, const 
 
 template <typename T>
 void zero_rows(T* dst, int64_t count, int64_t D) {
-  std::memset(static_cast<void*>(dst), 0, sizeof(T) * count * D);
+  // An empty tensor's data pointer may be null, and memset(nullptr, ..., 0) is undefined.
+  if (count * D > 0) std::memset(static_cast<void*>(dst), 0, sizeof(T) * count * D);
 }
 
 }  // namespace

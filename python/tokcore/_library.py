@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from pathlib import Path
 
 import torch
@@ -11,6 +12,13 @@ _LIBRARY_NAME = "libtokcore_ops.so"
 
 
 def _find_library() -> Path:
+    # TOKCORE_LIBRARY names another build of the library to load (the sanitizer
+    # build of scripts/sanitize.sh, a debug build); it must exist.
+    override = os.environ.get("TOKCORE_LIBRARY")
+    if override:
+        if not Path(override).is_file():
+            raise ImportError(f"tokcore: TOKCORE_LIBRARY={override!r} is not a file")
+        return Path(override)
     # A regular install puts the library beside this file; an editable install
     # keeps the Python sources here and the library in site-packages.
     candidates = [Path(__file__).with_name(_LIBRARY_NAME)]
