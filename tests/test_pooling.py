@@ -1159,6 +1159,21 @@ def test_bad_inputs_raise():
     assert not failures, "\n".join(failures)
 
 
+def test_offsets_with_wrong_end_name_both_numbers(device):
+    # the most common offsets mistake: the message says what the end should be and what it
+    # is (CUDA segment ops do not sync to validate offsets, so only word_boundaries, which
+    # syncs anyway, checks them there)
+    with pytest.raises(ERR, match=r"cu_seqlens must end at 5 .*last entry is 4"):
+        word_boundaries(torch.zeros(5, dtype=torch.uint8, device=device), t64([0, 4]).to(device), 8,
+                        "space")
+    if device == "cpu":
+        x = torch.randn(10, 4)
+        with pytest.raises(ERR, match=r"offsets must end at 10 .*last entry is 9"):
+            segment_reduce(x, t64([0, 3, 9]), "mean")
+        with pytest.raises(ERR, match=r"offsets must end at 7 .*last entry is 10"):
+            segment_expand(x[:2], t64([0, 3, 10]), 7)
+
+
 def test_device_mix_raises(cuda_device):
     b = as_bytes_tensor(b"hello world")
     cu = t64([0, 11])

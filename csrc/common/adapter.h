@@ -52,6 +52,8 @@ inline const char* dtype_name(ScalarType t) {
     case ScalarType::Byte: return "uint8";
     case ScalarType::Long: return "int64";
     case ScalarType::Int: return "int32";
+    case ScalarType::Short: return "int16";
+    case ScalarType::Char: return "int8";
     case ScalarType::Bool: return "bool";
     default: return "an unsupported dtype";
   }
@@ -76,7 +78,8 @@ inline void check_dtype(const Tensor& t, ScalarType dtype, const char* op, const
 }
 
 inline void check_dim(const Tensor& t, int64_t dim, const char* op, const char* arg) {
-  TOKCORE_CHECK(t.dim() == dim, op, arg, " must have ", dim, " dimensions, got ", t.dim());
+  TOKCORE_CHECK(t.dim() == dim, op, arg, " must have ", dim, dim == 1 ? " dimension" : " dimensions",
+                ", got ", t.dim());
 }
 
 inline void check_same_device(const Tensor& t, const Tensor& ref, const char* op, const char* arg,
@@ -90,12 +93,22 @@ inline void check_supported_device(const Tensor& t, const char* op, const char* 
   TOKCORE_CHECK(t.is_cpu() || t.is_cuda(), op, arg, " must be a CPU or CUDA tensor");
 }
 
+// Raises the error of a failed offsets check (status from tokcore/common/offsets.h);
+// a wrong end names both numbers, the mistake users make most.
+inline void check_offsets_status(int status, int64_t last, int64_t total, const char* op,
+                                 const char* arg) {
+  if (status == kOffsetsLastNotTotal)
+    TOKCORE_CHECK(false, op, arg, " must end at ", total, " (the number of rows it indexes), ",
+                  "but its last entry is ", last);
+  TOKCORE_CHECK(status == kOffsetsOk, op, arg, " ", offsets_status_message(status));
+}
+
 // Full validation of CSR offsets held on the CPU (cheap, so always done).
 inline void check_offsets_cpu(const Tensor& offsets, int64_t total, const char* op,
                               const char* arg) {
   const int64_t n = offsets.size(0);
-  const int status = check_offsets(offsets.const_data_ptr<int64_t>(), n, total);
-  TOKCORE_CHECK(status == kOffsetsOk, op, arg, " ", offsets_status_message(status));
+  const int64_t* data = offsets.const_data_ptr<int64_t>();
+  check_offsets_status(check_offsets(data, n, total), data[n - 1], total, op, arg);
 }
 
 // Basic checks of an offsets argument: int64, 1-D, at least one entry.

@@ -64,7 +64,7 @@ int64_t validated_total_cuda(const Tensor& offsets, int64_t total, void* stream,
   check_cuda(validate_offsets_cuda(offsets.const_data_ptr<int64_t>(), offsets.size(0), total,
                                    scratch.mutable_data_ptr<int64_t>(), result, stream),
              op);
-  TOKCORE_CHECK(result[0] == kOffsetsOk, op, arg, " ", offsets_status_message(int(result[0])));
+  adapter::check_offsets_status(int(result[0]), result[1], total, op, arg);
   return result[1];
 }
 

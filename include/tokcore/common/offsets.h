@@ -36,7 +36,7 @@ inline const char* offsets_status_message(int status) {
   switch (status) {
     case kOffsetsFirstNotZero: return "must start at 0";
     case kOffsetsDecreasing: return "must be non-decreasing";
-    case kOffsetsLastNotTotal: return "must end at the number of rows (last entry != total)";
+    case kOffsetsLastNotTotal: return "must end at the number of rows it indexes";
     default: return "are valid";
   }
 }
