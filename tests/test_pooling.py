@@ -1013,7 +1013,9 @@ def test_compile_segment_unpack(device, fresh_dynamo):
 
 
 def test_compile_inductor_pooling_pipeline(fresh_dynamo):
-    # default (inductor) backend, CPU only, one small graph through every feature op
+    # default (inductor) backend, CPU only: one small graph through every feature op,
+    # forward and backward, then a text of another length (a dynamic-shape recompile:
+    # the word count is data-dependent, so the fake kernels must say so)
     def f(b, cu, table):
         wo, _ = word_boundaries(b, cu, 16, "space")
         x = table[b.long()]
@@ -1023,14 +1025,23 @@ def test_compile_inductor_pooling_pipeline(fresh_dynamo):
 
     start = time.monotonic()
     cf = torch.compile(f, fullgraph=True)
-    text = b"Hello, world! tokcore pools bytes into words."
-    b, cu = as_bytes_tensor(text), t64([0, 13, len(text)])
-    table = torch.randn(256, 4, dtype=torch.float64)
-    out = cf(b, cu, table)
-    wo, _ = ref.word_boundaries(b, cu, 16, "space")
-    x = table[b.long()]
-    expected = ref.segment_expand(ref.segment_reduce(x, wo, "mean"), wo) + x
-    torch.testing.assert_close(out, expected)
+    for text in (b"Hello, world! tokcore pools bytes into words.",
+                 b"A second, longer text: caf\xc3\xa9 na\xc3\xafve words, and punctuation!?"):
+        b, cu = as_bytes_tensor(text), t64([0, 13, len(text)])
+        table = torch.randn(256, 4, dtype=torch.float64, requires_grad=True)
+        out = cf(b, cu, table)
+        g = torch.randn_like(out)
+        (grad,) = torch.autograd.grad(out, table, g)
+        # expected values and gradient from the references (which do not track autograd:
+        # the chain rule is spelled out with their backward functions)
+        wo, _ = ref.word_boundaries(b, cu, 16, "space")
+        x = table.detach()[b.long()]
+        y = ref.segment_reduce(x, wo, "mean")
+        expected = ref.segment_expand(y, wo) + x
+        grad_x = g + ref.segment_reduce_backward(ref.segment_expand_backward(g, wo), x, y, wo, "mean")
+        expected_grad = torch.zeros_like(table).index_add_(0, b.long(), grad_x)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(grad, expected_grad)
     print(f"inductor compile + run: {time.monotonic() - start:.1f} s")
 
 
