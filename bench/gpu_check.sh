@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with a CUDA GPU and no network, build tokcore, run
-# the CUDA tests and the GPU benchmarks, and print one table. Writes its logs and
-# table to $OUT when that is set. Meant to finish well under 8 minutes.
+# the CUDA tests and the GPU benchmarks, and print one table; then a memcheck run.
+# Writes its logs and table to $OUT when that is set. Meant to finish well under
+# 8 minutes.
 #   bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -81,6 +82,24 @@ tail -n 15 "$OUT/tests_cuda.log"
 
 stamp "GPU benchmarks"
 $PY bench/bench_pooling.py --device cuda 2>&1 | tee "$OUT/bench_cuda.log" || status=1
+
+# Last, since the table above is what this check is for: compute-sanitizer's memcheck
+# over the small CUDA cases (bad offsets included), with torch's caching allocator off
+# so that every tensor is its own allocation and any out-of-bounds access is seen.
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+if [ -n "$sanitizer" ]; then
+  stamp "compute-sanitizer memcheck on the small CUDA cases (at most 120 s)"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 HYPOTHESIS_PROFILE=dev timeout 120 "$sanitizer" --tool memcheck \
+    --error-exitcode 9 --print-limit 20 $PY -m pytest -q tests -p no:cacheprovider -x \
+    -k "cuda and (fixed or invalid_offsets or empty or random) and not stdlib" > "$OUT/memcheck.log" 2>&1
+  case $? in
+    0) stamp "memcheck: no errors" ;;
+    124) stamp "memcheck: not finished in 120 s (no error before that; see memcheck.log)" ;;
+    *) tail -n 30 "$OUT/memcheck.log"; stamp "MEMCHECK FAILED (see memcheck.log)"; status=1 ;;
+  esac
+else
+  stamp "memcheck skipped: no compute-sanitizer on this machine"
+fi
 
 stamp "done, status $status; table in $OUT"
 exit $status
