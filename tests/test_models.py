@@ -341,6 +341,23 @@ def test_cli_module_entry_point():
     assert r.returncode == 0 and "train" in r.stdout
 
 
+def test_cli_reports_bad_paths_without_a_traceback(tmp_path, capsys):
+    # a user's mistake is one line on stderr and exit status 2
+    missing = tmp_path / "missing"
+    assert cli.main(["train", "--data", str(missing), "--steps", "1", "--no-progress"]) == 2
+    assert f"tokcore train: error: --data: {missing} does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["train", "--data", str(tmp_path / "empty"), "--steps", "1", "--no-progress"]) == 2
+    assert "no readable text files" in capsys.readouterr().err
+    assert cli.main(["generate", str(missing)]) == 2
+    assert "tokcore generate: error: no checkpoint at" in capsys.readouterr().err
+    # library callers still get the standard exception types
+    with pytest.raises(FileNotFoundError):
+        load_corpus(str(missing))
+    with pytest.raises(ValueError):
+        load_corpus(str(tmp_path / "empty"))
+
+
 def test_cli_registry_rejects_duplicates():
     with pytest.raises(ValueError):
         cli.register("train", "again", lambda p: None, lambda a: 0)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .errors import UsageError
+
 __all__ = ["Command", "COMMANDS", "register", "build_parser", "main"]
 
 
@@ -168,7 +170,7 @@ def _train_run(args: argparse.Namespace) -> int:
 
     cfg = _train_config(args, args.model)
     if args.resume is True and not cfg.out:
-        raise SystemExit("--resume without a path needs --out")
+        raise UsageError("--resume without a path needs --out")
     report = train(cfg, resume=args.resume)
     model = report.pop("_model")
     print(format_report(report))
@@ -292,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
+    except UsageError as e:  # a bad path or option: the message, not a traceback
+        print(f"tokcore {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -23,6 +23,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from .errors import InputNotFoundError, UsageError
+
 __all__ = [
     "Corpus",
     "stdlib_dir",
@@ -91,13 +93,13 @@ def load_corpus(data: str | os.PathLike | None = None, holdout_every: int = 20, 
     deterministic order and split; for quick runs and tests).
     """
     if holdout_every < 2:
-        raise ValueError(f"holdout_every must be >= 2, got {holdout_every}")
+        raise UsageError(f"holdout_every must be >= 2, got {holdout_every}")
     if data is None:
         root, pattern, source = stdlib_dir(), pattern or "*.py", "python stdlib"
     else:
         root, pattern, source = Path(data), pattern or "*", str(data)
         if not root.exists():
-            raise FileNotFoundError(f"--data: {root} does not exist")
+            raise InputNotFoundError(f"--data: {root} does not exist")
 
     if root.is_file():
         raw = root.read_bytes()
@@ -128,7 +130,7 @@ def load_corpus(data: str | os.PathLike | None = None, holdout_every: int = 20, 
         if max_bytes is not None and total >= max_bytes:
             break
     if not train_parts:
-        raise ValueError(f"no readable text files matching {pattern!r} under {root}")
+        raise UsageError(f"--data: no readable text files matching {pattern!r} under {root}")
     notes = []
     if not held_parts:  # fewer than holdout_every files: hold out the tail of the last one
         last = train_parts.pop()
@@ -159,7 +161,7 @@ def sample_batch(data: np.ndarray, batch_size: int, seq_len: int, rng: np.random
                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """`batch_size` random windows of `seq_len` bytes of `data`, packed."""
     if len(data) < seq_len:
-        raise ValueError(f"corpus has {len(data)} bytes, fewer than seq_len={seq_len}")
+        raise UsageError(f"corpus has {len(data)} bytes, fewer than seq_len={seq_len}")
     starts = rng.integers(0, len(data) - seq_len + 1, size=batch_size)
     windows = data[starts[:, None] + np.arange(seq_len)[None, :]]
     flat = torch.from_numpy(windows.reshape(-1))

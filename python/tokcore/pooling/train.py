@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..data import Corpus, batched, heldout_windows, load_corpus, sample_batch
+from ..errors import InputNotFoundError, UsageError
 from .lm import (
     SIZES,
     ByteLMConfig,
@@ -92,7 +93,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but torch.cuda.is_available() is False")
+        raise UsageError("--device cuda requested but torch.cuda.is_available() is False")
     return dev
 
 
@@ -108,17 +109,17 @@ def resolve_model_config(kind: str, size: str = "small", overrides: dict[str, An
     parameter count match the hierarchical preset (`matched_byte_config`), then the
     overrides that name ByteLMConfig fields."""
     if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
+        raise UsageError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
     overrides = dict(overrides or {})
     if kind == "hier":
         unknown = set(k for k, v in overrides.items() if v is not None) - {f.name for f in dataclasses.fields(HierConfig)}
         if unknown:
-            raise ValueError(f"options {sorted(unknown)} do not apply to the hier model")
+            raise UsageError(f"options {sorted(unknown)} do not apply to the hier model")
         return HierConfig(**{**SIZES[size], **_known(HierConfig, overrides)})
     if kind == "byte":
         base = matched_byte_config(HierConfig(**SIZES[size]))
         return dataclasses.replace(base, **_known(ByteLMConfig, overrides))
-    raise ValueError(f"unknown model kind {kind!r}; choose from ['byte', 'hier']")
+    raise UsageError(f"unknown model kind {kind!r}; choose from ['byte', 'hier']")
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -187,10 +188,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Load a checkpoint file (or the checkpoint in a run folder)."""
     p = _checkpoint_path(path)
     if not p.exists():
-        raise FileNotFoundError(f"no checkpoint at {p}")
+        raise InputNotFoundError(f"no checkpoint at {p}")
     ckpt = torch.load(p, map_location=map_location, weights_only=True)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{p}: unknown checkpoint format {ckpt.get('format')!r}")
+        raise UsageError(f"{p}: unknown checkpoint format {ckpt.get('format')!r}")
     return ckpt
 
 
@@ -252,7 +253,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
     resume: False; True (the checkpoint in `cfg.out`); or a checkpoint file / run folder.
     """
     if not cfg.steps and not cfg.time_budget:
-        raise ValueError("give steps and/or time_budget")
+        raise UsageError("give steps and/or time_budget")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -264,10 +265,10 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
     if resume:
         src = cfg.out if resume is True else resume
         if src is None:
-            raise ValueError("resume=True needs cfg.out")
+            raise UsageError("resume=True needs cfg.out")
         ckpt = load_checkpoint(src, map_location=device)
         if ckpt["kind"] != cfg.model:
-            raise ValueError(f"checkpoint holds a {ckpt['kind']!r} model, not {cfg.model!r}")
+            raise UsageError(f"checkpoint holds a {ckpt['kind']!r} model, not {cfg.model!r}")
         model = build_model(ckpt["kind"], ckpt["model_config"])
         model.load_state_dict(ckpt["model"])
     else:

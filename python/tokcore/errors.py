@@ -1,0 +1,14 @@
+"""Exceptions shared by the Python layer."""
+
+from __future__ import annotations
+
+
+class UsageError(ValueError):
+    """A bad argument from the user: a path, a size, an option that does not fit.
+
+    Library callers can catch it as a ValueError; the command line prints its message
+    as ``tokcore <command>: error: ...`` and exits with status 2, without a traceback."""
+
+
+class InputNotFoundError(UsageError, FileNotFoundError):
+    """A file or folder that the user named does not exist."""
