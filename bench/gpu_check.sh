@@ -81,7 +81,10 @@ $PY -m pytest -q tests -k cuda -p no:cacheprovider --maxfail=20 > "$OUT/tests_cu
 tail -n 15 "$OUT/tests_cuda.log"
 
 stamp "GPU benchmarks"
-$PY bench/bench_pooling.py --device cuda 2>&1 | tee "$OUT/bench_cuda.log" || status=1
+for bench in bench/bench_*.py; do  # every family's benchmark takes --device
+  family=$(basename "$bench" .py)
+  $PY "$bench" --device cuda 2>&1 | tee "$OUT/${family}_cuda.log" || status=1
+done
 
 # Last, since the table above is what this check is for: compute-sanitizer's memcheck
 # over the small CUDA cases (bad offsets included), with torch's caching allocator off

@@ -201,6 +201,17 @@ Tensor new_output(const Tensor& like, std::initializer_list<int64_t> sizes,
   return out;
 }
 
+int64_t validated_offsets_end_cuda(const Tensor& offsets, int64_t total, void* stream,
+                                   const char* op, const char* arg) {
+  int64_t result[2] = {0, 0};
+  Tensor scratch = torch::stable::new_empty(offsets, {2});
+  check_cuda(validate_offsets_cuda(offsets.const_data_ptr<int64_t>(), offsets.size(0), total,
+                                   scratch.mutable_data_ptr<int64_t>(), result, stream),
+             op);
+  check_offsets_status(int(result[0]), result[1], total, op, arg);
+  return result[1];
+}
+
 void* current_cuda_stream(int32_t device_index) {
   // aoti_torch_get_current_cuda_stream lives in libtorch_cuda, which a CPU-only
   // torch lacks: linking against it would make the library fail to load there.

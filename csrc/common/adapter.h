@@ -18,6 +18,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common_kernels.h"
 #include "tokcore/common/dtype.h"
 #include "tokcore/common/offsets.h"
 #include "tokcore/common/parallel.h"
@@ -153,6 +154,27 @@ Tensor new_output(const Tensor& like, std::initializer_list<int64_t> sizes,
 // The current CUDA stream of a device, looked up in libtorch_cuda at run time
 // so that the library also loads on a CPU-only torch (defined in adapter.cpp).
 void* current_cuda_stream(int32_t device_index);
+
+// Device guard + current stream of the device holding t, for the CUDA launchers.
+// (Only reached through CUDA impl blocks, registered in CUDA builds; a build
+// without CUDA links the *_cuda_stub.cpp files, whose launchers report an error.)
+struct CudaContext {
+  torch::stable::accelerator::DeviceGuard guard;
+  void* stream;
+  explicit CudaContext(const Tensor& t)
+      : guard(t.get_device_index()), stream(current_cuda_stream(t.get_device_index())) {}
+};
+
+// Raises the error of a tokcore CUDA launcher (a cudaError_t as int; 0 is success).
+inline void check_cuda(int error, const char* op) {
+  TOKCORE_CHECK(error == 0, op, "CUDA error: ", cuda_error_string(error));
+}
+
+// Validates CUDA offsets on the device (one small kernel and a host sync) against
+// total (< 0: any) and returns their last entry; for ops that must sync anyway,
+// to size their output (defined in adapter.cpp).
+int64_t validated_offsets_end_cuda(const Tensor& offsets, int64_t total, void* stream,
+                                   const char* op, const char* arg);
 
 }  // namespace adapter
 }  // namespace tokcore

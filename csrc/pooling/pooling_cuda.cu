@@ -23,19 +23,6 @@ constexpr int kThreads = 256;
 
 inline unsigned blocks_for(int64_t n) { return unsigned((n + kThreads - 1) / kThreads); }
 
-// ---------------------------------------------------------------- offsets
-
-__global__ void validate_offsets_kernel(const int64_t* offsets, int64_t n, int64_t total,
-                                        int64_t* scratch) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int status = check_offsets_entry(offsets, n, i, total);
-    if (status != kOffsetsOk) atomicMax(reinterpret_cast<unsigned long long*>(scratch),
-                                        static_cast<unsigned long long>(status));
-    if (i == n - 1) scratch[1] = offsets[i];
-  }
-}
-
 // ---------------------------------------------------------------- word_boundaries
 
 __global__ void word_count_kernel(const uint8_t* bytes, const int64_t* cu, int64_t B,
@@ -148,21 +135,6 @@ int launch_segments(int64_t S, int64_t D, std::initializer_list<const void*> buf
 }
 
 }  // namespace
-
-const char* cuda_error_string(int error) { return cudaGetErrorString(cudaError_t(error)); }
-
-int validate_offsets_cuda(const int64_t* offsets, int64_t n, int64_t total, int64_t* device_scratch,
-                          int64_t* host_result, void* stream) {
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  cudaError_t err = cudaMemsetAsync(device_scratch, 0, 2 * sizeof(int64_t), st);
-  if (err != cudaSuccess) return err;
-  validate_offsets_kernel<<<unsigned(std::min<int64_t>(1024, (n + kThreads - 1) / kThreads)),
-                            kThreads, 0, st>>>(offsets, n, total, device_scratch);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  err = cudaMemcpyAsync(host_result, device_scratch, 2 * sizeof(int64_t), cudaMemcpyDeviceToHost, st);
-  if (err != cudaSuccess) return err;
-  return cudaStreamSynchronize(st);
-}
 
 size_t word_boundaries_workspace_cuda(int64_t total_bytes) {
   const int64_t chunks = num_word_chunks(total_bytes, kWordChunkBytesCuda);

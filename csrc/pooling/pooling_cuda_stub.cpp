@@ -10,8 +10,6 @@ namespace {
 constexpr int kNotBuilt = -1;
 }
 
-const char* cuda_error_string(int) { return "tokcore was built without CUDA kernels"; }
-int validate_offsets_cuda(const int64_t*, int64_t, int64_t, int64_t*, int64_t*, void*) { return kNotBuilt; }
 size_t word_boundaries_workspace_cuda(int64_t) { return 0; }
 int word_boundaries_count_cuda(const uint8_t*, const int64_t*, int64_t, int64_t, int64_t, WordMode, void*,
                                size_t, int64_t*, void*) { return kNotBuilt; }

@@ -68,11 +68,6 @@ void segment_unpack_cpu(const Runtime& rt, DType dtype, const void* packed, cons
                         int64_t S, int64_t T, int64_t D, int64_t max_len, void* x);
 
 // ---- CUDA (stream is a cudaStream_t; every call returns a cudaError_t as int) ----
-// Validates offsets [n] against total (< 0: any) and reads offsets[n-1]:
-// host_result[0] = OffsetsStatus, host_result[1] = offsets[n-1]. device_scratch
-// holds 2 int64. Synchronizes the stream.
-int validate_offsets_cuda(const int64_t* offsets, int64_t n, int64_t total, int64_t* device_scratch,
-                          int64_t* host_result, void* stream);
 // Workspace bytes that word_boundaries_cuda needs for B sequences of total_bytes.
 size_t word_boundaries_workspace_cuda(int64_t total_bytes);
 // Pass 1 (synchronizes: the number of words decides the output size):
@@ -97,7 +92,6 @@ int segment_pack_cuda(DType dtype, const void* x, const int64_t* offsets, int64_
                       int64_t D, int64_t max_len, void* packed, void* stream);
 int segment_unpack_cuda(DType dtype, const void* packed, const int64_t* offsets, int64_t S,
                         int64_t T, int64_t D, int64_t max_len, void* x, void* stream);
-const char* cuda_error_string(int error);
 
 }  // namespace pooling
 }  // namespace tokcore

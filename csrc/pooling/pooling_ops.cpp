@@ -12,6 +12,8 @@ namespace tokcore {
 namespace pooling {
 namespace {
 
+using adapter::check_cuda;
+using adapter::CudaContext;
 using adapter::ScalarType;
 using adapter::Tensor;
 
@@ -41,33 +43,6 @@ void check_features_and_offsets(const Tensor& x, const char* x_arg, int64_t x_di
   adapter::check_same_device(offsets, x, op, "offsets", x_arg);
 }
 
-void check_cuda(int error, const char* op) {
-  TOKCORE_CHECK(error == 0, op, "CUDA error: ", cuda_error_string(error));
-}
-
-// Device guard + current stream of the device holding t, for the CUDA launchers.
-// (Only reached through the CUDA impl block, registered in CUDA builds; a build
-// without CUDA links pooling_cuda_stub.cpp, whose launchers report an error.)
-struct CudaContext {
-  torch::stable::accelerator::DeviceGuard guard;
-  void* stream;
-  explicit CudaContext(const Tensor& t)
-      : guard(t.get_device_index()), stream(adapter::current_cuda_stream(t.get_device_index())) {}
-};
-
-// Validates CUDA offsets on the device (one small kernel and a sync) and returns
-// offsets[-1]; only used by ops that must sync anyway to size their output.
-int64_t validated_total_cuda(const Tensor& offsets, int64_t total, void* stream, const char* op,
-                             const char* arg) {
-  int64_t result[2] = {0, 0};
-  Tensor scratch = torch::stable::new_empty(offsets, {2});
-  check_cuda(validate_offsets_cuda(offsets.const_data_ptr<int64_t>(), offsets.size(0), total,
-                                   scratch.mutable_data_ptr<int64_t>(), result, stream),
-             op);
-  adapter::check_offsets_status(int(result[0]), result[1], total, op, arg);
-  return result[1];
-}
-
 // Number of rows T of an expand/unpack output: `total` when given, else offsets[-1].
 int64_t output_rows(const Tensor& offsets, std::optional<int64_t> total, const char* op) {
   if (total.has_value()) TOKCORE_CHECK(*total >= 0, op, "total must be >= 0, got ", *total);
@@ -77,7 +52,7 @@ int64_t output_rows(const Tensor& offsets, std::optional<int64_t> total, const c
   }
   if (total.has_value()) return *total;  // no sync: kernels clamp offsets into [0, total]
   CudaContext ctx(offsets);
-  return validated_total_cuda(offsets, -1, ctx.stream, op, "offsets");
+  return adapter::validated_offsets_end_cuda(offsets, -1, ctx.stream, op, "offsets");
 }
 
 // ---------------------------------------------------------------- word_boundaries
@@ -113,7 +88,7 @@ std::tuple<Tensor, Tensor> word_boundaries(Tensor bytes, Tensor cu_seqlens, int6
     return {word_offsets, word_cu};
   }
   CudaContext ctx(bytes);
-  validated_total_cuda(cu_seqlens, T, ctx.stream, op, "cu_seqlens");
+  adapter::validated_offsets_end_cuda(cu_seqlens, T, ctx.stream, op, "cu_seqlens");
   const size_t ws_bytes = word_boundaries_workspace_cuda(T);
   Tensor workspace =
       torch::stable::new_empty(bytes, {int64_t(ws_bytes > 0 ? ws_bytes : 1)}, ScalarType::Byte);

@@ -1,0 +1,44 @@
+// CUDA code shared by the families: offsets validation and error strings.
+// Torch-free (see common_kernels.h).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common_kernels.h"
+#include "tokcore/common/offsets.h"
+
+namespace tokcore {
+namespace {
+
+constexpr int kThreads = 256;
+
+__global__ void validate_offsets_kernel(const int64_t* offsets, int64_t n, int64_t total,
+                                        int64_t* scratch) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int status = check_offsets_entry(offsets, n, i, total);
+    if (status != kOffsetsOk) atomicMax(reinterpret_cast<unsigned long long*>(scratch),
+                                        static_cast<unsigned long long>(status));
+    if (i == n - 1) scratch[1] = offsets[i];
+  }
+}
+
+}  // namespace
+
+const char* cuda_error_string(int error) { return cudaGetErrorString(cudaError_t(error)); }
+
+int validate_offsets_cuda(const int64_t* offsets, int64_t n, int64_t total, int64_t* device_scratch,
+                          int64_t* host_result, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  cudaError_t err = cudaMemsetAsync(device_scratch, 0, 2 * sizeof(int64_t), st);
+  if (err != cudaSuccess) return err;
+  validate_offsets_kernel<<<unsigned(std::min<int64_t>(1024, (n + kThreads - 1) / kThreads)),
+                            kThreads, 0, st>>>(offsets, n, total, device_scratch);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  err = cudaMemcpyAsync(host_result, device_scratch, 2 * sizeof(int64_t), cudaMemcpyDeviceToHost, st);
+  if (err != cudaSuccess) return err;
+  return cudaStreamSynchronize(st);
+}
+
+}  // namespace tokcore

@@ -1,0 +1,19 @@
+// Torch-free entry points shared by every family's CUDA adapter code (CUDA in
+// common_cuda.cu; common_cuda_stub.cpp in a build without nvcc).
+#pragma once
+
+#include <cstdint>
+
+namespace tokcore {
+
+// Validates CSR offsets [n] held on the device against total (< 0: any total) and
+// reads their last entry: host_result[0] = OffsetsStatus (tokcore/common/offsets.h),
+// host_result[1] = offsets[n-1]. device_scratch holds 2 int64. Synchronizes the
+// stream (stream is a cudaStream_t). Returns a cudaError_t as int.
+int validate_offsets_cuda(const int64_t* offsets, int64_t n, int64_t total, int64_t* device_scratch,
+                          int64_t* host_result, void* stream);
+
+// The message of a cudaError_t returned by any tokcore launcher.
+const char* cuda_error_string(int error);
+
+}  // namespace tokcore
