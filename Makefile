@@ -25,7 +25,7 @@ cpp-test:
 cpp-bench: cpp-test
 	build/cpp/bench/cpp/tokcore_core_bench --benchmark_min_time=0.1
 
-# The C++ suite and the pooling tests on an ASan + UBSan build (CPU kernels), in build/asan.
+# The C++ suite and the Python suite on an ASan + UBSan build (CPU kernels), in build/asan.
 sanitize: setup
 	bash scripts/sanitize.sh
 

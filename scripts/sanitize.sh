@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the C++ core suite and the pooling tests against a build of tokcore made with
+# Runs the C++ core suite and the Python test suite against a build of tokcore made with
 # AddressSanitizer and UndefinedBehaviorSanitizer (CPU kernels only: the sanitizers do not
 # see inside CUDA kernels, whose thread bodies the core suite runs on the host instead).
 # Any report fails the run and is printed. Needs the venv of scripts/setup.sh (VENV).
@@ -28,5 +28,5 @@ export UBSAN_OPTIONS="print_stacktrace=1"
 # aborts the process: --capture=sys leaves the C++ side's stderr uncaptured, so the report
 # is printed rather than lost with pytest's captured output.
 LD_PRELOAD="$asan $ubsan" TOKCORE_LIBRARY="$BUILD/libtokcore_ops.so" \
-  "$python" -m pytest -q -p no:cacheprovider --capture=sys tests/test_pooling.py
+  "$python" -m pytest -q -p no:cacheprovider --capture=sys tests
 echo "[sanitize] clean: no ASan or UBSan report"
