@@ -70,7 +70,7 @@ if [ "$installed" = 0 ]; then
   fi
 fi
 if [ -d build/gpu_wheels ]; then  # made by bench/gpu_prepare.sh on the CPU machine
-  $PY -m pip install -q --no-index --find-links build/gpu_wheels pytest hypothesis expecttest tqdm numpy >> "$OUT/build.log" 2>&1
+  $PY -m pip install -q --no-index --find-links build/gpu_wheels -r bench/gpu_requirements.txt >> "$OUT/build.log" 2>&1
 fi
 $PY -c 'import pytest, hypothesis' 2>/dev/null || stamp "WARNING: pytest or hypothesis missing: run bench/gpu_prepare.sh first and carry build/gpu_wheels"
 
