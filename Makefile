@@ -4,7 +4,7 @@
 VENV ?= .venv
 export VENV
 
-.PHONY: setup demo test cpp-test cpp-bench sanitize bench wheel clean
+.PHONY: setup demo test cpp-test cpp-bench cuda-bench sanitize bench wheel clean
 
 setup:
 	bash scripts/setup.sh
@@ -24,6 +24,16 @@ cpp-test:
 
 cpp-bench: cpp-test
 	build/cpp/bench/cpp/tokcore_core_bench --benchmark_min_time=0.1
+
+# The GPU benchmark of CUDA kernel variants (needs nvcc; no torch): builds it, and runs
+# it where a GPU is visible. TOKCORE_CUDA_ARCHS picks the architectures.
+TOKCORE_CUDA_ARCHS ?= 80-real;90-real;90-virtual
+cuda-bench:
+	cmake -S . -B build/cuda_bench -G Ninja -DTOKCORE_BUILD_EXTENSION=OFF -DTOKCORE_CUDA=ON \
+	  -DTOKCORE_BUILD_CUDA_BENCH=ON "-DTOKCORE_CUDA_ARCHS=$(TOKCORE_CUDA_ARCHS)"
+	cmake --build build/cuda_bench
+	@if nvidia-smi -L >/dev/null 2>&1; then build/cuda_bench/bench/cuda/tokcore_cuda_bench; \
+	  else echo "cuda-bench: built; no GPU here to run it on"; fi
 
 # The C++ suite and the Python suite on an ASan + UBSan build (CPU kernels), in build/asan.
 sanitize: setup

@@ -27,6 +27,8 @@ else  # no venv module (ensurepip missing), or torch not visible from one
   export PIP_BREAK_SYSTEM_PACKAGES=1
 fi
 
+arch=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')  # e.g. 90
+
 # Prefer the one abi3 wheel built on the CPU machine (make wheel; carry
 # "wheelhouse"): running it here shows that the same binary serves this torch
 # and Python. Without it, build from source for the GPU at hand only.
@@ -62,7 +64,6 @@ if [ "$installed" = 1 ] && ! (cd /tmp && $PY -c "$smoke") >> "$OUT/build.log" 2>
   installed=0
 fi
 if [ "$installed" = 0 ]; then
-  arch=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')
   export TOKCORE_CUDA=ON TOKCORE_CUDA_ARCHS="${arch}-real"
   stamp "building tokcore for sm_${arch}"
   if ! $PY -m pip install --no-build-isolation --no-deps --no-index . >> "$OUT/build.log" 2>&1; then
@@ -85,6 +86,17 @@ for bench in bench/bench_*.py; do  # every family's benchmark takes --device
   family=$(basename "$bench" .py)
   $PY "$bench" --device cuda 2>&1 | tee "$OUT/${family}_cuda.log" || status=1
 done
+
+# The forward kernel against variants that keep more loads in flight (torch-free,
+# bench/cuda): which one a later change should adopt, if the target is missed.
+stamp "CUDA kernel variants (bench/cuda, sm_${arch})"
+if cmake -S . -B build/cuda_bench -DTOKCORE_BUILD_EXTENSION=OFF -DTOKCORE_CUDA=ON -DTOKCORE_BUILD_CUDA_BENCH=ON \
+     "-DTOKCORE_CUDA_ARCHS=${arch}-real" > "$OUT/cuda_bench_build.log" 2>&1 \
+   && cmake --build build/cuda_bench -j >> "$OUT/cuda_bench_build.log" 2>&1; then
+  build/cuda_bench/bench/cuda/tokcore_cuda_bench 2>&1 | tee "$OUT/cuda_variants.md" || status=1
+else
+  tail -n 20 "$OUT/cuda_bench_build.log"; stamp "CUDA VARIANT BENCHMARK DID NOT BUILD"; status=1
+fi
 
 # Last, since the table above is what this check is for: compute-sanitizer's memcheck
 # over the small CUDA cases (bad offsets included), with torch's caching allocator off
