@@ -1403,6 +1403,62 @@ def test_segment_reduce_cpu_isa_variants_agree_bitwise(monkeypatch, reduce, dtyp
             assert torch.equal(results[isa], results["base"]), f"{isa} vs base, D={D}"
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_segment_reduce_streaming_stores_give_the_same_bits(monkeypatch, reduce, dtype):
+    # Large CPU outputs of the forward reduce are written with streaming stores
+    # (TOKCORE_CPU_STREAM_MIN_MB, default 64; 0 streams every output whose rows are
+    # whole cache lines). Both paths, in every instruction-set variant, must give
+    # the reference's values and each other's bits, empty segments included.
+    g = torch.Generator().manual_seed(6)
+    offsets = torch.tensor([0, 3, 3, 10, 11, 40, 40], dtype=I64)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    for D in (16, 64, 256, 512):  # rows of whole cache lines (or not: 16 x 2 bytes)
+        x = (torch.randn(40, D, generator=g, dtype=torch.float64) * 3).to(dtype)
+        x[5, 0] = float("nan")
+        for isa in ("avx512", "avx2", "base"):
+            monkeypatch.setenv("TOKCORE_CPU_ISA", isa)
+            monkeypatch.setenv("TOKCORE_CPU_STREAM_MIN_MB", "0")
+            streamed = segment_reduce(x, offsets, reduce)
+            monkeypatch.setenv("TOKCORE_CPU_STREAM_MIN_MB", "1000000")
+            stored = segment_reduce(x, offsets, reduce)
+            check_reduce(streamed, x, offsets, reduce)
+            assert torch.equal(streamed.view(bits), stored.view(bits)), f"{isa}, D={D}"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_copy_ops_with_streaming_stores_match_the_reference(monkeypatch, dtype):
+    # expand, pack and the sum/mean backward write their large CPU outputs with
+    # streaming stores too (whole rows of cache lines only: D * itemsize a multiple
+    # of 64; D = 24 below is not, for float16/bfloat16 and float32); unpack never
+    # does, and must not be affected. TOKCORE_CPU_STREAM_MIN_MB=0 streams every
+    # output, so small cases test it.
+    g = torch.Generator().manual_seed(7)
+    offsets = torch.tensor([0, 3, 3, 10, 11, 40, 40, 41], dtype=I64)
+    S, T = offsets.numel() - 1, int(offsets[-1])
+    for D in (8, 24, 64, 256):
+        x = (torch.randn(T, D, generator=g, dtype=torch.float64) * 3).to(dtype)
+        y = (torch.randn(S, D, generator=g, dtype=torch.float64) * 3).to(dtype)
+        results = {}
+        for setting in ("0", "1000000"):
+            monkeypatch.setenv("TOKCORE_CPU_STREAM_MIN_MB", setting)
+            packed = segment_pack(x, offsets, 4)
+            results[setting] = [
+                segment_expand(y, offsets),
+                packed,
+                segment_unpack(packed, offsets),
+                *(ops().segment_reduce_backward(y, offsets, T, reduce, x, x[:S]) for reduce in ("sum", "mean")),
+            ]
+        expanded, packed, unpacked, grad_sum, grad_mean = results["0"]
+        assert_bitwise_equal(expanded, ref.segment_expand(y, offsets))
+        assert_bitwise_equal(packed, ref.segment_pack(x, offsets, 4))
+        assert_bitwise_equal(unpacked, ref.segment_unpack(ref.segment_pack(x, offsets, 4), offsets))
+        check_reduce_grad(grad_sum, y, x, offsets, "sum")
+        check_reduce_grad(grad_mean, y, x, offsets, "mean")
+        for streamed, stored in zip(results["0"], results["1000000"]):
+            assert_bitwise_equal(streamed, stored)
+
+
 TORCH_HAS_FROM_BLOB_DELETER = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 11)
 needs_output_cache = pytest.mark.skipif(not TORCH_HAS_FROM_BLOB_DELETER,
                                         reason="the CPU output cache needs torch >= 2.11")

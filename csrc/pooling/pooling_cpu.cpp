@@ -9,6 +9,7 @@
 #include "pooling_cpu_words.h"
 #include "pooling_kernels.h"
 #include "tokcore/common/cpu_isa.h"
+#include "tokcore/common/streaming_stores.h"
 
 namespace tokcore {
 namespace pooling {
@@ -20,19 +21,26 @@ template <typename T, Reduce R>
 void reduce_backward_rows(const Runtime& rt, const T* grad_y, const T* x, const T* y,
                           const int64_t* offsets, int64_t S, int64_t T_, int64_t D, T* grad_x) {
   using A = acc_t<T>;
+  const int64_t row_bytes = D * int64_t(sizeof(T));
+  const RowWriter writer{(R == Reduce::kSum || R == Reduce::kMean) &&
+                         use_streaming_stores(grad_x, T_ * row_bytes, row_bytes)};
   parallel_for(rt, 0, S, segment_grain(S, T_, D), [&](int64_t s0, int64_t s1) {
     bool found[kTile];
+    alignas(64) T scaled[kTile];
     for (int64_t s = s0; s < s1; ++s) {
       const RowRange rows = segment_rows(offsets, s, T_);
       const T* g = grad_y + s * D;
       if (R == Reduce::kSum || R == Reduce::kMean) {
-        // Every row of the segment gets the same values: scale once, then copy.
-        const A scale = reduce_grad_scale<R, A>(rows.end - rows.begin);
+        // Every row of the segment gets the same values: scale a tile once, then
+        // copy it to each row.
         if (rows.end == rows.begin) continue;
-        T* first = grad_x + rows.begin * D;
-        for (int64_t j = 0; j < D; ++j) first[j] = from_acc<T>(to_acc(g[j]) * scale);
-        for (int64_t t = rows.begin + 1; t < rows.end; ++t)
-          std::memcpy(static_cast<void*>(grad_x + t * D), first, sizeof(T) * D);
+        const A scale = reduce_grad_scale<R, A>(rows.end - rows.begin);
+        for (int64_t d0 = 0; d0 < D; d0 += kTile) {
+          const int64_t nd = std::min(kTile, D - d0);
+          for (int64_t j = 0; j < nd; ++j) scaled[j] = from_acc<T>(to_acc(g[d0 + j]) * scale);
+          for (int64_t t = rows.begin; t < rows.end; ++t)
+            writer.copy(grad_x + t * D + d0, scaled, sizeof(T) * size_t(nd));
+        }
         continue;
       }
       const T* result = y + s * D;
@@ -50,13 +58,8 @@ void reduce_backward_rows(const Runtime& rt, const T* grad_y, const T* x, const 
         }
       }
     }
+    writer.finish();
   });
-}
-
-template <typename T>
-void zero_rows(T* dst, int64_t count, int64_t D) {
-  // An empty tensor's data pointer may be null, and memset(nullptr, ..., 0) is undefined.
-  if (count * D > 0) std::memset(static_cast<void*>(dst), 0, sizeof(T) * count * D);
 }
 
 }  // namespace
@@ -134,12 +137,14 @@ void segment_expand_cpu(const Runtime& rt, DType dtype, const void* y, const int
     using V = std::remove_pointer_t<decltype(tag)>;
     const V* src = static_cast<const V*>(y);
     V* dst = static_cast<V*>(x);
+    const int64_t row_bytes = D * int64_t(sizeof(V));
+    const RowWriter writer{use_streaming_stores(dst, T * row_bytes, row_bytes)};
     parallel_for(rt, 0, S, segment_grain(S, T, D), [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
         const RowRange rows = segment_rows(offsets, s, T);
-        for (int64_t t = rows.begin; t < rows.end; ++t)
-          std::memcpy(static_cast<void*>(dst + t * D), src + s * D, sizeof(V) * D);
+        for (int64_t t = rows.begin; t < rows.end; ++t) writer.copy(dst + t * D, src + s * D, size_t(row_bytes));
       }
+      writer.finish();
     });
   });
 }
@@ -150,14 +155,17 @@ void segment_pack_cpu(const Runtime& rt, DType dtype, const void* x, const int64
     using V = std::remove_pointer_t<decltype(tag)>;
     const V* src = static_cast<const V*>(x);
     V* dst = static_cast<V*>(packed);
+    const size_t row_bytes = sizeof(V) * size_t(D);
+    const RowWriter writer{use_streaming_stores(dst, S * max_len * int64_t(row_bytes), int64_t(row_bytes))};
     parallel_for(rt, 0, S, segment_grain(S, S * max_len, D), [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
         const RowRange rows = segment_rows(offsets, s, T);
         const int64_t kept = std::min(rows.end - rows.begin, max_len);
         V* out = dst + s * max_len * D;
-        if (kept > 0) std::memcpy(static_cast<void*>(out), src + rows.begin * D, sizeof(V) * kept * D);
-        zero_rows(out + kept * D, max_len - kept, D);
+        if (kept > 0) writer.copy(out, src + rows.begin * D, row_bytes * size_t(kept));
+        writer.zero(out + kept * D, row_bytes * size_t(max_len - kept));
       }
+      writer.finish();
     });
   });
 }
@@ -168,16 +176,20 @@ void segment_unpack_cpu(const Runtime& rt, DType dtype, const void* packed, cons
     using V = std::remove_pointer_t<decltype(tag)>;
     const V* src = static_cast<const V*>(packed);
     V* dst = static_cast<V*>(x);
+    const size_t row_bytes = sizeof(V) * size_t(D);
+    // Not streamed: each word is one block of several rows, which memcpy already
+    // copies without reading the destination first on today's x86 CPUs; streaming
+    // stores measured 0.88-0.99x of memcpy here (T = 2^20, D = 256, max_len 8).
+    const RowWriter writer{false};
     parallel_for(rt, 0, S, segment_grain(S, T, D), [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
         const RowRange rows = segment_rows(offsets, s, T);
         const int64_t len = rows.end - rows.begin;
         const int64_t kept = std::min(len, max_len);
-        if (kept > 0)
-          std::memcpy(static_cast<void*>(dst + rows.begin * D), src + s * max_len * D,
-                      sizeof(V) * kept * D);
-        zero_rows(dst + (rows.begin + kept) * D, len - kept, D);
+        if (kept > 0) writer.copy(dst + rows.begin * D, src + s * max_len * D, row_bytes * size_t(kept));
+        writer.zero(dst + (rows.begin + kept) * D, row_bytes * size_t(len - kept));
       }
+      writer.finish();
     });
   });
 }

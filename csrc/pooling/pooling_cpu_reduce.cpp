@@ -7,11 +7,12 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
 #include "pooling_kernels.h"
+#include "tokcore/common/streaming_stores.h"
 
 #ifndef TOKCORE_CPU_ISA_NAMESPACE
 #define TOKCORE_CPU_ISA_NAMESPACE isa_base
@@ -66,6 +67,42 @@ inline u32xN bf16_bits(f32xN v) {
   return ((u & 0x7fffffffu) > 0x7f800000u) ? quiet_nan : rounded;
 }
 
+// Writes one vector of output, of kBytes bytes at p, with a streaming store
+// when kStream (p then aligned to kBytes; see tokcore/common/streaming_stores.h,
+// used for large outputs only). Measured in one process on the 2-core VM (T =
+// 2^20, D = 256, mean, best of 15): f32 28.9 against 29.8 ms, bf16 13.0 against
+// 13.7 ms; reading the f32 input alone takes about 24.6 ms.
+template <bool kStream, size_t kBytes>
+inline void put(void* p, const void* v) {
+  if constexpr (kStream) {
+#if defined(__AVX512F__)
+    if constexpr (kBytes == 64) {
+      __m512i r;
+      std::memcpy(&r, v, kBytes);
+      _mm512_stream_si512(static_cast<__m512i*>(p), r);
+      return;
+    }
+#endif
+#if defined(__AVX__)
+    if constexpr (kBytes == 32) {
+      __m256i r;
+      std::memcpy(&r, v, kBytes);
+      _mm256_stream_si256(static_cast<__m256i*>(p), r);
+      return;
+    }
+#endif
+#if defined(__SSE2__)
+    if constexpr (kBytes == 16) {
+      __m128i r;
+      std::memcpy(&r, v, kBytes);
+      _mm_stream_si128(static_cast<__m128i*>(p), r);
+      return;
+    }
+#endif
+  }
+  std::memcpy(p, v, kBytes);
+}
+
 // Lanes<T>: how one load of N features of T becomes K accumulator vectors (V, of
 // acc_t<T> lanes) and how K vectors go back to N features. Every conversion is
 // exact or rounds as the scalar from_acc<T> does, so each variant gives the
@@ -81,9 +118,10 @@ struct NativeLanes {
     std::memcpy(&x, p, sizeof x);
     v[0] = x;
   }
+  template <bool kStream>
   static void store(T* p, const V* v) {
     const V r = v[0];  // (a copy: memcpy straight from v compiles to scalar moves)
-    std::memcpy(p, &r, sizeof r);
+    put<kStream, sizeof r>(p, &r);
   }
 };
 template <> struct Lanes<float> : NativeLanes<float, f32xN> {};
@@ -100,9 +138,10 @@ template <> struct Lanes<bf16_t> {
     v[0] = as_f32(w << 16);
     v[1] = as_f32(w & 0xffff0000u);
   }
+  template <bool kStream>
   static void store(bf16_t* p, const V* v) {
     const u32xN packed = bf16_bits(v[0]) | (bf16_bits(v[1]) << 16);
-    std::memcpy(p, &packed, sizeof packed);
+    put<kStream, sizeof packed>(p, &packed);
   }
 };
 // f16: the AVX2 and AVX-512 builds convert a whole vector at a time with F16C
@@ -125,6 +164,7 @@ template <> struct Lanes<f16_t> {
 #endif
     std::memcpy(v, &f, sizeof f);
   }
+  template <bool kStream>
   static void store(f16_t* p, const V* v) {
     const u32xN u = as_u32(v[0]);
     const V r = (v[0] != v[0]) ? as_f32((u & 0x80000000u) | 0x7fc00000u) : v[0];
@@ -138,7 +178,7 @@ template <> struct Lanes<f16_t> {
     std::memcpy(&f, &r, sizeof f);
     const __m128i h = _mm256_cvtps_ph(f, kRound);
 #endif
-    std::memcpy(p, &h, sizeof h);
+    put<kStream, sizeof h>(p, &h);
   }
 };
 #else
@@ -148,6 +188,7 @@ template <> struct Lanes<f16_t> {  // no f16 conversion in the baseline ISA: lan
   static void load(const f16_t* p, V* v) {
     for (int j = 0; j < N; ++j) (*v)[j] = f16_to_float(p[j]);
   }
+  template <bool kStream>  // (lane by lane: never streamed)
   static void store(f16_t* p, const V* v) {
     for (int j = 0; j < N; ++j) p[j] = float_to_f16((*v)[j]);
   }
@@ -175,7 +216,7 @@ inline V combine(V acc, V x) {
 // chains: AVX-512 bf16 19.5 -> 35.3 GB/s, f32 37.7 -> 41.1; AVX2 bf16 13.9 ->
 // 17.9, f32 28.8 -> 31.3; SSE2 bf16 11.2 -> 16.4, f32 the same (17), despite the
 // register spills that 16 chains cost there.
-template <typename T, Reduce R, int kLoads>
+template <typename T, Reduce R, int kLoads, bool kStream>
 inline void reduce_tiles(const T* x, int64_t D, RowRange rows, acc_t<T> divisor, int64_t& d0, T* out) {
   using L = Lanes<T>;
   using V = typename L::V;
@@ -194,12 +235,12 @@ inline void reduce_tiles(const T* x, int64_t D, RowRange rows, acc_t<T> divisor,
     for (int k = 0; k < kLoads; ++k) {
       V result[L::K];
       for (int j = 0; j < L::K; ++j) result[j] = R == Reduce::kMean ? acc[k][j] / divisor : acc[k][j];
-      L::store(out + d0 + k * L::N, result);
+      L::template store<kStream>(out + d0 + k * L::N, result);
     }
   }
 }
 
-template <typename T, Reduce R>
+template <typename T, Reduce R, bool kStream>
 void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t S, int64_t T_,
                  int64_t D, T* y) {
   using A = acc_t<T>;
@@ -216,12 +257,22 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
       }
       const A divisor = A(count);  // used by mean only
       int64_t d0 = 0;
-      reduce_tiles<T, R, kWideLoads>(x, D, rows, divisor, d0, out);
-      reduce_tiles<T, R, 4>(x, D, rows, divisor, d0, out);  // what is left of whole
-      reduce_tiles<T, R, 1>(x, D, rows, divisor, d0, out);  // vectors: 4 chains, then 1
+      reduce_tiles<T, R, kWideLoads, kStream>(x, D, rows, divisor, d0, out);
+      reduce_tiles<T, R, 4, kStream>(x, D, rows, divisor, d0, out);  // what is left of whole
+      reduce_tiles<T, R, 1, kStream>(x, D, rows, divisor, d0, out);  // vectors: 4 chains, then 1
       for (; d0 < D; ++d0) reduce_tile<T, R, 1>(x, D, rows.begin, rows.end, d0, out);
     }
+    if (kStream) fence_streaming_stores();
   });
+}
+
+template <typename T, Reduce R>
+void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t S, int64_t T_,
+                 int64_t D, T* y) {
+  // (use_streaming_stores also ensures that every vector put streams is aligned.)
+  const bool stream = use_streaming_stores(y, S * D * int64_t(sizeof(T)), D * int64_t(sizeof(T)));
+  if (stream) reduce_rows<T, R, true>(rt, x, offsets, S, T_, D, y);
+  else reduce_rows<T, R, false>(rt, x, offsets, S, T_, D, y);
 }
 
 }  // namespace

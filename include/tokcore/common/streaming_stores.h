@@ -1,0 +1,105 @@
+// Streaming (non-temporal) stores for CPU kernels with large outputs. A normal
+// store first reads the cache line it writes into (read for ownership); a
+// streaming store sends whole lines to memory without that read. For an output
+// far larger than the caches, which the next op will read from memory anyway,
+// that removes up to a third of the memory traffic of a copy. Measured in one
+// process on the 2-core VM (T = 2^20, D = 256, f32 / bf16, streamed against
+// memcpy per row): segment_expand 1.3x / 1.4x faster, mean backward 1.55x /
+// 1.9x, segment_pack 1.4x / 1.45x, forward reduce 1.03x / 1.05x.
+//
+// Used when the output is at least TOKCORE_CPU_STREAM_MIN_MB (default 64; 0: any
+// size), starts on a cache line and its rows are whole cache lines apart, so only
+// whole lines are streamed. x86-64 only (SSE2, its baseline); elsewhere memcpy.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+namespace tokcore {
+
+constexpr int64_t kCacheLineBytes = 64;
+
+// Read on every call (cheap next to a large output) so tests can cover both paths.
+inline int64_t streaming_min_output_bytes() {
+  constexpr int64_t kDefault = int64_t(64) << 20;
+  const char* env = std::getenv("TOKCORE_CPU_STREAM_MIN_MB");
+  if (env == nullptr || *env == '\0') return kDefault;
+  char* end = nullptr;
+  const long long mb = std::strtoll(env, &end, 10);
+  return (end == env || mb < 0) ? kDefault : int64_t(mb) << 20;
+}
+
+// Whether an output of output_bytes at out, written row by row with rows
+// row_bytes apart, should be written with streaming stores.
+inline bool use_streaming_stores(const void* out, int64_t output_bytes, int64_t row_bytes) {
+#if defined(__SSE2__)
+  return output_bytes >= streaming_min_output_bytes() &&
+         reinterpret_cast<uintptr_t>(out) % kCacheLineBytes == 0 && row_bytes % kCacheLineBytes == 0;
+#else
+  (void)out, (void)output_bytes, (void)row_bytes;
+  return false;
+#endif
+}
+
+// Orders this thread's streaming stores before its later stores (they are
+// weakly ordered); call once at the end of each thread's share of the work.
+inline void fence_streaming_stores() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// Writes rows of an output: with streaming stores when `stream` (dst must then be
+// 16-byte aligned and bytes a multiple of 16, as use_streaming_stores ensures),
+// with memcpy/memset otherwise.
+struct RowWriter {
+  bool stream = false;
+
+  void copy(void* dst, const void* src, size_t bytes) const {
+#if defined(__SSE2__)
+    if (stream) {
+      auto* d = static_cast<__m128i*>(dst);
+      const auto* s = static_cast<const __m128i*>(src);
+      const size_t n = bytes / 16;
+      size_t i = 0;
+      for (; i + 4 <= n; i += 4) {  // four loads in flight, then four stores
+        const __m128i a = _mm_loadu_si128(s + i), b = _mm_loadu_si128(s + i + 1);
+        const __m128i c = _mm_loadu_si128(s + i + 2), e = _mm_loadu_si128(s + i + 3);
+        _mm_stream_si128(d + i, a);
+        _mm_stream_si128(d + i + 1, b);
+        _mm_stream_si128(d + i + 2, c);
+        _mm_stream_si128(d + i + 3, e);
+      }
+      for (; i < n; ++i) _mm_stream_si128(d + i, _mm_loadu_si128(s + i));
+      if (bytes % 16 != 0) std::memcpy(d + n, s + n, bytes % 16);
+      return;
+    }
+#endif
+    std::memcpy(dst, src, bytes);
+  }
+
+  void zero(void* dst, size_t bytes) const {
+#if defined(__SSE2__)
+    if (stream) {
+      auto* d = static_cast<__m128i*>(dst);
+      const size_t n = bytes / 16;
+      for (size_t i = 0; i < n; ++i) _mm_stream_si128(d + i, _mm_setzero_si128());
+      if (bytes % 16 != 0) std::memset(d + n, 0, bytes % 16);
+      return;
+    }
+#endif
+    if (bytes > 0) std::memset(dst, 0, bytes);  // (dst may be null when bytes is 0)
+  }
+
+  void finish() const {
+    if (stream) fence_streaming_stores();
+  }
+};
+
+}  // namespace tokcore
