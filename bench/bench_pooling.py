@@ -150,14 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         T, D, text_bytes = 1 << 12, 32, 1 << 16
 
-    ceiling = harness.copy_bandwidth(device, nbytes=(1 << 30) if not args.quick else (1 << 22),
+    ceiling, ceiling_copy = harness.copy_bandwidth(device, nbytes=(1 << 30) if not args.quick else (1 << 22),
                                      warmup_seconds=0.0 if args.quick else 3.0)
     table = harness.Table(
         f"pooling on {harness.machine_kind(device)} (T={T}, D={D}, word lengths 1..9)",
         ["workload", "peer", "tokcore ms", "peer ms", "speedup (peer/tokcore)", "tokcore GB/s or MB/s",
          "of copy ceiling"],
     )
-    table.notes.append(f"copy ceiling measured in this run: {ceiling / 1e9:.1f} GB/s (read + write)")
+    table.notes.append(f"copy ceiling measured in this run: {ceiling / 1e9:.1f} GB/s (read + write, {ceiling_copy})")
     table.notes.append("GB/s counts bytes read + written once: fwd reads T*D and writes S*D; "
                        "bwd and expand the reverse")
     steps = [(f"segment ops {dtype}".replace("torch.", ""),
