@@ -23,7 +23,7 @@ import harness  # noqa: E402
 
 import tokcore  # noqa: E402,F401
 from tokcore.data import list_files, stdlib_dir  # noqa: E402
-from tokcore.pooling import segment_expand, segment_reduce, word_boundaries  # noqa: E402
+from tokcore.pooling import segment_expand, segment_pack, segment_reduce, segment_unpack, word_boundaries  # noqa: E402,E501
 
 
 def random_offsets(total: int, low: int, high: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -84,6 +84,34 @@ def bench_segment_reduce(T: int, D: int, dtype: torch.dtype, device: torch.devic
         t_peer = harness.time_fn(lambda: y.index_select(0, segment_ids), device, **runs)
     table.add(f"segment_expand fwd {name}", "index_select", t_tok * 1e3, t_peer * 1e3, t_peer / t_tok,
               harness.gbps(fwd_bytes, t_tok), f"{100 * fwd_bytes / t_tok / ceiling:.0f}%")
+
+
+def bench_streaming_stores(T: int, D: int, dtype: torch.dtype, table: harness.Table, quick: bool) -> None:
+    """CPU only: each op that streams large outputs, timed with streaming stores and
+    with plain ones (TOKCORE_CPU_STREAM_MIN_MB, read on every call), calls alternating
+    so that both see the same memory bandwidth."""
+    device = torch.device("cpu")
+    offsets = random_offsets(T, 1, 9, device)
+    S = offsets.numel() - 1
+    x = torch.randn(T, D, dtype=dtype)
+    y = torch.randn(S, D, dtype=dtype)
+    packed = segment_pack(x, offsets, 8)
+    name = str(dtype).replace("torch.", "")
+    ops = torch.ops.tokcore
+    workloads = {  # name: (op, bytes read + written once)
+        f"segment_reduce mean fwd {name}": (lambda: ops.segment_reduce(x, offsets, "mean"), (T + S) * D),
+        f"segment_reduce mean bwd {name}": (
+            lambda: ops.segment_reduce_backward(y, offsets, T, "mean", x, y), (T + S) * D),
+        f"segment_expand fwd {name}": (lambda: segment_expand(y, offsets, T), (T + S) * D),
+        f"segment_pack fwd {name} (max_len 8)": (lambda: segment_pack(x, offsets, 8), (T + 8 * S) * D),
+        f"segment_unpack fwd {name} (max_len 8)": (lambda: segment_unpack(packed, offsets, T), 2 * T * D),
+    }
+    runs = 3 if quick else 15
+    for workload, (fn, elements) in workloads.items():
+        streamed, plain = harness.time_alternating(
+            fn, [("TOKCORE_CPU_STREAM_MIN_MB", "0"), ("TOKCORE_CPU_STREAM_MIN_MB", "1000000")], runs)
+        table.add(workload, "tokcore, plain stores", streamed * 1e3, plain * 1e3, plain / streamed,
+                  harness.gbps(elements * x.element_size(), streamed))
 
 
 def stdlib_text(nbytes: int) -> bytes:
@@ -164,16 +192,27 @@ def main(argv: list[str] | None = None) -> int:
               lambda dtype=dtype: bench_segment_reduce(T, D, dtype, device, ceiling, table, args.quick))
              for dtype in dtypes]
     steps.append(("word_boundaries", lambda: bench_word_boundaries(text_bytes, device, table, args.quick)))
+    tables = [table]
+    if device.type == "cpu":
+        streaming = harness.Table(
+            f"CPU streaming stores for large outputs, on and off (T={T}, D={D})",
+            ["workload", "compared with", "streamed ms", "plain ms", "speedup (plain/streamed)", "streamed GB/s"])
+        streaming.notes.append("same op, same inputs; TOKCORE_CPU_STREAM_MIN_MB=0 (streamed) against 1000000 "
+                               "(plain stores), calls alternating; unpack never streams (a control)")
+        tables.append(streaming)
+        steps += [(f"streaming stores {dtype}".replace("torch.", ""),
+                   lambda dtype=dtype: bench_streaming_stores(T, D, dtype, streaming, args.quick)) for dtype in dtypes]
     with tqdm(steps, desc="bench pooling", unit="workload", disable=args.quick) as bar:
         for name, run in bar:
             bar.set_postfix_str(name)
             run()
     if device.type == "cuda":
         table.notes.extend(target_notes(table, GPU_TARGETS))
-    print(table.markdown())
+    for t in tables:
+        print(t.markdown())
     if not args.no_save and not args.quick:
         command = "python bench/bench_pooling.py" + (f" --device {args.device}" if device.type != "cpu" else "")
-        print("results appended to", harness.write_results([table], device, command))
+        print("results appended to", harness.write_results(tables, device, command))
     return 0
 
 

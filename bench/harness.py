@@ -68,6 +68,32 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, 
     return statistics.median(times)
 
 
+def time_alternating(fn: Callable[[], object], settings: list[tuple[str, str]], runs: int) -> list[float]:
+    """CPU: median seconds per call of fn under each environment setting (name,
+    value), the settings taking turns call by call, so that drifts of the machine's
+    memory bandwidth hit each alike. For switches that the library reads on every
+    call; the environment is restored afterwards."""
+    saved = {name: os.environ.get(name) for name, _ in settings}
+    times: list[list[float]] = [[] for _ in settings]
+    try:
+        for i in range(runs + 2):  # the first two rounds warm up
+            for k, (name, value) in enumerate(settings):
+                os.environ[name] = value
+                t0 = time.perf_counter()
+                out = fn()
+                elapsed = time.perf_counter() - t0
+                del out
+                if i >= 2:
+                    times[k].append(elapsed)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return [statistics.median(t) for t in times]
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, warmup_seconds: float = 3.0) -> tuple[float, str]:
     """Measured ceiling: bytes read + written per second by the fastest large copy at
     hand, and how it was made.
