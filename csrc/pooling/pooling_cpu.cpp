@@ -177,9 +177,10 @@ void segment_unpack_cpu(const Runtime& rt, DType dtype, const void* packed, cons
     const V* src = static_cast<const V*>(packed);
     V* dst = static_cast<V*>(x);
     const size_t row_bytes = sizeof(V) * size_t(D);
-    // Not streamed: each word is one block of several rows, which memcpy already
-    // copies without reading the destination first on today's x86 CPUs; streaming
-    // stores measured 0.88-0.99x of memcpy here (T = 2^20, D = 256, max_len 8).
+    // Not streamed: each word is one block of several rows here, and memcpy of
+    // such blocks measured as fast or faster (streaming stores 0.88-0.99x of it,
+    // T = 2^20, D = 256, max_len 8; bench_pooling's streaming table keeps it as
+    // the control).
     const RowWriter writer{false};
     parallel_for(rt, 0, S, segment_grain(S, T, D), [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
