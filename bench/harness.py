@@ -54,44 +54,39 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, 
     times: list[float] = []
     start_all = time.perf_counter()
     while len(times) < min_runs or (time.perf_counter() - start_all < min_seconds and len(times) < 200):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        times.append(time_call(fn, device))
     return statistics.median(times)
 
 
-def time_alternating(fn: Callable[[], object], settings: list[tuple[str, str]], runs: int) -> list[float]:
-    """CPU: median seconds per call of fn under each environment setting (name,
-    value), the settings taking turns call by call, so that drifts of the machine's
-    memory bandwidth hit each alike. For switches that the library reads on every
-    call; the environment is restored afterwards."""
-    saved = {name: os.environ.get(name) for name, _ in settings}
-    times: list[list[float]] = [[] for _ in settings]
-    try:
-        for i in range(runs + 2):  # the first two rounds warm up
-            for k, (name, value) in enumerate(settings):
-                os.environ[name] = value
-                t0 = time.perf_counter()
-                out = fn()
-                elapsed = time.perf_counter() - t0
-                del out
-                if i >= 2:
-                    times[k].append(elapsed)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    return [statistics.median(t) for t in times]
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds that one call of fn takes (CUDA events on GPU, wall clock on CPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, rounds: int = 7,
+                     warmup_seconds: float = 3.0) -> dict[str, float]:
+    """Median seconds per call of each fn: each is warmed up as in time_fn, then
+    timed in rounds in which every fn runs once, in turn. The memory bandwidth of
+    the CPU VMs here drifts by up to 1.7x within a minute; timed one after the
+    other, a fast op and its peer could fall in different periods, while here
+    each ratio compares calls made seconds apart."""
+    for fn in fns.values():
+        time_fn(fn, device, min_runs=1, min_seconds=0.0, warmup_seconds=warmup_seconds,
+                warmup=5 if warmup_seconds > 0 else 0)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(time_call(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, warmup_seconds: float = 3.0) -> tuple[float, str]:

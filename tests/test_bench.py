@@ -23,7 +23,7 @@ def test_bench_pooling_quick_run(capsys, monkeypatch, tmp_path):
     for workload in ("segment_reduce mean fwd float32", "segment_reduce mean bwd bfloat16",
                      "segment_expand fwd", "word_boundaries"):
         assert workload in out
-    assert "torch.segment_reduce" in out and "index_reduce_" in out
+    assert "torch.segment_reduce" in out and "index_reduce_" in out and "scatter_reduce_ into a reused buffer" in out
     assert "tokcore, plain stores" in out and "segment_unpack fwd" in out  # the CPU streaming table
 
 
