@@ -2,10 +2,11 @@
 // store first reads the cache line it writes into (read for ownership); a
 // streaming store sends whole lines to memory without that read. For an output
 // far larger than the caches, which the next op will read from memory anyway,
-// that removes up to a third of the memory traffic of a copy. Measured in one
-// process on the 2-core VM (T = 2^20, D = 256, f32 / bf16, streamed against
-// memcpy per row): segment_expand 1.3x / 1.4x faster, mean backward 1.55x /
-// 1.9x, segment_pack 1.4x / 1.45x, forward reduce 1.03x / 1.05x.
+// that removes up to a third of the memory traffic of a copy. Measured on the
+// 2-core VM (T = 2^20, D = 256, f32 / bf16, streamed against plain stores, calls
+// taking turns; the CPU streaming table of bench/bench_pooling.py): mean backward
+// 2.6x / 2.0x faster, segment_expand 1.46x / 1.54x, segment_pack 1.44x / 1.59x,
+// forward reduce 1.06x / 1.09x.
 //
 // Used when the output is at least TOKCORE_CPU_STREAM_MIN_MB (default 64; 0: any
 // size), starts on a cache line and its rows are whole cache lines apart, so only
