@@ -216,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     table.notes.append(f"copy ceiling measured in this run: {ceiling / 1e9:.1f} GB/s (read + write, {ceiling_copy})")
     table.notes.append("GB/s counts bytes read + written once: fwd reads T*D and writes S*D; "
                        "bwd and expand the reverse")
+    if device.type == "cpu":
+        read = harness.read_bandwidth_cpu(nbytes=(1 << 30) if not args.quick else (1 << 22),
+                                          warmup_seconds=0.0 if args.quick else 3.0)
+        floors = ", ".join(f"{str(dt).replace('torch.', '')} {T * D * dt.itemsize / read * 1e3:.3g} ms"
+                           for dt in dtypes)
+        table.notes.append(f"read-only bandwidth measured at the start: {read / 1e9:.1f} GB/s, so reading the "
+                           f"forward's input alone takes at least {floors}")
     steps = [(f"segment ops {dtype}".replace("torch.", ""),
               lambda dtype=dtype: bench_segment_reduce(T, D, dtype, device, ceiling, table, args.quick))
              for dtype in dtypes]
