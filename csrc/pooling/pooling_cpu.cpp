@@ -17,32 +17,18 @@ namespace {
 
 constexpr int64_t kTile = 256;  // features handled at once by the max/min backward's bookkeeping
 
+// The max/min backward: the gradient goes to the first row of the segment that
+// attains the result, per feature. (The sum/mean backward is built per
+// instruction set: pooling_cpu_reduce.cpp.)
 template <typename T, Reduce R>
-void reduce_backward_rows(const Runtime& rt, const T* grad_y, const T* x, const T* y,
-                          const int64_t* offsets, int64_t S, int64_t T_, int64_t D, T* grad_x) {
+void max_min_backward_rows(const Runtime& rt, const T* grad_y, const T* x, const T* y,
+                           const int64_t* offsets, int64_t S, int64_t T_, int64_t D, T* grad_x) {
   using A = acc_t<T>;
-  const int64_t row_bytes = D * int64_t(sizeof(T));
-  const RowWriter writer{(R == Reduce::kSum || R == Reduce::kMean) &&
-                         use_streaming_stores(grad_x, T_ * row_bytes, row_bytes)};
   parallel_for(rt, 0, S, segment_grain(S, T_, D), [&](int64_t s0, int64_t s1) {
     bool found[kTile];
-    alignas(64) T scaled[kTile];
     for (int64_t s = s0; s < s1; ++s) {
       const RowRange rows = segment_rows(offsets, s, T_);
       const T* g = grad_y + s * D;
-      if (R == Reduce::kSum || R == Reduce::kMean) {
-        // Every row of the segment gets the same values: scale a tile once, then
-        // copy it to each row.
-        if (rows.end == rows.begin) continue;
-        const A scale = reduce_grad_scale<R, A>(rows.end - rows.begin);
-        for (int64_t d0 = 0; d0 < D; d0 += kTile) {
-          const int64_t nd = std::min(kTile, D - d0);
-          for (int64_t j = 0; j < nd; ++j) scaled[j] = from_acc<T>(to_acc(g[d0 + j]) * scale);
-          for (int64_t t = rows.begin; t < rows.end; ++t)
-            writer.copy(grad_x + t * D + d0, scaled, sizeof(T) * size_t(nd));
-        }
-        continue;
-      }
       const T* result = y + s * D;
       for (int64_t d0 = 0; d0 < D; d0 += kTile) {
         const int64_t nd = std::min(kTile, D - d0);
@@ -58,7 +44,6 @@ void reduce_backward_rows(const Runtime& rt, const T* grad_y, const T* x, const 
         }
       }
     }
-    writer.finish();
   });
 }
 
@@ -121,13 +106,27 @@ void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int
 void segment_reduce_backward_cpu(const Runtime& rt, DType dtype, const void* grad_y, const void* x,
                                  const void* y, const int64_t* offsets, int64_t S, int64_t T,
                                  int64_t D, Reduce reduce, void* grad_x) {
+  if (reduce == Reduce::kSum || reduce == Reduce::kMean) {
+#if defined(TOKCORE_HAVE_X86_ISA_KERNELS)
+    switch (cpu_isa()) {
+      case CpuIsa::kAvx512:
+        return isa_avx512::segment_sum_mean_backward_cpu(rt, dtype, grad_y, offsets, S, T, D, reduce, grad_x);
+      case CpuIsa::kAvx2:
+        return isa_avx2::segment_sum_mean_backward_cpu(rt, dtype, grad_y, offsets, S, T, D, reduce, grad_x);
+      case CpuIsa::kBase: break;
+    }
+#endif
+    return isa_base::segment_sum_mean_backward_cpu(rt, dtype, grad_y, offsets, S, T, D, reduce, grad_x);
+  }
   dispatch_float_types(dtype, [&](auto* tag) {
     using V = std::remove_pointer_t<decltype(tag)>;
-    dispatch_reduce(reduce, [&](auto r) {
-      reduce_backward_rows<V, decltype(r)::value>(
-          rt, static_cast<const V*>(grad_y), static_cast<const V*>(x), static_cast<const V*>(y),
-          offsets, S, T, D, static_cast<V*>(grad_x));
-    });
+    auto run = [&](auto r) {
+      max_min_backward_rows<V, decltype(r)::value>(rt, static_cast<const V*>(grad_y), static_cast<const V*>(x),
+                                                   static_cast<const V*>(y), offsets, S, T, D,
+                                                   static_cast<V*>(grad_x));
+    };
+    if (reduce == Reduce::kMax) run(std::integral_constant<Reduce, Reduce::kMax>{});
+    else run(std::integral_constant<Reduce, Reduce::kMin>{});
   });
 }
 
