@@ -47,13 +47,14 @@ def bench_segment_reduce(T: int, D: int, dtype: torch.dtype, device: torch.devic
     timing = dict(rounds=2 if quick else 7, warmup_seconds=0.0 if quick else 3.0)
     name = str(dtype).replace("torch.", "")
 
-    def add_rows(workload: str, tok: Callable[[], object], peers: dict[str, Callable[[], object]]) -> None:
+    def add_rows(workload: str, tok: Callable[[], object], peers: dict[str, Callable[[], object]],
+                 nbytes: int = fwd_bytes) -> None:
         # tokcore and its peers take turns call by call (see harness.time_interleaved)
         times = harness.time_interleaved({"tokcore": tok, **peers}, device, **timing)
         t_tok = times.pop("tokcore")
         for peer, t_peer in times.items():
             table.add(f"{workload} {name}", peer, t_tok * 1e3, t_peer * 1e3, t_peer / t_tok,
-                      harness.gbps(fwd_bytes, t_tok), f"{100 * fwd_bytes / t_tok / ceiling:.0f}%")
+                      harness.gbps(nbytes, t_tok), f"{100 * nbytes / t_tok / ceiling:.0f}%")
 
     def tok():
         return segment_reduce(x, offsets, "mean")
@@ -88,6 +89,11 @@ def bench_segment_reduce(T: int, D: int, dtype: torch.dtype, device: torch.devic
         return lambda: torch.autograd.grad(y_graph, x, grad, retain_graph=True)
 
     add_rows("segment_reduce mean bwd", backward_of(tok()), {peer: backward_of(fn()) for peer, fn in peers.items()})
+    # max: the gradient goes to the first row attaining each feature's maximum, so
+    # the backward reads x and the result too
+    add_rows("segment_reduce max bwd", backward_of(segment_reduce(x, offsets, "max")), {
+        "torch.segment_reduce": backward_of(torch.segment_reduce(x, "max", lengths=lengths, axis=0))},
+        nbytes=2 * fwd_bytes)
 
     # segment_expand: each row gets its segment's row; the torch peer is a gather.
     y = torch.randn(S, D, dtype=dtype, device=device)
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     table.notes.append(f"copy ceiling measured in this run: {ceiling / 1e9:.1f} GB/s (read + write, {ceiling_copy})")
     table.notes.append("GB/s counts bytes read + written once: fwd reads T*D and writes S*D; "
-                       "bwd and expand the reverse")
+                       "mean bwd and expand the reverse; max bwd both")
     if device.type == "cpu":
         read = harness.read_bandwidth_cpu(nbytes=(1 << 30) if not args.quick else (1 << 22),
                                           warmup_seconds=0.0 if args.quick else 3.0)

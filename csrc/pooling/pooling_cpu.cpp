@@ -1,6 +1,7 @@
 // CPU kernels of the pooling family: torch-free loops over the core's
 // per-element logic, parallelized through the Runtime the adapter passes in.
-// (The forward reduce, built per instruction set, is in pooling_cpu_reduce.cpp.)
+// (The forward and backward reduce, built per instruction set, are in
+// pooling_cpu_reduce.cpp; this file picks a variant at run time.)
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -13,41 +14,6 @@
 
 namespace tokcore {
 namespace pooling {
-namespace {
-
-constexpr int64_t kTile = 256;  // features handled at once by the max/min backward's bookkeeping
-
-// The max/min backward: the gradient goes to the first row of the segment that
-// attains the result, per feature. (The sum/mean backward is built per
-// instruction set: pooling_cpu_reduce.cpp.)
-template <typename T, Reduce R>
-void max_min_backward_rows(const Runtime& rt, const T* grad_y, const T* x, const T* y,
-                           const int64_t* offsets, int64_t S, int64_t T_, int64_t D, T* grad_x) {
-  using A = acc_t<T>;
-  parallel_for(rt, 0, S, segment_grain(S, T_, D), [&](int64_t s0, int64_t s1) {
-    bool found[kTile];
-    for (int64_t s = s0; s < s1; ++s) {
-      const RowRange rows = segment_rows(offsets, s, T_);
-      const T* g = grad_y + s * D;
-      const T* result = y + s * D;
-      for (int64_t d0 = 0; d0 < D; d0 += kTile) {
-        const int64_t nd = std::min(kTile, D - d0);
-        std::fill(found, found + nd, false);
-        for (int64_t t = rows.begin; t < rows.end; ++t) {
-          const T* row = x + t * D + d0;
-          T* out = grad_x + t * D + d0;
-          for (int64_t j = 0; j < nd; ++j) {
-            const bool take = !found[j] && attains(to_acc(row[j]), to_acc(result[d0 + j]));
-            found[j] = found[j] || take;
-            out[j] = take ? g[d0 + j] : from_acc<T>(A(0));
-          }
-        }
-      }
-    }
-  });
-}
-
-}  // namespace
 
 int64_t word_boundaries_count_cpu(const Runtime& rt, const uint8_t* bytes, const int64_t* cu,
                                   int64_t B, int64_t max_bytes, WordMode mode,
@@ -106,28 +72,17 @@ void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int
 void segment_reduce_backward_cpu(const Runtime& rt, DType dtype, const void* grad_y, const void* x,
                                  const void* y, const int64_t* offsets, int64_t S, int64_t T,
                                  int64_t D, Reduce reduce, void* grad_x) {
-  if (reduce == Reduce::kSum || reduce == Reduce::kMean) {
+  // Built per instruction set too (pooling_cpu_reduce.cpp).
 #if defined(TOKCORE_HAVE_X86_ISA_KERNELS)
-    switch (cpu_isa()) {
-      case CpuIsa::kAvx512:
-        return isa_avx512::segment_sum_mean_backward_cpu(rt, dtype, grad_y, offsets, S, T, D, reduce, grad_x);
-      case CpuIsa::kAvx2:
-        return isa_avx2::segment_sum_mean_backward_cpu(rt, dtype, grad_y, offsets, S, T, D, reduce, grad_x);
-      case CpuIsa::kBase: break;
-    }
-#endif
-    return isa_base::segment_sum_mean_backward_cpu(rt, dtype, grad_y, offsets, S, T, D, reduce, grad_x);
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512:
+      return isa_avx512::segment_reduce_backward_cpu(rt, dtype, grad_y, x, y, offsets, S, T, D, reduce, grad_x);
+    case CpuIsa::kAvx2:
+      return isa_avx2::segment_reduce_backward_cpu(rt, dtype, grad_y, x, y, offsets, S, T, D, reduce, grad_x);
+    case CpuIsa::kBase: break;
   }
-  dispatch_float_types(dtype, [&](auto* tag) {
-    using V = std::remove_pointer_t<decltype(tag)>;
-    auto run = [&](auto r) {
-      max_min_backward_rows<V, decltype(r)::value>(rt, static_cast<const V*>(grad_y), static_cast<const V*>(x),
-                                                   static_cast<const V*>(y), offsets, S, T, D,
-                                                   static_cast<V*>(grad_x));
-    };
-    if (reduce == Reduce::kMax) run(std::integral_constant<Reduce, Reduce::kMax>{});
-    else run(std::integral_constant<Reduce, Reduce::kMin>{});
-  });
+#endif
+  isa_base::segment_reduce_backward_cpu(rt, dtype, grad_y, x, y, offsets, S, T, D, reduce, grad_x);
 }
 
 void segment_expand_cpu(const Runtime& rt, DType dtype, const void* y, const int64_t* offsets,

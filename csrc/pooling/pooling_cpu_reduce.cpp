@@ -1,5 +1,5 @@
 // The arithmetic-bound CPU kernels of the segment ops, built once per
-// instruction set: the forward reduce and the sum/mean backward (CMake compiles
+// instruction set: the forward and backward reduce (CMake compiles
 // this file with TOKCORE_CPU_ISA_NAMESPACE = isa_base and, on x86-64, isa_avx2
 // (AVX2, FMA, F16C) and isa_avx512 (x86-64-v4)); pooling_cpu.cpp picks one at
 // run time.
@@ -55,6 +55,7 @@ constexpr int kVecBytes = 16;
 typedef float f32xN __attribute__((vector_size(kVecBytes)));
 typedef double f64xN __attribute__((vector_size(kVecBytes)));
 typedef uint32_t u32xN __attribute__((vector_size(kVecBytes)));
+typedef uint16_t u16xHalf __attribute__((vector_size(kVecBytes / 2)));  // the f16 of one f32xN
 
 inline f32xN as_f32(u32xN w) { f32xN v; std::memcpy(&v, &w, sizeof v); return v; }
 inline u32xN as_u32(f32xN v) { u32xN w; std::memcpy(&w, &v, sizeof w); return w; }
@@ -107,7 +108,8 @@ inline void put(void* p, const void* v) {
 // Lanes<T>: how one load of N features of T becomes K accumulator vectors (V, of
 // acc_t<T> lanes) and how K vectors go back to N features. Every conversion is
 // exact or rounds as the scalar from_acc<T> does, so each variant gives the
-// scalar path's bits.
+// scalar path's bits. select keeps the raw bits of N features where K masks
+// (comparisons of V vectors) say true, and zeroes the rest.
 template <typename T> struct Lanes;
 // float and double: the features are the accumulator's own type, loaded as is.
 template <typename T, typename VecT>
@@ -123,6 +125,13 @@ struct NativeLanes {
   static void store(T* p, const V* v) {
     const V r = v[0];  // (a copy: memcpy straight from v compiles to scalar moves)
     put<kStream, sizeof r>(p, &r);
+  }
+  template <bool kStream, typename M>
+  static void select(const T* p, const M* take, T* out) {
+    M bits;
+    std::memcpy(&bits, p, sizeof bits);
+    bits &= take[0];
+    put<kStream, sizeof bits>(out, &bits);
   }
 };
 template <> struct Lanes<float> : NativeLanes<float, f32xN> {};
@@ -144,7 +153,24 @@ template <> struct Lanes<bf16_t> {
     const u32xN packed = bf16_bits(v[0]) | (bf16_bits(v[1]) << 16);
     put<kStream, sizeof packed>(p, &packed);
   }
+  template <bool kStream, typename M>
+  static void select(const bf16_t* p, const M* take, bf16_t* out) {
+    u32xN w, even, odd;  // take[0] for the low halves, take[1] for the high ones
+    std::memcpy(&w, p, sizeof w);
+    std::memcpy(&even, &take[0], sizeof even);
+    std::memcpy(&odd, &take[1], sizeof odd);
+    w &= (even & 0xffffu) | (odd & 0xffff0000u);
+    put<kStream, sizeof w>(out, &w);
+  }
 };
+// Lanes<f16_t>::select in both builds: N halves, whose 32-bit masks narrow to 16 bits.
+template <bool kStream, typename M>
+inline void select_halves(const f16_t* p, const M& take, f16_t* out) {
+  u16xHalf h;
+  std::memcpy(&h, p, sizeof h);
+  h &= __builtin_convertvector(take, u16xHalf);
+  put<kStream, sizeof h>(out, &h);
+}
 // f16: the AVX2 and AVX-512 builds convert a whole vector at a time with F16C
 // (exact widening; narrowing rounds to nearest even as float_to_f16 does, and
 // NaN is made canonical first, as float_to_f16 makes it); the baseline converts
@@ -181,6 +207,8 @@ template <> struct Lanes<f16_t> {
 #endif
     put<kStream, sizeof h>(p, &h);
   }
+  template <bool kStream, typename M>
+  static void select(const f16_t* p, const M* take, f16_t* out) { select_halves<kStream>(p, take[0], out); }
 };
 #else
 template <> struct Lanes<f16_t> {  // no f16 conversion in the baseline ISA: lane by lane
@@ -193,6 +221,8 @@ template <> struct Lanes<f16_t> {  // no f16 conversion in the baseline ISA: lan
   static void store(f16_t* p, const V* v) {
     for (int j = 0; j < N; ++j) p[j] = float_to_f16((*v)[j]);
   }
+  template <bool kStream, typename M>
+  static void select(const f16_t* p, const M* take, f16_t* out) { select_halves<kStream>(p, take[0], out); }
 };
 #endif
 
@@ -323,17 +353,83 @@ void scale_to_rows(const Runtime& rt, const T* grad_y, const int64_t* offsets, i
   });
 }
 
+// The max/min backward over features [d0, d0 + kLoads * N) of one segment, for
+// as many whole tiles as fit, advancing d0: per feature, the first row whose
+// value equals the result (NaN matching NaN) gets grad_y, every other row 0.
+// Masks replace the scalar code's branches (measured 475 ms for f32, T = 2^20,
+// D = 256, against 16 ms for the mean backward).
+template <typename T, int kLoads, bool kStream>
+inline void first_attaining_tiles(const T* g, const T* x, const T* result, int64_t D, RowRange rows,
+                                  int64_t& d0, T* grad_x) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  using M = decltype(V{} == V{});
+  for (; d0 + kLoads * L::N <= D; d0 += kLoads * L::N) {
+    V r[kLoads][L::K];
+    M found[kLoads][L::K];
+    for (int k = 0; k < kLoads; ++k) {
+      L::load(result + d0 + k * L::N, r[k]);
+      for (int j = 0; j < L::K; ++j) found[k][j] = M{};
+    }
+    for (int64_t t = rows.begin; t < rows.end; ++t) {
+      for (int k = 0; k < kLoads; ++k) {
+        V v[L::K];
+        M take[L::K];
+        L::load(x + t * D + d0 + k * L::N, v);
+        for (int j = 0; j < L::K; ++j) {
+          const M attains = (v[j] == r[k][j]) | ((v[j] != v[j]) & (r[k][j] != r[k][j]));
+          take[j] = attains & ~found[k][j];
+          found[k][j] |= take[j];
+        }
+        L::template select<kStream>(g + d0 + k * L::N, take, grad_x + t * D + d0 + k * L::N);
+      }
+    }
+  }
+}
+
+template <typename T, bool kStream>
+void max_min_backward_rows(const Runtime& rt, const T* grad_y, const T* x, const T* y,
+                           const int64_t* offsets, int64_t S, int64_t T_, int64_t D, T* grad_x) {
+  using A = acc_t<T>;
+  parallel_for(rt, 0, S, segment_grain(S, T_, D), [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const RowRange rows = segment_rows(offsets, s, T_);
+      const T* g = grad_y + s * D;
+      const T* result = y + s * D;
+      int64_t d0 = 0;
+      first_attaining_tiles<T, 4, kStream>(g, x, result, D, rows, d0, grad_x);
+      first_attaining_tiles<T, 1, kStream>(g, x, result, D, rows, d0, grad_x);
+      for (; d0 < D; ++d0) {  // the last D % N features, one at a time
+        bool found = false;
+        for (int64_t t = rows.begin; t < rows.end; ++t) {
+          const bool take = !found && attains(to_acc(x[t * D + d0]), to_acc(result[d0]));
+          found = found || take;
+          grad_x[t * D + d0] = take ? g[d0] : from_acc<T>(A(0));
+        }
+      }
+    }
+    if (kStream) fence_streaming_stores();
+  });
+}
+
 }  // namespace
 
-void segment_sum_mean_backward_cpu(const Runtime& rt, DType dtype, const void* grad_y,
-                                   const int64_t* offsets, int64_t S, int64_t T, int64_t D,
-                                   Reduce reduce, void* grad_x) {
+void segment_reduce_backward_cpu(const Runtime& rt, DType dtype, const void* grad_y, const void* x,
+                                 const void* y, const int64_t* offsets, int64_t S, int64_t T,
+                                 int64_t D, Reduce reduce, void* grad_x) {
   dispatch_float_types(dtype, [&](auto* tag) {
     using V = std::remove_pointer_t<decltype(tag)>;
     const auto* g = static_cast<const V*>(grad_y);
     auto* out = static_cast<V*>(grad_x);
-    if (reduce == Reduce::kMean) scale_to_rows<V, Reduce::kMean>(rt, g, offsets, S, T, D, out);
-    else scale_to_rows<V, Reduce::kSum>(rt, g, offsets, S, T, D, out);
+    if (reduce == Reduce::kMean) return scale_to_rows<V, Reduce::kMean>(rt, g, offsets, S, T, D, out);
+    if (reduce == Reduce::kSum) return scale_to_rows<V, Reduce::kSum>(rt, g, offsets, S, T, D, out);
+    const auto* xs = static_cast<const V*>(x);
+    const auto* ys = static_cast<const V*>(y);
+    const int64_t row_bytes = D * int64_t(sizeof(V));
+    if (use_streaming_stores(out, T * row_bytes, row_bytes))
+      max_min_backward_rows<V, true>(rt, g, xs, ys, offsets, S, T, D, out);
+    else
+      max_min_backward_rows<V, false>(rt, g, xs, ys, offsets, S, T, D, out);
   });
 }
 

@@ -43,15 +43,15 @@ void word_boundaries_fill_cpu(const Runtime& rt, const uint8_t* bytes, const int
 
 void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets,
                         int64_t S, int64_t T, int64_t D, Reduce reduce, void* y);
-// The kernels built per instruction set (pooling_cpu_reduce.cpp): the forward
-// reduce and the sum/mean backward. segment_reduce_cpu and
-// segment_reduce_backward_cpu pick one at run time (tokcore/common/cpu_isa.h).
-#define TOKCORE_POOLING_CPU_ISA_KERNELS                                                          \
-  void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets, \
-                          int64_t S, int64_t T, int64_t D, Reduce reduce, void* y);              \
-  void segment_sum_mean_backward_cpu(const Runtime& rt, DType dtype, const void* grad_y,         \
-                                     const int64_t* offsets, int64_t S, int64_t T, int64_t D,    \
-                                     Reduce reduce, void* grad_x);
+// The forward and backward reduce, built per instruction set
+// (pooling_cpu_reduce.cpp); the two functions above and below pick one at run
+// time (tokcore/common/cpu_isa.h).
+#define TOKCORE_POOLING_CPU_ISA_KERNELS                                                           \
+  void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets,  \
+                          int64_t S, int64_t T, int64_t D, Reduce reduce, void* y);               \
+  void segment_reduce_backward_cpu(const Runtime& rt, DType dtype, const void* grad_y,            \
+                                   const void* x, const void* y, const int64_t* offsets,          \
+                                   int64_t S, int64_t T, int64_t D, Reduce reduce, void* grad_x);
 namespace isa_base { TOKCORE_POOLING_CPU_ISA_KERNELS }
 namespace isa_avx2 { TOKCORE_POOLING_CPU_ISA_KERNELS }
 namespace isa_avx512 { TOKCORE_POOLING_CPU_ISA_KERNELS }
