@@ -1432,8 +1432,8 @@ def test_segment_reduce_streaming_stores_give_the_same_bits(monkeypatch, reduce,
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_copy_ops_with_streaming_stores_match_the_reference(monkeypatch, dtype):
-    # expand, pack and the sum/mean backward write their large CPU outputs with
+def test_streamed_outputs_match_the_reference(monkeypatch, dtype):
+    # expand, pack and the backward write their large CPU outputs with
     # streaming stores too (whole rows of cache lines only: D * itemsize a multiple
     # of 64; D = 24 below is not, for float16/bfloat16 and float32); unpack never
     # does, and must not be affected. TOKCORE_CPU_STREAM_MIN_MB=0 streams every
@@ -1452,14 +1452,15 @@ def test_copy_ops_with_streaming_stores_match_the_reference(monkeypatch, dtype):
                 segment_expand(y, offsets),
                 packed,
                 segment_unpack(packed, offsets),
-                *(ops().segment_reduce_backward(y, offsets, T, reduce, x, x[:S]) for reduce in ("sum", "mean")),
+                *(ops().segment_reduce_backward(y, offsets, T, reduce, x, segment_reduce(x, offsets, reduce))
+                  for reduce in REDUCES),
             ]
-        expanded, packed, unpacked, grad_sum, grad_mean = results["0"]
+        expanded, packed, unpacked, *grads = results["0"]
         assert_bitwise_equal(expanded, ref.segment_expand(y, offsets))
         assert_bitwise_equal(packed, ref.segment_pack(x, offsets, 4))
         assert_bitwise_equal(unpacked, ref.segment_unpack(ref.segment_pack(x, offsets, 4), offsets))
-        check_reduce_grad(grad_sum, y, x, offsets, "sum")
-        check_reduce_grad(grad_mean, y, x, offsets, "mean")
+        for reduce, grad in zip(REDUCES, grads):
+            check_reduce_grad(grad, y, x, offsets, reduce)
         for streamed, stored in zip(results["0"], results["1000000"]):
             assert_bitwise_equal(streamed, stored)
 
