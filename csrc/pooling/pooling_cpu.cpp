@@ -57,8 +57,8 @@ void word_boundaries_fill_cpu(const Runtime& rt, const uint8_t* bytes, const int
 
 void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets,
                         int64_t S, int64_t T, int64_t D, Reduce reduce, void* y) {
-  // The forward reduce is the one CPU kernel whose speed is arithmetic-bound:
-  // it is built per instruction set (pooling_cpu_reduce.cpp) and picked here.
+  // The forward and backward reduce are the CPU kernels whose speed is
+  // arithmetic-bound: built per instruction set (pooling_cpu_reduce.cpp), picked here.
 #if defined(TOKCORE_HAVE_X86_ISA_KERNELS)
   switch (cpu_isa()) {
     case CpuIsa::kAvx512: return isa_avx512::segment_reduce_cpu(rt, dtype, x, offsets, S, T, D, reduce, y);
