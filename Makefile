@@ -4,7 +4,7 @@
 VENV ?= .venv
 export VENV
 
-.PHONY: setup demo test cpp-test cpp-bench cuda-bench sanitize bench wheel clean
+.PHONY: setup demo test test-cpu-variants cpp-test cpp-bench cuda-bench sanitize bench wheel clean
 
 setup:
 	bash scripts/setup.sh
@@ -14,6 +14,17 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q tests
+
+# The pooling suite's fixed and random cases again under each CPU kernel variant
+# (TOKCORE_CPU_ISA) with every output written by streaming stores
+# (TOKCORE_CPU_STREAM_MIN_MB=0), paths that make test reaches only on large inputs
+# or on the CPU it runs on.
+test-cpu-variants: setup
+	@for isa in avx512 avx2 base; do \
+	  echo "== TOKCORE_CPU_ISA=$$isa TOKCORE_CPU_STREAM_MIN_MB=0"; \
+	  TOKCORE_CPU_ISA=$$isa TOKCORE_CPU_STREAM_MIN_MB=0 $(VENV)/bin/python -m pytest -q tests/test_pooling.py \
+	    -k "random or fixed or gradcheck or ties" || exit 1; \
+	done
 
 # The torch-free core's GoogleTest suite and a short Google Benchmark run
 # (needs libgtest-dev and libbenchmark-dev; .ci/run installs them).
