@@ -13,6 +13,7 @@
 // whole lines are streamed. x86-64 only (SSE2, its baseline); elsewhere memcpy.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -33,7 +34,8 @@ inline int64_t streaming_min_output_bytes() {
   if (env == nullptr || *env == '\0') return kDefault;
   char* end = nullptr;
   const long long mb = std::strtoll(env, &end, 10);
-  return (end == env || mb < 0) ? kDefault : int64_t(mb) << 20;
+  if (end == env || mb < 0) return kDefault;
+  return int64_t(std::min<long long>(mb, 1LL << 40)) << 20;  // (larger: never, without overflow)
 }
 
 // Whether an output of output_bytes at out, written row by row with rows
