@@ -8,7 +8,7 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__SSE2__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -69,42 +69,6 @@ inline u32xN bf16_bits(f32xN v) {
   return ((u & 0x7fffffffu) > 0x7f800000u) ? quiet_nan : rounded;
 }
 
-// Writes one vector of output, of kBytes bytes at p, with a streaming store
-// when kStream (p then aligned to kBytes; see tokcore/common/streaming_stores.h,
-// used for large outputs only). Measured in one process on the 2-core VM (T =
-// 2^20, D = 256, mean, best of 15): f32 28.9 against 29.8 ms, bf16 13.0 against
-// 13.7 ms; reading the f32 input alone takes about 24.6 ms.
-template <bool kStream, size_t kBytes>
-inline void put(void* p, const void* v) {
-  if constexpr (kStream) {
-#if defined(__AVX512F__)
-    if constexpr (kBytes == 64) {
-      __m512i r;
-      std::memcpy(&r, v, kBytes);
-      _mm512_stream_si512(static_cast<__m512i*>(p), r);
-      return;
-    }
-#endif
-#if defined(__AVX__)
-    if constexpr (kBytes == 32) {
-      __m256i r;
-      std::memcpy(&r, v, kBytes);
-      _mm256_stream_si256(static_cast<__m256i*>(p), r);
-      return;
-    }
-#endif
-#if defined(__SSE2__)
-    if constexpr (kBytes == 16) {
-      __m128i r;
-      std::memcpy(&r, v, kBytes);
-      _mm_stream_si128(static_cast<__m128i*>(p), r);
-      return;
-    }
-#endif
-  }
-  std::memcpy(p, v, kBytes);
-}
-
 // Lanes<T>: how one load of N features of T becomes K accumulator vectors (V, of
 // acc_t<T> lanes) and how K vectors go back to N features. Every conversion is
 // exact or rounds as the scalar from_acc<T> does, so each variant gives the
@@ -124,14 +88,14 @@ struct NativeLanes {
   template <bool kStream>
   static void store(T* p, const V* v) {
     const V r = v[0];  // (a copy: memcpy straight from v compiles to scalar moves)
-    put<kStream, sizeof r>(p, &r);
+    store_vector<kStream, sizeof r>(p, &r);
   }
   template <bool kStream, typename M>
   static void select(const T* p, const M* take, T* out) {
     M bits;
     std::memcpy(&bits, p, sizeof bits);
     bits &= take[0];
-    put<kStream, sizeof bits>(out, &bits);
+    store_vector<kStream, sizeof bits>(out, &bits);
   }
 };
 template <> struct Lanes<float> : NativeLanes<float, f32xN> {};
@@ -151,7 +115,7 @@ template <> struct Lanes<bf16_t> {
   template <bool kStream>
   static void store(bf16_t* p, const V* v) {
     const u32xN packed = bf16_bits(v[0]) | (bf16_bits(v[1]) << 16);
-    put<kStream, sizeof packed>(p, &packed);
+    store_vector<kStream, sizeof packed>(p, &packed);
   }
   template <bool kStream, typename M>
   static void select(const bf16_t* p, const M* take, bf16_t* out) {
@@ -160,7 +124,7 @@ template <> struct Lanes<bf16_t> {
     std::memcpy(&even, &take[0], sizeof even);
     std::memcpy(&odd, &take[1], sizeof odd);
     w &= (even & 0xffffu) | (odd & 0xffff0000u);
-    put<kStream, sizeof w>(out, &w);
+    store_vector<kStream, sizeof w>(out, &w);
   }
 };
 // Lanes<f16_t>::select in both builds: N halves, whose 32-bit masks narrow to 16 bits.
@@ -169,7 +133,7 @@ inline void select_halves(const f16_t* p, const M& take, f16_t* out) {
   u16xHalf h;
   std::memcpy(&h, p, sizeof h);
   h &= __builtin_convertvector(take, u16xHalf);
-  put<kStream, sizeof h>(out, &h);
+  store_vector<kStream, sizeof h>(out, &h);
 }
 // f16: the AVX2 and AVX-512 builds convert a whole vector at a time with F16C
 // (exact widening; narrowing rounds to nearest even as float_to_f16 does, and
@@ -205,7 +169,7 @@ template <> struct Lanes<f16_t> {
     std::memcpy(&f, &r, sizeof f);
     const __m128i h = _mm256_cvtps_ph(f, kRound);
 #endif
-    put<kStream, sizeof h>(p, &h);
+    store_vector<kStream, sizeof h>(p, &h);
   }
   template <bool kStream, typename M>
   static void select(const f16_t* p, const M* take, f16_t* out) { select_halves<kStream>(p, take[0], out); }
@@ -297,10 +261,13 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
   });
 }
 
+// Streamed outputs measured in one process on the 2-core VM (T = 2^20, D = 256,
+// mean, best of 15): f32 28.9 against 29.8 ms, bf16 13.0 against 13.7 ms; reading
+// the f32 input alone takes about 24.6 ms.
 template <typename T, Reduce R>
 void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t S, int64_t T_,
                  int64_t D, T* y) {
-  // (use_streaming_stores also ensures that every vector put streams is aligned.)
+  // (use_streaming_stores also ensures that every vector streamed is aligned.)
   const bool stream = use_streaming_stores(y, S * D * int64_t(sizeof(T)), D * int64_t(sizeof(T)));
   if (stream) reduce_rows<T, R, true>(rt, x, offsets, S, T_, D, y);
   else reduce_rows<T, R, false>(rt, x, offsets, S, T_, D, y);
@@ -329,12 +296,12 @@ void scale_to_rows(const Runtime& rt, const T* grad_y, const int64_t* offsets, i
     for (int64_t s = s0; s < s1; ++s) {
       const RowRange rows = segment_rows(offsets, s, T_);
       if (rows.end == rows.begin) continue;
-      const A scale = reduce_grad_scale<R, A>(rows.end - rows.begin);
       const T* g = grad_y + s * D;
       if (R == Reduce::kSum) {  // the scale is 1: copy grad_y's row as it is
         for (int64_t t = rows.begin; t < rows.end; ++t) writer.copy(grad_x + t * D, g, size_t(row_bytes));
         continue;
       }
+      const A scale = reduce_grad_scale<R, A>(rows.end - rows.begin);
       for (int64_t d0 = 0; d0 < D; d0 += kTile) {
         const int64_t nd = std::min(kTile, D - d0);
         int64_t j = 0;

@@ -20,7 +20,7 @@
 #include <cstring>
 
 #if defined(__SSE2__)
-#include <emmintrin.h>
+#include <immintrin.h>
 #endif
 
 namespace tokcore {
@@ -56,6 +56,40 @@ inline void fence_streaming_stores() {
 #if defined(__SSE2__)
   _mm_sfence();
 #endif
+}
+
+// Writes one vector of kBytes bytes from v to p: with a streaming store when
+// kStream and the build has one of that width (p then aligned to kBytes), else
+// with memcpy. The per-ISA kernels store their vector registers through this.
+template <bool kStream, size_t kBytes>
+inline void store_vector(void* p, const void* v) {
+  if constexpr (kStream) {
+#if defined(__AVX512F__)
+    if constexpr (kBytes == 64) {
+      __m512i r;
+      std::memcpy(&r, v, kBytes);
+      _mm512_stream_si512(static_cast<__m512i*>(p), r);
+      return;
+    }
+#endif
+#if defined(__AVX__)
+    if constexpr (kBytes == 32) {
+      __m256i r;
+      std::memcpy(&r, v, kBytes);
+      _mm256_stream_si256(static_cast<__m256i*>(p), r);
+      return;
+    }
+#endif
+#if defined(__SSE2__)
+    if constexpr (kBytes == 16) {
+      __m128i r;
+      std::memcpy(&r, v, kBytes);
+      _mm_stream_si128(static_cast<__m128i*>(p), r);
+      return;
+    }
+#endif
+  }
+  std::memcpy(p, v, kBytes);
 }
 
 // Writes rows of an output: with streaming stores when `stream` (dst must then be
