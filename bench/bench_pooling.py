@@ -4,6 +4,9 @@
   python bench/bench_pooling.py --device cuda   # GPU: T = 2^21, D = 512 bf16
   python bench/bench_pooling.py --quick         # tiny sizes (CI smoke run)
 
+A second table times each op with a run-time switch on and off: streaming stores
+on the CPU, the offsets check on CUDA.
+
 Each row times tokcore and a peer on the same inputs in this process and prints
 peer time / tokcore time, plus achieved GB/s against the measured copy ceiling.
 """
@@ -105,47 +108,48 @@ def bench_segment_reduce(T: int, D: int, dtype: torch.dtype, device: torch.devic
         })
 
 
-def bench_streaming_stores(T: int, D: int, dtype: torch.dtype, table: harness.Table, quick: bool) -> None:
-    """CPU only: each op that streams large outputs, timed with streaming stores and
-    with plain ones (TOKCORE_CPU_STREAM_MIN_MB, read on every call), calls taking
-    turns so that both see the same memory bandwidth."""
-    device = torch.device("cpu")
+def pooling_workloads(T: int, D: int, dtype: torch.dtype, device: torch.device) -> dict[str, tuple]:
+    """Each pooling op once, for the on/off tables: name -> (call, bytes read + written)."""
     offsets = random_offsets(T, 1, 9, device)
     S = offsets.numel() - 1
-    x = torch.randn(T, D, dtype=dtype)
-    y = torch.randn(S, D, dtype=dtype)
+    x = torch.randn(T, D, dtype=dtype, device=device)
+    y = torch.randn(S, D, dtype=dtype, device=device)
     packed = segment_pack(x, offsets, 8)
-    name = str(dtype).replace("torch.", "")
+    name, size = str(dtype).replace("torch.", ""), x.element_size()
     ops = torch.ops.tokcore
-    workloads = {  # name: (op, bytes read + written once)
-        f"segment_reduce mean fwd {name}": (lambda: ops.segment_reduce(x, offsets, "mean"), (T + S) * D),
+    return {
+        f"segment_reduce mean fwd {name}": (lambda: ops.segment_reduce(x, offsets, "mean"), (T + S) * D * size),
         f"segment_reduce mean bwd {name}": (
-            lambda: ops.segment_reduce_backward(y, offsets, T, "mean", x, y), (T + S) * D),
-        f"segment_expand fwd {name}": (lambda: segment_expand(y, offsets, T), (T + S) * D),
-        f"segment_pack fwd {name} (max_len 8)": (lambda: segment_pack(x, offsets, 8), (T + 8 * S) * D),
-        f"segment_unpack fwd {name} (max_len 8)": (lambda: segment_unpack(packed, offsets, T), 2 * T * D),
+            lambda: ops.segment_reduce_backward(y, offsets, T, "mean", x, y), (T + S) * D * size),
+        f"segment_expand fwd {name}": (lambda: segment_expand(y, offsets, T), (T + S) * D * size),
+        f"segment_pack fwd {name} (max_len 8)": (lambda: segment_pack(x, offsets, 8), (T + 8 * S) * D * size),
+        f"segment_unpack fwd {name} (max_len 8)": (lambda: segment_unpack(packed, offsets, T), 2 * T * D * size),
     }
-    plain_stores = "1000000"  # TOKCORE_CPU_STREAM_MIN_MB: no output is that large
 
+
+def bench_setting_on_off(variable: str, on: str, off: str, workloads: dict[str, tuple], device: torch.device,
+                         table: harness.Table, quick: bool) -> None:
+    """Each workload with the environment variable (which tokcore reads on every call)
+    set to `on` and to `off`, calls taking turns so that both see the same memory
+    bandwidth; the ratio is off time / on time."""
     def with_setting(value: str, fn: Callable[[], object]) -> Callable[[], object]:
         def call():
-            os.environ["TOKCORE_CPU_STREAM_MIN_MB"] = value
+            os.environ[variable] = value
             return fn()
         return call
 
-    saved = os.environ.get("TOKCORE_CPU_STREAM_MIN_MB")
+    saved = os.environ.get(variable)
     try:
-        for workload, (fn, elements) in workloads.items():
-            times = harness.time_interleaved(
-                {"streamed": with_setting("0", fn), "plain": with_setting(plain_stores, fn)}, device,
-                rounds=3 if quick else 15, warmup_seconds=0.0 if quick else 1.0)
-            table.add(workload, "tokcore, plain stores", times["streamed"] * 1e3, times["plain"] * 1e3,
-                      times["plain"] / times["streamed"], harness.gbps(elements * x.element_size(), times["streamed"]))
+        for workload, (fn, nbytes) in workloads.items():
+            times = harness.time_interleaved({"on": with_setting(on, fn), "off": with_setting(off, fn)}, device,
+                                             rounds=3 if quick else 15, warmup_seconds=0.0 if quick else 1.0)
+            table.add(workload, f"{variable}={off}", times["on"] * 1e3, times["off"] * 1e3,
+                      times["off"] / times["on"], harness.gbps(nbytes, times["on"]))
     finally:
         if saved is None:
-            os.environ.pop("TOKCORE_CPU_STREAM_MIN_MB", None)
+            os.environ.pop(variable, None)
         else:
-            os.environ["TOKCORE_CPU_STREAM_MIN_MB"] = saved
+            os.environ[variable] = saved
 
 
 def stdlib_text(nbytes: int) -> bytes:
@@ -235,14 +239,24 @@ def main(argv: list[str] | None = None) -> int:
     steps.append(("word_boundaries", lambda: bench_word_boundaries(text_bytes, device, table, args.quick)))
     tables = [table]
     if device.type == "cpu":
-        streaming = harness.Table(
+        # TOKCORE_CPU_STREAM_MIN_MB: 0 streams every output, 1000000 none (no output is that large)
+        on_off = harness.Table(
             f"CPU streaming stores for large outputs, on and off (T={T}, D={D})",
             ["workload", "compared with", "streamed ms", "plain ms", "speedup (plain/streamed)", "streamed GB/s"])
-        streaming.notes.append("same op, same inputs; TOKCORE_CPU_STREAM_MIN_MB=0 (streamed) against 1000000 "
-                               "(plain stores), calls alternating; unpack never streams (a control)")
-        tables.append(streaming)
-        steps += [(f"streaming stores {dtype}".replace("torch.", ""),
-                   lambda dtype=dtype: bench_streaming_stores(T, D, dtype, streaming, args.quick)) for dtype in dtypes]
+        on_off.notes.append("same op, same inputs; TOKCORE_CPU_STREAM_MIN_MB=0 (streamed) against 1000000 "
+                            "(plain stores), calls alternating; unpack never streams (a control)")
+        setting = ("TOKCORE_CPU_STREAM_MIN_MB", "0", "1000000")
+    else:
+        on_off = harness.Table(
+            f"CUDA offsets check (a small kernel and a host sync per call), on and off (T={T}, D={D})",
+            ["workload", "compared with", "checked ms", "unchecked ms", "ratio (unchecked/checked)", "checked GB/s"])
+        on_off.notes.append("same op, same inputs; the default (offsets validated) against "
+                            "TOKCORE_CUDA_CHECK_OFFSETS=0, calls alternating")
+        setting = ("TOKCORE_CUDA_CHECK_OFFSETS", "1", "0")
+    tables.append(on_off)
+    steps += [(f"{setting[0]} on/off {dtype}".replace("torch.", ""),
+               lambda dtype=dtype: bench_setting_on_off(*setting, pooling_workloads(T, D, dtype, device), device,
+                                                        on_off, args.quick)) for dtype in dtypes]
     with tqdm(steps, desc="bench pooling", unit="workload", disable=args.quick) as bar:
         for name, run in bar:
             bar.set_postfix_str(name)

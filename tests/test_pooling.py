@@ -16,6 +16,7 @@ derivation is in the comment next to each case where it is not obvious).
 from __future__ import annotations
 
 import itertools
+import re
 import os
 import subprocess
 import sys
@@ -1171,21 +1172,18 @@ def test_bad_inputs_raise():
 
 
 def test_offsets_with_wrong_end_name_both_numbers(device):
-    # the most common offsets mistake: the message says what the end should be and what it
-    # is (CUDA segment ops do not sync to validate offsets, so only word_boundaries, which
-    # syncs anyway, checks them there)
+    # the most common offsets mistake: the message says what the end should be and what it is
     with pytest.raises(ERR, match=r"cu_seqlens must end at 5 .*last entry is 4"):
         word_boundaries(torch.zeros(5, dtype=torch.uint8, device=device), t64([0, 4]).to(device), 8,
                         "space")
-    if device == "cpu":
-        x = torch.randn(10, 4)
-        with pytest.raises(ERR, match=r"offsets must end at 10 .*last entry is 9"):
-            segment_reduce(x, t64([0, 3, 9]), "mean")
-        with pytest.raises(ERR, match=r"offsets must end at 7 .*last entry is 10"):
-            segment_expand(x[:2], t64([0, 3, 10]), 7)
+    x = torch.randn(10, 4, device=device)
+    with pytest.raises(ERR, match=r"offsets must end at 10 .*last entry is 9"):
+        segment_reduce(x, t64([0, 3, 9]).to(device), "mean")
+    with pytest.raises(ERR, match=r"offsets must end at 7 .*last entry is 10"):
+        segment_expand(x[:2], t64([0, 3, 10]).to(device), 7)
 
 
-def test_device_mix_raises(cuda_device):
+def test_cuda_device_mix_raises(cuda_device):
     b = as_bytes_tensor(b"hello world")
     cu = t64([0, 11])
     x, off = torch.randn(6, 2), t64([0, 2, 6])
@@ -1238,28 +1236,76 @@ def test_cuda_graph_capture_and_replay(cuda_device):
         assert_bitwise_equal(got, expected)
 
 
-def test_cuda_invalid_offsets_never_crash(cuda_device):
-    # On CUDA the offsets are not fully validated (no host sync), but kernels must never
-    # read or write out of bounds: the op may raise or return garbage, and the device
-    # must stay healthy afterwards.
+# Invalid offsets for 6 rows (S <= 4), one of each kind of mistake.
+BAD_OFFSETS = [[0, 100, 6], [0, -50, 6], [0, 5, 2], [3, 1, 6], [0, 2, 1000000], [1, 0, 7],
+               [0, 6, 6, 5, 9]]
+
+
+def _ops_on_offsets(x, y, p, b, off):
+    """Every op that takes offsets, called on `off`; x [6, D], y [4, D], p [4, L, D]."""
+    S = off.numel() - 1
+    return {"segment_reduce max": lambda: segment_reduce(x, off, "max"),
+            "segment_reduce sum": lambda: segment_reduce(x, off, "sum"),
+            "segment_reduce_backward": lambda: ops().segment_reduce_backward(y[:S], off, 6, "mean",
+                                                                             None, None),
+            "segment_expand": lambda: segment_expand(y[:S], off, 6),
+            "segment_expand, no total": lambda: segment_expand(y[:S], off),
+            "segment_pack": lambda: segment_pack(x, off, 4),
+            "segment_unpack": lambda: segment_unpack(p[:S], off, 6),
+            "word_boundaries": lambda: word_boundaries(b, off, 4, "space")}
+
+
+def _error_of(fn) -> str:
+    try:
+        fn()
+    except ERR as e:
+        return str(e)
+    return "no error"
+
+
+def test_cuda_invalid_offsets_raise_as_on_cpu(cuda_device):
+    # On CUDA the offsets are validated on the device before any kernel runs (a sync),
+    # and the error is the CPU's: the first failing entry decides it.
     c = cuda_device
-    x, y, p = torch.randn(6, 2, device=c), torch.randn(2, 2, device=c), torch.randn(2, 3, 2,
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, 2, generator=g), torch.randn(4, 2, generator=g)
+    p, b = torch.randn(4, 3, 2, generator=g), as_bytes_tensor(b"hello!")
+    for bad in BAD_OFFSETS:
+        on_cpu = _ops_on_offsets(x, y, p, b, t64(bad))
+        on_cuda = _ops_on_offsets(x.to(c), y.to(c), p.to(c), b.to(c), t64(bad).to(c))
+        for name, fn in on_cpu.items():
+            expected = _error_of(fn)
+            assert expected == "no error" or re.search(names("offsets|cu_seqlens"), expected), (
+                name, bad, expected)
+            assert _error_of(on_cuda[name]) == expected, (name, bad)
+    torch.cuda.synchronize()
+
+
+def test_cuda_unchecked_invalid_offsets_never_crash(cuda_device, monkeypatch):
+    # With TOKCORE_CUDA_CHECK_OFFSETS=0 the segment ops do not validate offsets (no host
+    # sync); their kernels must still never read or write out of bounds: an op may raise
+    # or return unspecified values, and the device must stay healthy afterwards.
+    monkeypatch.setenv("TOKCORE_CUDA_CHECK_OFFSETS", "0")
+    c = cuda_device
+    x, y, p = torch.randn(6, 2, device=c), torch.randn(4, 2, device=c), torch.randn(4, 3, 2,
                                                                                      device=c)
-    b = as_bytes_tensor(b"hello world").to(c)
-    bad_list = [[0, 100, 6], [0, -50, 6], [0, 5, 2], [3, 1, 6], [0, 2, 1000000]]
-    for bad in bad_list:
-        off = t64(bad).to(c)
-        for fn in (lambda: segment_reduce(x, off, "max"), lambda: segment_reduce(x, off, "sum"),
-                   lambda: segment_expand(y, off, 6), lambda: segment_pack(x, off, 4),
-                   lambda: segment_unpack(p, off, 6),
-                   lambda: word_boundaries(b, off, 4, "space")):
-            try:
-                fn()
-            except ERR:
-                pass
+    b = as_bytes_tensor(b"hello!").to(c)
+    for bad in BAD_OFFSETS:
+        for fn in _ops_on_offsets(x, y, p, b, t64(bad).to(c)).values():
+            _error_of(fn)
         torch.cuda.synchronize()  # raises if a kernel faulted
     assert torch.equal(segment_reduce(x, t64([0, 6]).to(c), "sum").cpu(),
                        segment_reduce(x.cpu(), t64([0, 6]), "sum"))
+
+
+def test_invalid_offsets_report_the_first_failing_entry():
+    # The CPU reports the first failing entry, and the CUDA check must match it
+    # (test_cuda_invalid_offsets_raise_as_on_cpu): pin the CPU's order here.
+    x, y = torch.randn(6, 2), torch.randn(4, 2)
+    assert "must start at 0" in _error_of(lambda: segment_reduce(x, t64([1, 0, 7]), "sum"))
+    assert "non-decreasing" in _error_of(lambda: segment_reduce(x, t64([0, 6, 6, 5, 9]), "sum"))
+    assert "must end at 6" in _error_of(lambda: segment_reduce(x, t64([0, 2, 1000000]), "sum"))
+    assert "no error" == _error_of(lambda: segment_expand(y[:2], t64([0, 2, 1000000])))
 
 
 def test_inputs_not_mutated(device):

@@ -212,6 +212,15 @@ int64_t validated_offsets_end_cuda(const Tensor& offsets, int64_t total, void* s
   return result[1];
 }
 
+void check_offsets_cuda(const Tensor& offsets, int64_t total, void* stream, const char* op,
+                        const char* arg) {
+  const char* setting = std::getenv("TOKCORE_CUDA_CHECK_OFFSETS");
+  if (setting != nullptr && std::string(setting) == "0") return;
+  int capturing = 0;
+  check_cuda(cuda_stream_is_capturing(stream, &capturing), op);
+  if (!capturing) validated_offsets_end_cuda(offsets, total, stream, op, arg);
+}
+
 void* current_cuda_stream(int32_t device_index) {
   // aoti_torch_get_current_cuda_stream lives in libtorch_cuda, which a CPU-only
   // torch lacks: linking against it would make the library fail to load there.

@@ -13,13 +13,17 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// scratch[0] ends as the smallest key (i << 2) | status over the failing entries
+// (status < 4), so the error reported is the first failing entry's, as on the CPU
+// (check_offsets); all ones means every entry passed. scratch[1] = offsets[n-1].
 __global__ void validate_offsets_kernel(const int64_t* offsets, int64_t n, int64_t total,
                                         int64_t* scratch) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int status = check_offsets_entry(offsets, n, i, total);
-    if (status != kOffsetsOk) atomicMax(reinterpret_cast<unsigned long long*>(scratch),
-                                        static_cast<unsigned long long>(status));
+    if (status != kOffsetsOk)
+      atomicMin(reinterpret_cast<unsigned long long*>(scratch),
+                (static_cast<unsigned long long>(i) << 2) | static_cast<unsigned long long>(status));
     if (i == n - 1) scratch[1] = offsets[i];
   }
 }
@@ -31,14 +35,26 @@ const char* cuda_error_string(int error) { return cudaGetErrorString(cudaError_t
 int validate_offsets_cuda(const int64_t* offsets, int64_t n, int64_t total, int64_t* device_scratch,
                           int64_t* host_result, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  cudaError_t err = cudaMemsetAsync(device_scratch, 0, 2 * sizeof(int64_t), st);
+  cudaError_t err = cudaMemsetAsync(device_scratch, 0xFF, 2 * sizeof(int64_t), st);
   if (err != cudaSuccess) return err;
   validate_offsets_kernel<<<unsigned(std::min<int64_t>(1024, (n + kThreads - 1) / kThreads)),
                             kThreads, 0, st>>>(offsets, n, total, device_scratch);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  err = cudaMemcpyAsync(host_result, device_scratch, 2 * sizeof(int64_t), cudaMemcpyDeviceToHost, st);
+  int64_t scratch[2];
+  err = cudaMemcpyAsync(scratch, device_scratch, sizeof(scratch), cudaMemcpyDeviceToHost, st);
   if (err != cudaSuccess) return err;
-  return cudaStreamSynchronize(st);
+  if ((err = cudaStreamSynchronize(st)) != cudaSuccess) return err;
+  const auto first_failure = static_cast<unsigned long long>(scratch[0]);
+  host_result[0] = first_failure == ~0ull ? kOffsetsOk : int(first_failure & 3);
+  host_result[1] = scratch[1];
+  return cudaSuccess;
+}
+
+int cuda_stream_is_capturing(void* stream, int* capturing) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t err = cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &status);
+  *capturing = status != cudaStreamCaptureStatusNone;
+  return err;
 }
 
 }  // namespace tokcore

@@ -13,6 +13,10 @@ namespace tokcore {
 int validate_offsets_cuda(const int64_t* offsets, int64_t n, int64_t total, int64_t* device_scratch,
                           int64_t* host_result, void* stream);
 
+// Sets *capturing to whether `stream` (a cudaStream_t) is being captured into a CUDA
+// graph, where a host sync is not allowed. Returns a cudaError_t as int.
+int cuda_stream_is_capturing(void* stream, int* capturing);
+
 // The message of a cudaError_t returned by any tokcore launcher.
 const char* cuda_error_string(int error);
 

@@ -43,14 +43,27 @@ void check_features_and_offsets(const Tensor& x, const char* x_arg, int64_t x_di
   adapter::check_same_device(offsets, x, op, "offsets", x_arg);
 }
 
-// Number of rows T of an expand/unpack output: `total` when given, else offsets[-1].
+// Full validation of offsets against total (< 0: any) on either device: always on
+// the CPU; on CUDA see adapter::check_offsets_cuda (a sync, skipped under CUDA graph
+// capture or with TOKCORE_CUDA_CHECK_OFFSETS=0).
+void check_offsets(const Tensor& offsets, int64_t total, const char* op) {
+  if (offsets.is_cpu()) return adapter::check_offsets_cpu(offsets, total, op, "offsets");
+  CudaContext ctx(offsets);
+  adapter::check_offsets_cuda(offsets, total, ctx.stream, op, "offsets");
+}
+
+// Number of rows T of an expand/unpack output: `total` when given, else offsets[-1]
+// (read with a host sync on CUDA, which validates the offsets on the way).
 int64_t output_rows(const Tensor& offsets, std::optional<int64_t> total, const char* op) {
-  if (total.has_value()) TOKCORE_CHECK(*total >= 0, op, "total must be >= 0, got ", *total);
+  if (total.has_value()) {
+    TOKCORE_CHECK(*total >= 0, op, "total must be >= 0, got ", *total);
+    check_offsets(offsets, *total, op);
+    return *total;
+  }
   if (offsets.is_cpu()) {
-    adapter::check_offsets_cpu(offsets, total.value_or(-1), op, "offsets");
+    adapter::check_offsets_cpu(offsets, -1, op, "offsets");
     return offsets.const_data_ptr<int64_t>()[offsets.size(0) - 1];
   }
-  if (total.has_value()) return *total;  // no sync: kernels clamp offsets into [0, total]
   CudaContext ctx(offsets);
   return adapter::validated_offsets_end_cuda(offsets, -1, ctx.stream, op, "offsets");
 }
@@ -119,9 +132,9 @@ Tensor segment_reduce(Tensor x, Tensor offsets, std::string reduce) {
   offsets = adapter::contiguous(offsets);
   const int64_t T = x.size(0), D = x.size(1), S = offsets.size(0) - 1;
   const DType dtype = adapter::feature_dtype(x, op, "x");
+  check_offsets(offsets, T, op);
   Tensor y = adapter::new_output(x, {S, D});
   if (x.is_cpu()) {
-    adapter::check_offsets_cpu(offsets, T, op, "offsets");
     segment_reduce_cpu(adapter::cpu_runtime(), dtype, x.const_data_ptr(),
                        offsets.const_data_ptr<int64_t>(), S, T, D, r, y.mutable_data_ptr());
     return y;
@@ -163,9 +176,9 @@ Tensor segment_reduce_backward(Tensor grad_y, Tensor offsets, int64_t total, std
   const DType dtype = adapter::feature_dtype(grad_y, op, "grad_y");
   const void* x_ptr = needs_values ? x->const_data_ptr() : nullptr;
   const void* y_ptr = needs_values ? y->const_data_ptr() : nullptr;
+  check_offsets(offsets, total, op);
   Tensor grad_x = adapter::new_output(grad_y, {total, D});
   if (grad_y.is_cpu()) {
-    adapter::check_offsets_cpu(offsets, total, op, "offsets");
     segment_reduce_backward_cpu(adapter::cpu_runtime(), dtype, grad_y.const_data_ptr(), x_ptr, y_ptr,
                                 offsets.const_data_ptr<int64_t>(), S, total, D, r,
                                 grad_x.mutable_data_ptr());
@@ -209,9 +222,9 @@ Tensor segment_pack(Tensor x, Tensor offsets, int64_t max_len) {
   offsets = adapter::contiguous(offsets);
   const int64_t T = x.size(0), D = x.size(1), S = offsets.size(0) - 1;
   const DType dtype = adapter::feature_dtype(x, op, "x");
+  check_offsets(offsets, T, op);
   Tensor packed = adapter::new_output(x, {S, max_len, D});
   if (x.is_cpu()) {
-    adapter::check_offsets_cpu(offsets, T, op, "offsets");
     segment_pack_cpu(adapter::cpu_runtime(), dtype, x.const_data_ptr(),
                      offsets.const_data_ptr<int64_t>(), S, T, D, max_len,
                      packed.mutable_data_ptr());

@@ -71,8 +71,9 @@ template <typename A>
 TOKCORE_HD bool attains(A x, A y) { return x == y || (is_nan(x) && is_nan(y)); }
 
 // Rows of segment s, clamped into [0, T] so that no offsets, valid or not,
-// make a kernel touch memory outside its tensors (CUDA kernels do not sync to
-// validate offsets; the CPU adapters validate fully before calling).
+// make a kernel touch memory outside its tensors (the adapters validate offsets
+// before calling, but on CUDA that check can be turned off or skipped under graph
+// capture: adapter::check_offsets_cuda).
 struct RowRange { int64_t begin, end; };
 
 TOKCORE_HD RowRange segment_rows(const int64_t* offsets, int64_t s, int64_t T) {

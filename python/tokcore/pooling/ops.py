@@ -4,10 +4,13 @@ The kernels are ``torch.ops.tokcore.<name>`` (C++/CUDA, csrc/pooling/). Offsets 
 CSR-style int64 tensors: ``offsets[0] == 0``, non-decreasing, ``offsets[-1] == T``.
 Features may be float32, float64, bfloat16 or float16; results keep the input
 dtype and are accumulated in float32 (float64 for float64). Every op is
-deterministic (no atomics). CPU ops validate offsets fully; CUDA ops never read
-or write out of bounds whatever the offsets, and validate them fully only where
-they synchronize anyway (word_boundaries, and segment_expand/unpack without
-``total``).
+deterministic (no atomics). Every op validates its offsets fully and raises
+an error that names them. On CUDA that check is a small kernel and a host sync;
+it is skipped while a CUDA graph is being captured (no sync is allowed there) and
+when the environment variable ``TOKCORE_CUDA_CHECK_OFFSETS=0`` is set, for
+callers whose offsets are known good and who want no sync. Unchecked invalid
+offsets give unspecified values, but the kernels never read or write out of
+bounds.
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ def segment_reduce(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean")
 def segment_expand(y: torch.Tensor, offsets: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """Give each row its segment's row: y [S, *F] -> [T, *F].
 
-    ``total`` (= T = offsets[-1]) avoids reading offsets[-1], a host sync on CUDA.
+    ``total`` (= T = offsets[-1]) spares reading offsets[-1] back to the host
+    (on CUDA a sync; with the offsets check off, none is left).
     Causal shifts (each byte sees the previous word) are done on y before
     expanding. Differentiable in y (the backward is a segment sum).
     """
