@@ -1,7 +1,8 @@
 // CUDA kernels of the pooling family. Torch-free: only the core headers and the
 // CUDA toolkit (CUB for the scan), so this file compiles in seconds.
 //
-// Segment kernels use one thread per (segment, vector of features); the thread
+// Segment kernels use one thread per (segment, vector of features), and the
+// row-writing ones one per row part of that too when segments are long; the thread
 // bodies are in tokcore/pooling/segment_threads.h, where the host tests run them
 // too. No atomics and no host sync: results are deterministic.
 #include <cuda_runtime.h>
@@ -88,51 +89,72 @@ __global__ void segment_reduce_kernel(const T* __restrict__ x, const int64_t* __
   if (i < S * (D / N)) segment_reduce_thread<T, N, R>(i, x, offsets, rows_total, D, y);
 }
 
+// The row-writing kernels run over S * D / N * parts threads (row_parts).
 template <typename T, int N, Reduce R>
 __global__ void segment_reduce_backward_kernel(const T* __restrict__ grad_y, const T* __restrict__ x,
                                                const T* __restrict__ y,
                                                const int64_t* __restrict__ offsets, int64_t S,
-                                               int64_t rows_total, int64_t D, T* __restrict__ grad_x) {
-  const int64_t i = global_thread();
-  if (i < S * (D / N))
-    segment_reduce_backward_thread<T, N, R>(i, grad_y, x, y, offsets, rows_total, D, grad_x);
+                                               int64_t rows_total, int64_t D, int64_t parts,
+                                               T* __restrict__ grad_x) {
+  const int64_t per_part = S * (D / N);
+  const int64_t g = global_thread();
+  if (g >= per_part * parts) return;
+  const PartThread th = part_thread(g, per_part, parts);
+  segment_reduce_backward_thread<T, N, R>(th.i, th.part, parts, grad_y, x, y, offsets, rows_total, D,
+                                          grad_x);
 }
 
 template <typename T, int N>
 __global__ void segment_expand_kernel(const T* __restrict__ y, const int64_t* __restrict__ offsets,
-                                      int64_t S, int64_t rows_total, int64_t D, T* __restrict__ x) {
-  const int64_t i = global_thread();
-  if (i < S * (D / N)) segment_expand_thread<T, N>(i, y, offsets, rows_total, D, x);
+                                      int64_t S, int64_t rows_total, int64_t D, int64_t parts,
+                                      T* __restrict__ x) {
+  const int64_t per_part = S * (D / N);
+  const int64_t g = global_thread();
+  if (g >= per_part * parts) return;
+  const PartThread th = part_thread(g, per_part, parts);
+  segment_expand_thread<T, N>(th.i, th.part, parts, y, offsets, rows_total, D, x);
 }
 
 template <typename T, int N>
 __global__ void segment_pack_kernel(const T* __restrict__ x, const int64_t* __restrict__ offsets,
                                     int64_t S, int64_t rows_total, int64_t D, int64_t max_len,
-                                    T* __restrict__ packed) {
-  const int64_t i = global_thread();
-  if (i < S * (D / N)) segment_pack_thread<T, N>(i, x, offsets, rows_total, D, max_len, packed);
+                                    int64_t parts, T* __restrict__ packed) {
+  const int64_t per_part = S * (D / N);
+  const int64_t g = global_thread();
+  if (g >= per_part * parts) return;
+  const PartThread th = part_thread(g, per_part, parts);
+  segment_pack_thread<T, N>(th.i, th.part, parts, x, offsets, rows_total, D, max_len, packed);
 }
 
 template <typename T, int N>
 __global__ void segment_unpack_kernel(const T* __restrict__ packed, const int64_t* __restrict__ offsets,
                                       int64_t S, int64_t rows_total, int64_t D, int64_t max_len,
-                                      T* __restrict__ x) {
-  const int64_t i = global_thread();
-  if (i < S * (D / N)) segment_unpack_thread<T, N>(i, packed, offsets, rows_total, D, max_len, x);
+                                      int64_t parts, T* __restrict__ x) {
+  const int64_t per_part = S * (D / N);
+  const int64_t g = global_thread();
+  if (g >= per_part * parts) return;
+  const PartThread th = part_thread(g, per_part, parts);
+  segment_unpack_thread<T, N>(th.i, th.part, parts, packed, offsets, rows_total, D, max_len, x);
 }
 
-// Launches kernel<T, N> over S * D / N threads with N the vector width.
+// Launches kernel<T, N> over S * D / N * parts threads with N the vector width;
+// launch(N, blocks, parts). mean_rows (rows, or packed slots, per segment) caps
+// the row parts; 0 means no split.
 template <typename T, typename Launch>
-int launch_segments(int64_t S, int64_t D, std::initializer_list<const void*> buffers,
+int launch_segments(int64_t S, int64_t D, int64_t mean_rows, std::initializer_list<const void*> buffers,
                     Launch&& launch) {
   constexpr int kVec = 16 / sizeof(T);
   const int n = segment_vector_width<T>(D, buffers);
-  const int64_t threads = S * (D / n);
-  if (threads == 0) return cudaSuccess;
-  if (n == kVec) launch(std::integral_constant<int, kVec>{}, blocks_for(threads));
-  else launch(std::integral_constant<int, 1>{}, blocks_for(threads));
+  const int64_t segment_threads = S * (D / n);
+  if (segment_threads == 0) return cudaSuccess;
+  const int64_t parts = row_parts(segment_threads, mean_rows);
+  if (n == kVec) launch(std::integral_constant<int, kVec>{}, blocks_for(segment_threads * parts), parts);
+  else launch(std::integral_constant<int, 1>{}, blocks_for(segment_threads * parts), parts);
   return cudaGetLastError();
 }
+
+// Rows per segment, rounded up (the row parts' cap).
+inline int64_t mean_rows(int64_t T, int64_t S) { return S > 0 ? (T + S - 1) / S : 0; }
 
 }  // namespace
 
@@ -183,7 +205,7 @@ int segment_reduce_cuda(DType dtype, const void* x, const int64_t* offsets, int6
   dispatch_float_types(dtype, [&](auto* tag) {
     using V = std::remove_pointer_t<decltype(tag)>;
     dispatch_reduce(reduce, [&](auto r) {
-      err = launch_segments<V>(S, D, {x, y}, [&](auto n, unsigned blocks) {
+      err = launch_segments<V>(S, D, 0, {x, y}, [&](auto n, unsigned blocks, int64_t) {
         segment_reduce_kernel<V, decltype(n)::value, decltype(r)::value><<<blocks, kThreads, 0, st>>>(
             static_cast<const V*>(x), offsets, S, T, D, static_cast<V*>(y));
       });
@@ -200,10 +222,13 @@ int segment_reduce_backward_cuda(DType dtype, const void* grad_y, const void* x,
   dispatch_float_types(dtype, [&](auto* tag) {
     using V = std::remove_pointer_t<decltype(tag)>;
     dispatch_reduce(reduce, [&](auto r) {
-      err = launch_segments<V>(S, D, {grad_y, x, y, grad_x}, [&](auto n, unsigned blocks) {
+      // max/min find the first attaining row in order: no row parts
+      const bool in_order = reduce == Reduce::kMax || reduce == Reduce::kMin;
+      err = launch_segments<V>(S, D, in_order ? 0 : mean_rows(T, S), {grad_y, x, y, grad_x},
+                               [&](auto n, unsigned blocks, int64_t parts) {
         segment_reduce_backward_kernel<V, decltype(n)::value, decltype(r)::value>
             <<<blocks, kThreads, 0, st>>>(static_cast<const V*>(grad_y), static_cast<const V*>(x),
-                                          static_cast<const V*>(y), offsets, S, T, D,
+                                          static_cast<const V*>(y), offsets, S, T, D, parts,
                                           static_cast<V*>(grad_x));
       });
     });
@@ -217,9 +242,9 @@ int segment_expand_cuda(DType dtype, const void* y, const int64_t* offsets, int6
   int err = cudaSuccess;
   dispatch_float_types(dtype, [&](auto* tag) {
     using V = std::remove_pointer_t<decltype(tag)>;
-    err = launch_segments<V>(S, D, {y, x}, [&](auto n, unsigned blocks) {
+    err = launch_segments<V>(S, D, mean_rows(T, S), {y, x}, [&](auto n, unsigned blocks, int64_t parts) {
       segment_expand_kernel<V, decltype(n)::value><<<blocks, kThreads, 0, st>>>(
-          static_cast<const V*>(y), offsets, S, T, D, static_cast<V*>(x));
+          static_cast<const V*>(y), offsets, S, T, D, parts, static_cast<V*>(x));
     });
   });
   return err;
@@ -231,9 +256,9 @@ int segment_pack_cuda(DType dtype, const void* x, const int64_t* offsets, int64_
   int err = cudaSuccess;
   dispatch_float_types(dtype, [&](auto* tag) {
     using V = std::remove_pointer_t<decltype(tag)>;
-    err = launch_segments<V>(S, D, {x, packed}, [&](auto n, unsigned blocks) {
+    err = launch_segments<V>(S, D, max_len, {x, packed}, [&](auto n, unsigned blocks, int64_t parts) {
       segment_pack_kernel<V, decltype(n)::value><<<blocks, kThreads, 0, st>>>(
-          static_cast<const V*>(x), offsets, S, T, D, max_len, static_cast<V*>(packed));
+          static_cast<const V*>(x), offsets, S, T, D, max_len, parts, static_cast<V*>(packed));
     });
   });
   return err;
@@ -245,9 +270,10 @@ int segment_unpack_cuda(DType dtype, const void* packed, const int64_t* offsets,
   int err = cudaSuccess;
   dispatch_float_types(dtype, [&](auto* tag) {
     using V = std::remove_pointer_t<decltype(tag)>;
-    err = launch_segments<V>(S, D, {packed, x}, [&](auto n, unsigned blocks) {
+    err = launch_segments<V>(S, D, mean_rows(T, S), {packed, x},
+                             [&](auto n, unsigned blocks, int64_t parts) {
       segment_unpack_kernel<V, decltype(n)::value><<<blocks, kThreads, 0, st>>>(
-          static_cast<const V*>(packed), offsets, S, T, D, max_len, static_cast<V*>(x));
+          static_cast<const V*>(packed), offsets, S, T, D, max_len, parts, static_cast<V*>(x));
     });
   });
   return err;

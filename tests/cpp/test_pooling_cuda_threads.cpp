@@ -68,6 +68,23 @@ void run_threads(int64_t S, int64_t D, Body&& body) {
   for (int64_t i = 0; i < S * (D / N); ++i) body(i);
 }
 
+// The same for the row-writing kernels split into `parts` row parts: body(i, part)
+// for every thread g of a launch of S * D / N * parts threads, mapped as the
+// kernels map it (part_thread). The parts run in reverse so that a part that
+// wrote rows of another part would show.
+template <int N, typename Body>
+void run_part_threads(int64_t S, int64_t D, int64_t parts, Body&& body) {
+  const int64_t per_part = S * (D / N);
+  for (int64_t g = per_part * parts - 1; g >= 0; --g) {
+    const PartThread th = part_thread(g, per_part, parts);
+    body(th.i, th.part);
+  }
+}
+
+// Row parts tried for the row-writing kernels: none, and splits that divide the
+// segments' lengths evenly or not, or exceed them.
+const int64_t kParts[] = {1, 2, 3, 7};
+
 struct Case {
   int64_t T, D, max_len;
 };
@@ -89,14 +106,20 @@ void check_reduce_and_backward(const Case& c, std::mt19937& rng) {
   EXPECT_EQ(y_gpu.bytes(), y_cpu.bytes());
 
   const auto grad_y = random_rows<T>(S, c.D, rng, false);
-  Buffer<T> gx_gpu(c.T * c.D), gx_cpu(c.T * c.D);
-  run_threads<N>(S, c.D, [&](int64_t i) {
-    segment_reduce_backward_thread<T, N, R>(i, grad_y.data(), x.data(), y_cpu.data(), off.data(), c.T,
-                                            c.D, gx_gpu.data());
-  });
+  Buffer<T> gx_cpu(c.T * c.D);
   segment_reduce_backward_cpu(rt, dtype_of<T>(), grad_y.data(), x.data(), y_cpu.data(), off.data(), S,
                               c.T, c.D, R, gx_cpu.data());
-  EXPECT_EQ(gx_gpu.bytes(), gx_cpu.bytes());
+  const bool in_order = R == Reduce::kMax || R == Reduce::kMin;  // the launcher never splits these
+  for (int64_t parts : kParts) {
+    if (in_order && parts > 1) break;
+    SCOPED_TRACE("parts=" + std::to_string(parts));
+    Buffer<T> gx_gpu(c.T * c.D);
+    run_part_threads<N>(S, c.D, parts, [&](int64_t i, int64_t part) {
+      segment_reduce_backward_thread<T, N, R>(i, part, parts, grad_y.data(), x.data(), y_cpu.data(),
+                                              off.data(), c.T, c.D, gx_gpu.data());
+    });
+    EXPECT_EQ(gx_gpu.bytes(), gx_cpu.bytes());
+  }
 }
 
 template <typename T, int N>
@@ -106,29 +129,34 @@ void check_expand_pack_unpack(const Case& c, std::mt19937& rng) {
   const auto off = random_offsets(c.T, c.max_len, rng);
   const int64_t S = int64_t(off.size()) - 1;
   const auto y = random_rows<T>(S, c.D, rng, true);
-  Buffer<T> x_gpu(c.T * c.D), x_cpu(c.T * c.D);
-  run_threads<N>(S, c.D, [&](int64_t i) {
-    segment_expand_thread<T, N>(i, y.data(), off.data(), c.T, c.D, x_gpu.data());
-  });
-  segment_expand_cpu(rt, dtype_of<T>(), y.data(), off.data(), S, c.T, c.D, x_cpu.data());
-  EXPECT_EQ(x_gpu.bytes(), x_cpu.bytes());
-
   const auto x = random_rows<T>(c.T, c.D, rng, true);
-  for (int64_t max_len : {int64_t(0), int64_t(1), c.max_len / 2, c.max_len + 2}) {
-    SCOPED_TRACE("max_len=" + std::to_string(max_len));
-    Buffer<T> p_gpu(S * max_len * c.D), p_cpu(S * max_len * c.D);
-    run_threads<N>(S, c.D, [&](int64_t i) {
-      segment_pack_thread<T, N>(i, x.data(), off.data(), c.T, c.D, max_len, p_gpu.data());
+  Buffer<T> x_cpu(c.T * c.D);
+  segment_expand_cpu(rt, dtype_of<T>(), y.data(), off.data(), S, c.T, c.D, x_cpu.data());
+  for (int64_t parts : kParts) {
+    SCOPED_TRACE("parts=" + std::to_string(parts));
+    Buffer<T> x_gpu(c.T * c.D);
+    run_part_threads<N>(S, c.D, parts, [&](int64_t i, int64_t part) {
+      segment_expand_thread<T, N>(i, part, parts, y.data(), off.data(), c.T, c.D, x_gpu.data());
     });
-    segment_pack_cpu(rt, dtype_of<T>(), x.data(), off.data(), S, c.T, c.D, max_len, p_cpu.data());
-    EXPECT_EQ(p_gpu.bytes(), p_cpu.bytes());
+    EXPECT_EQ(x_gpu.bytes(), x_cpu.bytes());
 
-    Buffer<T> u_gpu(c.T * c.D), u_cpu(c.T * c.D);
-    run_threads<N>(S, c.D, [&](int64_t i) {
-      segment_unpack_thread<T, N>(i, p_cpu.data(), off.data(), c.T, c.D, max_len, u_gpu.data());
-    });
-    segment_unpack_cpu(rt, dtype_of<T>(), p_cpu.data(), off.data(), S, c.T, c.D, max_len, u_cpu.data());
-    EXPECT_EQ(u_gpu.bytes(), u_cpu.bytes());
+    for (int64_t max_len : {int64_t(0), int64_t(1), c.max_len / 2, c.max_len + 2}) {
+      SCOPED_TRACE("max_len=" + std::to_string(max_len));
+      Buffer<T> p_gpu(S * max_len * c.D), p_cpu(S * max_len * c.D);
+      run_part_threads<N>(S, c.D, parts, [&](int64_t i, int64_t part) {
+        segment_pack_thread<T, N>(i, part, parts, x.data(), off.data(), c.T, c.D, max_len, p_gpu.data());
+      });
+      segment_pack_cpu(rt, dtype_of<T>(), x.data(), off.data(), S, c.T, c.D, max_len, p_cpu.data());
+      EXPECT_EQ(p_gpu.bytes(), p_cpu.bytes());
+
+      Buffer<T> u_gpu(c.T * c.D), u_cpu(c.T * c.D);
+      run_part_threads<N>(S, c.D, parts, [&](int64_t i, int64_t part) {
+        segment_unpack_thread<T, N>(i, part, parts, p_cpu.data(), off.data(), c.T, c.D, max_len,
+                                    u_gpu.data());
+      });
+      segment_unpack_cpu(rt, dtype_of<T>(), p_cpu.data(), off.data(), S, c.T, c.D, max_len, u_cpu.data());
+      EXPECT_EQ(u_gpu.bytes(), u_cpu.bytes());
+    }
   }
 }
 
@@ -179,12 +207,22 @@ TEST(CudaThreadsOnHost, BadOffsetsStayInBounds) {
   for (int64_t i = 0; i < T * D; ++i) x.data()[i] = 1.0f;
   run_threads<4>(S, D, [&](int64_t i) {
     segment_reduce_thread<float, 4, Reduce::kSum>(i, x.data(), off.data(), T, D, y.data());
-    segment_expand_thread<float, 4>(i, y.data(), off.data(), T, D, back.data());
+    segment_expand_thread<float, 4>(i, 0, 1, y.data(), off.data(), T, D, back.data());
   });
   // each end clamped into [0, T], the end to at least the begin: [0, 2), [2, 2), [1, 6), [6, 6)
   const float expected[] = {2, 0, 5, 0};
   for (int64_t s = 0; s < S; ++s)
     for (int64_t d = 0; d < D; ++d) EXPECT_EQ(y.data()[s * D + d], expected[s]) << s;
+}
+
+TEST(CudaThreadsOnHost, RowPartsOnlyWhenSegmentsAreLongAndFew) {
+  EXPECT_EQ(row_parts(0, 100), 1);
+  EXPECT_EQ(row_parts(int64_t(1) << 24, 5), 1);  // word pooling at scale: threads enough
+  EXPECT_EQ(row_parts(1000, 1), 1);              // one-row segments: nothing to split
+  EXPECT_EQ(row_parts(1000, 0), 1);              // no split asked for
+  EXPECT_EQ(row_parts(256, 1 << 20), 4096);      // one long segment: about 2^20 threads
+  EXPECT_EQ(row_parts(256, 100), 100);           // no more parts than rows
+  EXPECT_EQ(row_parts(3000, 7), 7);
 }
 
 // word_boundaries as the CUDA path computes it: per-chunk counts over

@@ -67,6 +67,13 @@ def segment_reduce(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean")
     reduce is sum, mean, max or min; an empty segment gives 0. max/min propagate
     NaN, and their gradient goes to the first row that attains the result.
     Differentiable in x.
+
+    On CUDA each thread reduces one segment's rows, in order, for 16 bytes of
+    features: the same summation order as on the CPU, so the results match bit
+    for bit. The forward is therefore fast when segments are many (words:
+    S * D * itemsize / 16 threads or more fill the GPU); a few long segments (one
+    per sequence) leave most of the GPU idle. The sum/mean backward splits long
+    segments' rows over more threads.
     """
     y = _ops.segment_reduce(_as_rows(x, "x"), offsets, reduce)
     return y.reshape((y.shape[0],) + tuple(x.shape[1:]))
