@@ -923,6 +923,41 @@ def test_gradcheck_segment_unpack(device, via, L):
     assert torch.autograd.gradcheck(fn, (p,))
 
 
+@pytest.mark.parametrize("via", ["wrapper", "raw"])
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_gradgradcheck_segment_reduce(device, via, reduce):
+    # double backward goes through segment_reduce_backward's own autograd formula
+    off = t64(GRAD_OFFSETS).to(device)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 3, dtype=torch.float64, generator=g).to(device).requires_grad_(True)
+    op = segment_reduce if via == "wrapper" else ops().segment_reduce
+    assert torch.autograd.gradgradcheck(lambda x: op(x, off, reduce), (x,))
+
+
+def test_double_backward_known_values():
+    # d/dg of sum(d/dx <g, segment_sum(x)>) = segment lengths, per feature
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    y = segment_reduce(x, t64([0, 2, 5]), "sum")
+    g = torch.ones_like(y, requires_grad=True)
+    (gx,) = torch.autograd.grad(y, x, g, create_graph=True)
+    (gg,) = torch.autograd.grad(gx.sum(), g)
+    assert torch.equal(gg, torch.tensor([[2.0] * 3, [3.0] * 3], dtype=torch.float64))
+
+
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
+    from torch.autograd import forward_ad as fwad
+
+    off = t64([0, 2, 5])
+    x, y = torch.randn(5, 3), torch.randn(2, 3)
+    with fwad.dual_level():
+        for fn, arg in ((lambda t: segment_reduce(t, off, "sum"), x), (lambda t: segment_expand(t, off, 5), y),
+                        (lambda t: segment_pack(t, off, 3), x),
+                        (lambda t: segment_unpack(t, off, 5), segment_pack(x, off, 3))):
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                fn(fwad.make_dual(arg, torch.ones_like(arg)))
+            fn(arg)  # no tangent: runs as usual inside a dual level
+
+
 # ----------------------------------------------------------------------------------------
 # 4c. torch.compile(fullgraph=True)
 # ----------------------------------------------------------------------------------------
@@ -1156,6 +1191,90 @@ def _bad_input_cases():
         ("wrapper-sr-x-0d", lambda: segment_reduce(torch.tensor(1.0), off, "sum"), "x"),
     ]
     return cases
+
+
+def _shape_level_bad_calls():
+    """Calls of the raw ops whose error the fake kernels must raise too (no offsets
+    values needed): (case, op name, args)."""
+    x, off, y = torch.randn(6, 2), t64([0, 2, 6]), torch.randn(2, 2)
+    p, b, cu = torch.randn(2, 3, 2), as_bytes_tensor(b"hello world"), t64([0, 11])
+    return [
+        ("x int32", "segment_reduce", (x.int(), off, "sum")),
+        ("x 1-D", "segment_reduce", (x[:, 0], off, "sum")),
+        ("offsets int32", "segment_reduce", (x, off.int(), "sum")),
+        ("offsets 2-D", "segment_reduce", (x, off[None], "sum")),
+        ("offsets empty", "segment_reduce", (x, t64([]), "sum")),
+        ("reduce unknown", "segment_reduce", (x, off, "prod")),
+        ("grad_y rows", "segment_reduce_backward", (x, off, 6, "sum", None, None)),
+        ("max without x", "segment_reduce_backward", (y, off, 6, "max", None, None)),
+        ("x columns", "segment_reduce_backward", (y, off, 6, "max", x[:, :1], y)),
+        ("x rows", "segment_reduce_backward", (y, off, 5, "max", x, y)),
+        ("y 3-D", "segment_expand", (p, off, 6)),
+        ("y rows", "segment_expand", (x, off, 6)),
+        ("total < 0", "segment_expand", (y, off, -1)),
+        ("max_len < 0", "segment_pack", (x, off, -1)),
+        ("packed 2-D", "segment_unpack", (y, off, 6)),
+        ("packed segments", "segment_unpack", (torch.randn(3, 3, 2), off, 6)),
+        ("bytes int64", "word_boundaries", (b.long(), cu, 8, "space")),
+        ("cu_seqlens int32", "word_boundaries", (b, cu.int(), 8, "space")),
+        ("max_word_bytes", "word_boundaries", (b, cu, 3, "space")),
+        ("mode", "word_boundaries", (b, cu, 8, "words")),
+    ]
+
+
+def _on_meta(args):
+    return tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@pytest.mark.parametrize("case, name, args", _shape_level_bad_calls(), ids=lambda v: v if isinstance(v, str) else "")
+def test_fake_kernels_raise_the_kernels_errors(case, name, args):
+    # the fake kernels serve torch.compile and the meta device: a bad argument must give
+    # the real kernel's error there too, not an IndexError or a silently shaped output
+    op = getattr(ops(), name)
+    with pytest.raises(ERR) as on_cpu:
+        op(*args)
+    with pytest.raises(ERR) as on_meta:
+        op(*_on_meta(args))
+    assert str(on_meta.value) == str(on_cpu.value), case
+
+
+def test_cpu_tensor_with_meta_offsets_raises():
+    # a meta argument sends the call to the fake kernel, which must not hand back an
+    # uninitialized CPU tensor
+    x, off = torch.randn(6, 2), t64([0, 2, 6]).to("meta")
+    for fn, arg in ((lambda: segment_reduce(x, off, "sum"), "x"), (lambda: segment_expand(x[:2], off, 6), "y"),
+                    (lambda: segment_pack(x, off, 3), "x"),
+                    (lambda: segment_unpack(x[:2, None].expand(2, 3, 2), off, 6), "packed")):
+        with pytest.raises(ERR, match=f"offsets must be on the same device as {arg}"):
+            fn()
+
+
+def test_huge_sizes_raise_not_crash():
+    x, off = torch.randn(5, 3), t64([0, 2, 5])
+    with pytest.raises(ERR, match=names("max_len")):
+        segment_pack(x, off, 2**63 - 1)
+    with pytest.raises(ERR, match=names("max_len")):
+        segment_pack(x, off, 2**62)
+    # 844 TB: fits int64 but not a 47-bit address space, so the allocation fails even
+    # where the OS overcommits memory
+    with pytest.raises(ERR, match=r"segment_pack: could not allocate the output of shape \[2, 35184372088832, 3\]"):
+        segment_pack(x, off, 2**45)
+    with pytest.raises(ERR, match=r"segment_expand: the output would have shape \[4611686018427387904, 3\]"):
+        segment_expand(x[:1], t64([0, 2**62]))  # valid offsets, 2^62 rows of 12 bytes
+    with pytest.raises(ERR, match=r"segment_expand: could not allocate"):
+        segment_expand(x[:1], t64([0, 2**50]), 2**50)
+
+
+def test_wrappers_name_arguments_of_the_wrong_type():
+    off = t64([0, 2, 5])
+    with pytest.raises(TypeError, match=names("data")):
+        word_boundaries([104, 105])
+    with pytest.raises(TypeError, match=names("x")):
+        segment_reduce(np.ones((5, 3), dtype=np.float32), off, "sum")
+    with pytest.raises(TypeError, match=names("y")):
+        segment_expand([[1.0]], off)
+    with pytest.raises(TypeError, match=names("packed")):
+        segment_unpack(None, off)
 
 
 def test_bad_inputs_raise():

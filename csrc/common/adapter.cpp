@@ -167,13 +167,30 @@ void advise_huge_pages(const Tensor& fresh_cpu_output) {
 
 }  // namespace
 
-Tensor new_output(const Tensor& like, std::initializer_list<int64_t> sizes,
+namespace {
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::string text = "[";
+  for (size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
+  return text + "]";
+}
+
+}  // namespace
+
+Tensor new_output(const char* op, const Tensor& like, std::initializer_list<int64_t> sizes,
                   std::optional<ScalarType> dtype) {
   const ScalarType type = dtype.value_or(like.scalar_type());
   std::vector<int64_t> shape(sizes);
+  // Sizes come from arguments (max_len, total, offsets): a product past int64
+  // must be an error here, not a wrapped-around size further down.
+  int64_t numel = 1, nbytes = 0;
+  bool overflow = false;
+  for (int64_t n : shape) overflow = __builtin_mul_overflow(numel, n, &numel) || overflow;
+  const int64_t item = element_size(type) > 0 ? int64_t(element_size(type)) : 8;
+  overflow = __builtin_mul_overflow(numel, item, &nbytes) || overflow;
+  TOKCORE_CHECK(!overflow, op, "the output would have shape ", shape_string(shape),
+                ", more bytes than int64 can count");
   if (like.is_cpu()) {
-    int64_t numel = 1;
-    for (int64_t n : shape) numel *= n;
     const size_t bytes = size_t(numel) * element_size(type);
     const FromBlobFn from_blob = from_blob_with_deleter();
     if (bytes >= kCachedOutputMinBytes && from_blob != nullptr && output_cache_limit() > 0) {
@@ -196,9 +213,14 @@ Tensor new_output(const Tensor& like, std::initializer_list<int64_t> sizes,
       }
     }
   }
-  Tensor out = torch::stable::new_empty(like, torch::headeronly::IntHeaderOnlyArrayRef(shape), type);
-  if (out.is_cpu()) advise_huge_pages(out);
-  return out;
+  try {
+    Tensor out = torch::stable::new_empty(like, torch::headeronly::IntHeaderOnlyArrayRef(shape), type);
+    if (out.is_cpu()) advise_huge_pages(out);
+    return out;
+  } catch (const std::exception&) {  // torch's message through the stable ABI says only that it failed
+    fail(op, "could not allocate the output of shape ", shape_string(shape), " (",
+         double(nbytes) / 1e9, " GB)");
+  }
 }
 
 int64_t validated_offsets_end_cuda(const Tensor& offsets, int64_t total, void* stream,

@@ -148,7 +148,8 @@ inline Runtime cpu_runtime() {
 // TOKCORE_CPU_OUTPUT_CACHE_MB sets how much freed memory is kept for reuse
 // (default 2048; 0 turns the cache off). Needs torch >= 2.11 (torch_from_blob
 // with a deleter, looked up at run time); older torch gets plain outputs.
-Tensor new_output(const Tensor& like, std::initializer_list<int64_t> sizes,
+// Raises, naming op, when the size overflows int64 or the memory cannot be had.
+Tensor new_output(const char* op, const Tensor& like, std::initializer_list<int64_t> sizes,
                   std::optional<ScalarType> dtype = std::nullopt);
 
 // The current CUDA stream of a device, looked up in libtorch_cuda at run time

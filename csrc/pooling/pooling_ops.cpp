@@ -93,8 +93,8 @@ std::tuple<Tensor, Tensor> word_boundaries(Tensor bytes, Tensor cu_seqlens, int6
     std::vector<int64_t> chunk_counts(num_word_chunks(T, kWordChunkBytesCpu));
     const int64_t W =
         word_boundaries_count_cpu(rt, data, cu, B, max_word_bytes, word_mode, chunk_counts.data());
-    Tensor word_offsets = adapter::new_output(bytes, {W + 1}, ScalarType::Long);
-    Tensor word_cu = adapter::new_output(bytes, {B + 1}, ScalarType::Long);
+    Tensor word_offsets = adapter::new_output(op, bytes, {W + 1}, ScalarType::Long);
+    Tensor word_cu = adapter::new_output(op, bytes, {B + 1}, ScalarType::Long);
     word_boundaries_fill_cpu(rt, data, cu, B, max_word_bytes, word_mode, chunk_counts.data(), W,
                              word_offsets.mutable_data_ptr<int64_t>(),
                              word_cu.mutable_data_ptr<int64_t>());
@@ -133,7 +133,7 @@ Tensor segment_reduce(Tensor x, Tensor offsets, std::string reduce) {
   const int64_t T = x.size(0), D = x.size(1), S = offsets.size(0) - 1;
   const DType dtype = adapter::feature_dtype(x, op, "x");
   check_offsets(offsets, T, op);
-  Tensor y = adapter::new_output(x, {S, D});
+  Tensor y = adapter::new_output(op, x, {S, D});
   if (x.is_cpu()) {
     segment_reduce_cpu(adapter::cpu_runtime(), dtype, x.const_data_ptr(),
                        offsets.const_data_ptr<int64_t>(), S, T, D, r, y.mutable_data_ptr());
@@ -177,7 +177,7 @@ Tensor segment_reduce_backward(Tensor grad_y, Tensor offsets, int64_t total, std
   const void* x_ptr = needs_values ? x->const_data_ptr() : nullptr;
   const void* y_ptr = needs_values ? y->const_data_ptr() : nullptr;
   check_offsets(offsets, total, op);
-  Tensor grad_x = adapter::new_output(grad_y, {total, D});
+  Tensor grad_x = adapter::new_output(op, grad_y, {total, D});
   if (grad_y.is_cpu()) {
     segment_reduce_backward_cpu(adapter::cpu_runtime(), dtype, grad_y.const_data_ptr(), x_ptr, y_ptr,
                                 offsets.const_data_ptr<int64_t>(), S, total, D, r,
@@ -201,7 +201,7 @@ Tensor segment_expand(Tensor y, Tensor offsets, std::optional<int64_t> total) {
   offsets = adapter::contiguous(offsets);
   const DType dtype = adapter::feature_dtype(y, op, "y");
   const int64_t T = output_rows(offsets, total, op);
-  Tensor x = adapter::new_output(y, {T, D});
+  Tensor x = adapter::new_output(op, y, {T, D});
   if (y.is_cpu()) {
     segment_expand_cpu(adapter::cpu_runtime(), dtype, y.const_data_ptr(),
                        offsets.const_data_ptr<int64_t>(), S, T, D, x.mutable_data_ptr());
@@ -221,9 +221,14 @@ Tensor segment_pack(Tensor x, Tensor offsets, int64_t max_len) {
   x = adapter::contiguous(x);
   offsets = adapter::contiguous(offsets);
   const int64_t T = x.size(0), D = x.size(1), S = offsets.size(0) - 1;
+  int64_t packed_numel = 0;
+  const bool overflow = __builtin_mul_overflow(S, max_len, &packed_numel) ||
+                        __builtin_mul_overflow(packed_numel, D, &packed_numel);
+  TOKCORE_CHECK(!overflow, op, "max_len = ", max_len,
+                " is too large: the packed output [", S, ", max_len, ", D, "] would overflow int64");
   const DType dtype = adapter::feature_dtype(x, op, "x");
   check_offsets(offsets, T, op);
-  Tensor packed = adapter::new_output(x, {S, max_len, D});
+  Tensor packed = adapter::new_output(op, x, {S, max_len, D});
   if (x.is_cpu()) {
     segment_pack_cpu(adapter::cpu_runtime(), dtype, x.const_data_ptr(),
                      offsets.const_data_ptr<int64_t>(), S, T, D, max_len,
@@ -247,7 +252,7 @@ Tensor segment_unpack(Tensor packed, Tensor offsets, std::optional<int64_t> tota
   offsets = adapter::contiguous(offsets);
   const DType dtype = adapter::feature_dtype(packed, op, "packed");
   const int64_t T = output_rows(offsets, total, op);
-  Tensor x = adapter::new_output(packed, {T, D});
+  Tensor x = adapter::new_output(op, packed, {T, D});
   if (packed.is_cpu()) {
     segment_unpack_cpu(adapter::cpu_runtime(), dtype, packed.const_data_ptr(),
                        offsets.const_data_ptr<int64_t>(), S, T, D, L, x.mutable_data_ptr());

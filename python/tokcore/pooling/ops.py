@@ -18,8 +18,20 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd import forward_ad
 
 _ops = torch.ops.tokcore
+
+
+def _reject_forward_ad(op: str, **tensors: torch.Tensor) -> None:
+    """Forward-mode AD has no formula here (torch.library has no jvp registration
+    for custom ops) and would drop the tangent silently: refuse it instead."""
+    if forward_ad._current_level < 0:  # not inside forward_ad.dual_level(): the usual case
+        return
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(f"tokcore.{op}: forward-mode AD is not supported ({name} has a "
+                                      "tangent); use reverse mode (backward, torch.autograd.grad)")
 
 
 def word_boundaries(
@@ -47,6 +59,9 @@ def word_boundaries(
     """
     if isinstance(data, str):
         data = data.encode("utf-8")
+    if not isinstance(data, (torch.Tensor, bytes, bytearray)):
+        raise TypeError(f"tokcore.word_boundaries: data must be a uint8 tensor, bytes or str, got "
+                        f"{type(data).__name__}")
     if isinstance(data, (bytes, bytearray)):
         data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     if cu_seqlens is None:
@@ -56,6 +71,8 @@ def word_boundaries(
 
 def _as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
     """[T, *F] -> [T, prod(F)] (no -1: it is ambiguous for tensors with no elements)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"tokcore: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1:
         raise ValueError(f"tokcore: {name} must have at least 1 dimension (rows), got a scalar")
     return x.reshape(x.shape[0], math.prod(x.shape[1:]))
@@ -75,6 +92,7 @@ def segment_reduce(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean")
     per sequence) leave most of the GPU idle. The sum/mean backward splits long
     segments' rows over more threads.
     """
+    _reject_forward_ad("segment_reduce", x=x)
     y = _ops.segment_reduce(_as_rows(x, "x"), offsets, reduce)
     return y.reshape((y.shape[0],) + tuple(x.shape[1:]))
 
@@ -87,6 +105,7 @@ def segment_expand(y: torch.Tensor, offsets: torch.Tensor, total: int | None = N
     Causal shifts (each byte sees the previous word) are done on y before
     expanding. Differentiable in y (the backward is a segment sum).
     """
+    _reject_forward_ad("segment_expand", y=y)
     x = _ops.segment_expand(_as_rows(y, "y"), offsets, total)
     return x.reshape((x.shape[0],) + tuple(y.shape[1:]))
 
@@ -97,6 +116,7 @@ def segment_pack(x: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.
     Rows past a segment's length are zero; rows past max_len are dropped.
     Differentiable in x (the backward is segment_unpack).
     """
+    _reject_forward_ad("segment_pack", x=x)
     packed = _ops.segment_pack(_as_rows(x, "x"), offsets, max_len)
     return packed.reshape(tuple(packed.shape[:2]) + tuple(x.shape[1:]))
 
@@ -107,6 +127,9 @@ def segment_unpack(packed: torch.Tensor, offsets: torch.Tensor, total: int | Non
     Rows of a segment past L (dropped by packing) come back as zeros.
     Differentiable in packed (the backward is segment_pack).
     """
+    _reject_forward_ad("segment_unpack", packed=packed)
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"tokcore: packed must be a torch.Tensor, got {type(packed).__name__}")
     if packed.dim() < 2:
         raise ValueError(f"tokcore: packed must have at least 2 dimensions [S, L, ...], got {packed.dim()}")
     flat = packed.reshape(packed.shape[0], packed.shape[1], math.prod(packed.shape[2:]))
@@ -115,10 +138,72 @@ def segment_unpack(packed: torch.Tensor, offsets: torch.Tensor, total: int | Non
 
 
 # ---------------------------------------------------------------- fake kernels
+#
+# Fake kernels compute output shapes under torch.compile and on the meta device.
+# They run the adapters' argument checks too (csrc/pooling/pooling_ops.cpp, same
+# order and messages): without them, a call traced by torch.compile with a bad
+# argument fails later with an IndexError, and a CPU tensor passed with meta
+# offsets (dispatched here) would come back as an uninitialized CPU tensor.
+# Checks that need the offsets' values stay in the real kernels.
+
+_FEATURE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_REDUCES = ("sum", "mean", "max", "min")
+
+
+def _fail(op: str, message: str):
+    raise RuntimeError(f"tokcore.{op}: {message}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_dim(op: str, t: torch.Tensor, name: str, ndim: int) -> None:
+    if t.dim() != ndim:
+        _fail(op, f"{name} must have {ndim} dimension{'' if ndim == 1 else 's'}, got {t.dim()}")
+
+
+def _check_same_device(op: str, t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        _fail(op, f"{name} must be on the same device as {ref_name}")
+
+
+def _check_features_and_offsets(op: str, x: torch.Tensor, x_name: str, ndim: int, offsets: torch.Tensor) -> None:
+    if x.dtype not in _FEATURE_DTYPES:
+        _fail(op, f"{x_name} must be float32, float64, bfloat16 or float16, got {_dtype_name(x.dtype)}")
+    _check_dim(op, x, x_name, ndim)
+    _check_offsets_tensor(op, offsets, "offsets")
+    _check_same_device(op, offsets, "offsets", x, x_name)
+
+
+def _check_offsets_tensor(op: str, offsets: torch.Tensor, name: str) -> None:
+    if offsets.dtype != torch.int64:
+        _fail(op, f"{name} must be int64, got {_dtype_name(offsets.dtype)}")
+    _check_dim(op, offsets, name, 1)
+    torch._check(offsets.shape[0] >= 1, lambda: f"tokcore.{op}: {name} must have at least one entry (offsets[0] = 0)")
+
+
+def _check_reduce(op: str, reduce: str) -> None:
+    if reduce not in _REDUCES:
+        _fail(op, f"reduce must be one of sum, mean, max, min, got '{reduce}'")
+
+
+def _check_rows(op: str, t: torch.Tensor, name: str, rows, what: str) -> None:
+    torch._check(t.shape[0] == rows, lambda: f"tokcore.{op}: {name} must have {what} = {rows} rows, got {t.shape[0]}")
 
 
 @torch.library.register_fake("tokcore::word_boundaries")
 def _word_boundaries_fake(data, cu_seqlens, max_word_bytes, mode):
+    op = "word_boundaries"
+    if data.dtype != torch.uint8:
+        _fail(op, f"bytes must be uint8, got {_dtype_name(data.dtype)}")
+    _check_dim(op, data, "bytes", 1)
+    _check_offsets_tensor(op, cu_seqlens, "cu_seqlens")
+    _check_same_device(op, cu_seqlens, "cu_seqlens", data, "bytes")
+    if max_word_bytes < 4:
+        _fail(op, f"max_word_bytes must be >= 4, got {max_word_bytes}")
+    if mode not in ("space", "bytes"):
+        _fail(op, f"mode must be 'space' or 'bytes', got '{mode}'")
     # The output length W + 1 itself is the unbacked size (>= 1): compile cannot
     # return a size expression (u0 + 1) whose symbol it never sees bare.
     num_offsets = torch.library.get_ctx().new_dynamic_size(min=1)
@@ -130,31 +215,61 @@ def _word_boundaries_fake(data, cu_seqlens, max_word_bytes, mode):
 
 @torch.library.register_fake("tokcore::segment_reduce")
 def _segment_reduce_fake(x, offsets, reduce):
+    _check_features_and_offsets("segment_reduce", x, "x", 2, offsets)
+    _check_reduce("segment_reduce", reduce)
     return x.new_empty(offsets.shape[0] - 1, x.shape[1])
 
 
 @torch.library.register_fake("tokcore::segment_reduce_backward")
 def _segment_reduce_backward_fake(grad_y, offsets, total, reduce, x=None, y=None):
+    op = "segment_reduce_backward"
+    _check_features_and_offsets(op, grad_y, "grad_y", 2, offsets)
+    _check_reduce(op, reduce)
+    _check_rows(op, grad_y, "grad_y", offsets.shape[0] - 1, "len(offsets) - 1")
+    torch._check(total >= 0, lambda: f"tokcore.{op}: total must be >= 0, got {total}")
+    if reduce in ("max", "min"):
+        if x is None or y is None:
+            _fail(op, f"x and y are required for reduce='{reduce}'")
+        for t, name in ((x, "x"), (y, "y")):
+            _check_dim(op, t, name, 2)
+            _check_same_device(op, t, name, grad_y, "grad_y")
+            if t.dtype != grad_y.dtype:
+                _fail(op, f"{name} must have the dtype of grad_y")
+            torch._check(t.shape[1] == grad_y.shape[1],
+                         lambda: f"tokcore.{op}: {name} must have {grad_y.shape[1]} columns, got {t.shape[1]}")
+        _check_rows(op, x, "x", total, "total")
+        _check_rows(op, y, "y", offsets.shape[0] - 1, "len(offsets) - 1")
     return grad_y.new_empty(total, grad_y.shape[1])
 
 
-def _rows_fake(total):
-    return torch.library.get_ctx().new_dynamic_size() if total is None else total
+def _rows_fake(op, total):
+    if total is None:
+        return torch.library.get_ctx().new_dynamic_size()
+    torch._check(total >= 0, lambda: f"tokcore.{op}: total must be >= 0, got {total}")
+    return total
 
 
 @torch.library.register_fake("tokcore::segment_expand")
 def _segment_expand_fake(y, offsets, total=None):
-    return y.new_empty(_rows_fake(total), y.shape[1])
+    _check_features_and_offsets("segment_expand", y, "y", 2, offsets)
+    _check_rows("segment_expand", y, "y", offsets.shape[0] - 1, "len(offsets) - 1")
+    return y.new_empty(_rows_fake("segment_expand", total), y.shape[1])
 
 
 @torch.library.register_fake("tokcore::segment_pack")
 def _segment_pack_fake(x, offsets, max_len):
+    _check_features_and_offsets("segment_pack", x, "x", 2, offsets)
+    torch._check(max_len >= 0, lambda: f"tokcore.segment_pack: max_len must be >= 0, got {max_len}")
     return x.new_empty(offsets.shape[0] - 1, max_len, x.shape[1])
 
 
 @torch.library.register_fake("tokcore::segment_unpack")
 def _segment_unpack_fake(packed, offsets, total=None):
-    return packed.new_empty(_rows_fake(total), packed.shape[2])
+    _check_features_and_offsets("segment_unpack", packed, "packed", 3, offsets)
+    torch._check(packed.shape[0] == offsets.shape[0] - 1,
+                 lambda: f"tokcore.segment_unpack: packed must have len(offsets) - 1 = {offsets.shape[0] - 1} "
+                         f"segments, got {packed.shape[0]}")
+    return packed.new_empty(_rows_fake("segment_unpack", total), packed.shape[2])
 
 
 # ---------------------------------------------------------------- autograd
@@ -179,6 +294,37 @@ def _segment_reduce_backward(ctx, grad):
 
 torch.library.register_autograd(
     "tokcore::segment_reduce", _segment_reduce_backward, setup_context=_segment_reduce_setup
+)
+
+
+# The backward is itself differentiable (double backward: gradient penalties,
+# Hessian-vector products). It is linear in grad_y: sum/mean spread grad_y[s] over
+# the segment's rows (mean scaled by 1 / length), so its adjoint is the segment
+# sum/mean; max/min route grad_y[s] to the first attaining row, so the adjoint
+# gathers the incoming gradient there. As a function of x and y it is piecewise
+# constant: no gradient flows to them.
+def _segment_reduce_backward_setup(ctx, inputs, output):
+    grad_y, offsets, total, reduce, x, y = inputs
+    ctx.reduce = reduce
+    ctx.total = total
+    ctx.save_for_backward(offsets, x, y)
+
+
+def _segment_reduce_backward_backward(ctx, grad_grad_x):
+    offsets, x, y = ctx.saved_tensors
+    if ctx.reduce in ("sum", "mean"):
+        grad_grad_y = _ops.segment_reduce(grad_grad_x, offsets, ctx.reduce)
+    else:  # 1 at each segment's first attaining row (per feature), 0 elsewhere
+        attaining = _ops.segment_reduce_backward(
+            torch.ones(offsets.shape[0] - 1, grad_grad_x.shape[1], dtype=grad_grad_x.dtype,
+                       device=grad_grad_x.device), offsets, ctx.total, ctx.reduce, x, y)
+        grad_grad_y = _ops.segment_reduce(grad_grad_x * attaining, offsets, "sum")
+    return grad_grad_y, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "tokcore::segment_reduce_backward", _segment_reduce_backward_backward,
+    setup_context=_segment_reduce_backward_setup
 )
 
 
