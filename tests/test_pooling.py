@@ -1265,6 +1265,22 @@ def test_huge_sizes_raise_not_crash():
         segment_expand(x[:1], t64([0, 2**50]), 2**50)
 
 
+def test_unusable_settings_warn():
+    from tokcore._library import check_settings
+
+    assert check_settings({"TOKCORE_CPU_ISA": "avx2", "TOKCORE_CPU_STREAM_MIN_MB": "0"}) == []
+    with pytest.warns(RuntimeWarning, match="TOKCORE_CPU_ISA='AVX2' is not base, avx2 or avx512"):
+        check_settings({"TOKCORE_CPU_ISA": "AVX2"})
+    with pytest.warns(RuntimeWarning, match="TOKCORE_CPU_STREAM_MIN_MB='-1'"):
+        check_settings({"TOKCORE_CPU_STREAM_MIN_MB": "-1"})
+    with pytest.warns(RuntimeWarning, match="TOKCORE_CUDA_CHECK_OFFSETS='no'"):
+        check_settings({"TOKCORE_CUDA_CHECK_OFFSETS": "no"})
+    # and at import, where users meet it
+    env = dict(os.environ, TOKCORE_CPU_ISA="garbage")
+    result = subprocess.run([sys.executable, "-c", "import tokcore"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "TOKCORE_CPU_ISA='garbage'" in result.stderr
+
+
 def test_wrappers_name_arguments_of_the_wrong_type():
     off = t64([0, 2, 5])
     with pytest.raises(TypeError, match=names("data")):

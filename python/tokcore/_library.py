@@ -53,3 +53,37 @@ def cpu_isa() -> str:
     """The instruction set of the CPU kernels built for several ("baseline", "avx2" or
     "avx512"): the best this CPU runs, capped by TOKCORE_CPU_ISA=base|avx2."""
     return _CPU_ISA_NAMES[int(torch.ops.tokcore._cpu_isa_level())]
+
+
+# The run-time switches that the C++ side reads (README, "Run-time switches"):
+# name -> (what a valid value looks like, check). The library falls back to its
+# default on a value it cannot use, so a typo would otherwise pass unnoticed.
+def _is_count(value: str) -> bool:
+    return value.isdigit()
+
+
+_SETTINGS = {
+    "TOKCORE_CPU_ISA": ("base, avx2 or avx512", lambda v: v in ("base", "avx2", "avx512")),
+    "TOKCORE_CPU_STREAM_MIN_MB": ("a whole number of MB >= 0", _is_count),
+    "TOKCORE_CPU_OUTPUT_CACHE_MB": ("a whole number of MB >= 0", _is_count),
+    "TOKCORE_CPU_HUGE_PAGES": ("0 or 1", lambda v: v in ("0", "1")),
+    "TOKCORE_CUDA_CHECK_OFFSETS": ("0 or 1", lambda v: v in ("0", "1")),
+}
+
+
+def check_settings(environ=os.environ) -> list[str]:
+    """Warns (RuntimeWarning) about each tokcore environment variable whose value
+    the library would ignore, and returns the messages. Run once at import."""
+    import warnings
+
+    problems = []
+    for name, (valid, ok) in _SETTINGS.items():
+        value = environ.get(name)
+        if value is not None and value != "" and not ok(value):
+            problems.append(f"tokcore: {name}={value!r} is not {valid}; the default is used instead")
+    for message in problems:
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return problems
+
+
+check_settings()
