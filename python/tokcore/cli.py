@@ -9,6 +9,8 @@ happen inside the run functions, so ``tokcore --help`` is fast.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,33 +28,125 @@ class Command:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int | None]
     description: str | None = None
+    # Cross-option checks after parsing, before `run`: call parser.error(...) on a bad value.
+    check: Callable[[argparse.ArgumentParser, argparse.Namespace], None] | None = None
 
 
 COMMANDS: dict[str, Command] = {}
 
 
 def register(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
-             run: Callable[[argparse.Namespace], int | None], description: str | None = None) -> Command:
-    """Add a subcommand (name must be new)."""
+             run: Callable[[argparse.Namespace], int | None], description: str | None = None,
+             check: Callable[[argparse.ArgumentParser, argparse.Namespace], None] | None = None) -> Command:
+    """Add a subcommand (name must be new). `check(parser, args)`, if given, runs after
+    parsing and before `run`, for rules that involve several options (parser.error(...))."""
     if name in COMMANDS:
         raise ValueError(f"command {name!r} is already registered")
-    cmd = Command(name, help, add_arguments, run, description)
+    cmd = Command(name, help, add_arguments, run, description, check)
     COMMANDS[name] = cmd
     return cmd
 
 
+# ---------------------------------------------------------------------------- argument types
+# argparse turns an ArgumentTypeError into "tokcore CMD: error: argument --OPT: MESSAGE".
+def _parse_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
+    return v
+
+
+def _parse_int(s: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+
+
 def _positive_float(s: str) -> float:
-    v = float(s)
+    v = _parse_float(s)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
     return v
 
 
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+def _nonnegative_float(s: str) -> float:
+    v = _parse_float(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
     return v
+
+
+def _fraction(s: str) -> float:
+    v = _parse_float(s)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {s}")
+    return v
+
+
+def _int_at_least(lo: int) -> Callable[[str], int]:
+    def parse(s: str) -> int:
+        v = _parse_int(s)
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {s}")
+        return v
+
+    parse.__name__ = f"int_at_least_{lo}"
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_nonnegative_int = _int_at_least(0)
+
+
+def _seed(s: str) -> int:
+    v = _parse_int(s)
+    if not 0 <= v < 2**63:  # numpy's default_rng needs >= 0; torch.manual_seed overflows past 64 bits
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {s}")
+    return v
+
+
+def _warn(command: str, message: str) -> None:
+    print(f"tokcore {command}: warning: {message}", file=sys.stderr)
+
+
+def _check_device(parser: argparse.ArgumentParser, device: str, allow_auto: bool = True) -> None:
+    """--device: auto (if allowed), cpu, cuda or cuda:N, the CUDA ones only where CUDA is available."""
+    if allow_auto and device == "auto":
+        return
+    import torch
+
+    choices = ("auto, " if allow_auto else "") + "cpu, cuda or cuda:N"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        parser.error(f"argument --device: unknown device {device!r}; use {choices}")
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        parser.error(f"argument --device: {device!r} is not supported; use {choices}")
+    if not torch.cuda.is_available():
+        parser.error(f"argument --device: {device!r} requested but CUDA is not available "
+                     "(torch.cuda.is_available() is False)")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        parser.error(f"argument --device: {device!r} requested but there are only "
+                     f"{torch.cuda.device_count()} CUDA device(s)")
+
+
+def _check_out_dir(parser: argparse.ArgumentParser, path: str) -> None:
+    """--out: an existing folder, or one that can be created (it is created now)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        parser.error(f"argument --out: {p} exists and is not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"argument --out: cannot create folder {p}: {e.strerror or e}")
+    if not os.access(p, os.W_OK | os.X_OK):
+        parser.error(f"argument --out: folder {p} is not writable")
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -69,9 +163,20 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=_positive_float, default=45.0,
                    help="training time of demos that train a model (default: 45)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+
+
+def _demo_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from .demo import DEMOS
+
+    unknown = [n for n in (args.only or []) if n not in {d.name for d in DEMOS}]
+    if unknown:
+        parser.error(f"argument --only: unknown demo(s) {', '.join(unknown)}; "
+                     f"available: {', '.join(d.name for d in DEMOS)}")
+    if not args.list:
+        _check_device(parser, args.device)
 
 
 def _demo_run(args: argparse.Namespace) -> int:
@@ -97,7 +202,7 @@ def _common_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", metavar="PATH",
                    help="a folder or a file (default: the Python standard library's *.py files)")
     g.add_argument("--pattern", help="file name pattern under --data (default: * ; *.py for the stdlib)")
-    g.add_argument("--holdout-every", type=int, default=20, help="hold out every N-th file (default: 20)")
+    g.add_argument("--holdout-every", type=_int_at_least(2), default=20, help="hold out every N-th file (default: 20)")
     g.add_argument("--max-data-bytes", type=_positive_int, help="read at most about this many bytes of files")
     g.add_argument("--seq-len", type=_positive_int, default=512, help="bytes per training window (default: 512)")
     g.add_argument("--batch-size", type=_positive_int, default=16, help="windows per step (default: 16)")
@@ -109,18 +214,19 @@ def _common_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-layers", type=_positive_int, help="backbone layers")
     g.add_argument("--n-heads", type=_positive_int, help="backbone heads")
     g.add_argument("--d-local", type=_positive_int, help="hier: byte encoder/decoder width")
-    g.add_argument("--n-enc-layers", type=int, help="hier: byte encoder layers")
-    g.add_argument("--n-dec-layers", type=int, help="hier: byte decoder layers")
-    g.add_argument("--max-word-bytes", type=int, help="hier: longest word in bytes (default 16)")
+    g.add_argument("--n-enc-layers", type=_nonnegative_int, help="hier: byte encoder layers")
+    g.add_argument("--n-dec-layers", type=_nonnegative_int, help="hier: byte decoder layers")
+    g.add_argument("--max-word-bytes", type=_int_at_least(4), help="hier: longest word in bytes, >= 4 (default 16)")
     g.add_argument("--pool", choices=["mean", "max", "attention"], help="hier: byte->word pooling (default mean)")
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate (default: 2e-3)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR / peak LR (default: 0.1)")
-    g.add_argument("--warmup", type=int, default=20, help="warmup steps (default: 20)")
+    g.add_argument("--min-lr-ratio", type=_fraction, default=0.1, help="final LR / peak LR, in [0, 1] (default: 0.1)")
+    g.add_argument("--warmup", type=_nonnegative_int, default=20, help="warmup steps (default: 20)")
     g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm; 0 disables (default: 1.0)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--weight-decay", type=_nonnegative_float, default=0.1)
+    g.add_argument("--grad-clip", type=_nonnegative_float, default=1.0,
+                   help="max grad norm; 0 disables (default: 1.0)")
+    g.add_argument("--seed", type=_seed, default=0)
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     g.add_argument("--threads", type=_positive_int, help="torch CPU threads")
@@ -130,6 +236,51 @@ def _common_train_args(p: argparse.ArgumentParser) -> None:
 
 
 _MODEL_OPTS = ("d_model", "n_layers", "n_heads", "d_local", "n_enc_layers", "n_dec_layers", "max_word_bytes", "pool")
+_HIER_ONLY_OPTS = ("d_local", "n_enc_layers", "n_dec_layers", "max_word_bytes", "pool")
+
+
+def _opt(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_heads(parser: argparse.ArgumentParser, options: str, width: str, heads: str) -> None:
+    # attention needs width % heads == 0 and an even head size (rotary embeddings);
+    # width and heads are "name value" strings for the message
+    w, h = int(width.split()[-1]), int(heads.split()[-1])
+    if w % h:
+        parser.error(f"argument {options}: {width} is not divisible by {heads}")
+    if (w // h) % 2:
+        parser.error(f"argument {options}: {width} / {heads} = {w // h} per head, which must be even "
+                     "(rotary embeddings)")
+
+
+def _check_common_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace, hier: bool) -> None:
+    """Checks shared by train and compare; hier: the hierarchical model is trained."""
+    from .data import _looks_binary
+    from .pooling.lm import SIZES
+
+    _check_device(parser, args.device)
+    if args.size not in SIZES:
+        parser.error(f"argument --size: unknown size {args.size!r}; choose from {', '.join(SIZES)}")
+    preset = SIZES[args.size]
+    _check_heads(parser, "--d-model/--n-heads", f"d_model {args.d_model or preset['d_model']}",
+                 f"n_heads {args.n_heads or preset['n_heads']}")
+    if hier:
+        _check_heads(parser, "--d-local", f"d_local {args.d_local or preset['d_local']}",
+                     f"the {args.size} preset's n_local_heads {preset['n_local_heads']}")
+    if args.data is not None and Path(args.data).is_file():
+        try:
+            with open(args.data, "rb") as f:
+                head = f.read(4096)
+        except OSError as e:
+            parser.error(f"argument --data: cannot read {args.data}: {e.strerror or e}")
+        if not head:
+            parser.error(f"argument --data: {args.data} is empty")
+        if _looks_binary(head):
+            parser.error(f"argument --data: {args.data} looks binary (it has NUL bytes); "
+                         "give a text file or a folder of text files")
+        if args.pattern is not None:
+            _warn(args.command, f"--pattern {args.pattern!r} is ignored: --data {args.data} is a single file")
 
 
 def _train_config(args: argparse.Namespace, model: str):
@@ -156,9 +307,28 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="run folder: checkpoint.pt (periodic and final) and report.json")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
                    help="resume from --out's checkpoint, or from the given checkpoint file / run folder")
-    p.add_argument("--sample", type=int, default=0, metavar="N", help="generate N bytes at the end")
+    p.add_argument("--sample", type=_nonnegative_int, default=0, metavar="N", help="generate N bytes at the end")
     p.add_argument("--prompt", default="def ", help="prompt for --sample (default: 'def ')")
     _common_train_args(p)
+
+
+def _train_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from .pooling.train import _checkpoint_file
+
+    _check_common_train_args(parser, args, hier=args.model == "hier")
+    if args.model == "byte":
+        ignored = [_opt(k) for k in _HIER_ONLY_OPTS if getattr(args, k) is not None]
+        if ignored:
+            _warn("train", f"ignoring {', '.join(ignored)}: options of the hier model, not of --model byte")
+    if args.resume is True and not args.out:
+        parser.error("argument --resume: --resume without a path needs --out")
+    if args.resume:
+        try:
+            _checkpoint_file(args.out if args.resume is True else args.resume)
+        except UsageError as e:
+            parser.error(f"argument --resume: {e}")
+    if args.out:
+        _check_out_dir(parser, args.out)
 
 
 def _train_run(args: argparse.Namespace) -> int:
@@ -169,8 +339,6 @@ def _train_run(args: argparse.Namespace) -> int:
     from .pooling.train import format_report, train
 
     cfg = _train_config(args, args.model)
-    if args.resume is True and not cfg.out:
-        raise UsageError("--resume without a path needs --out")
     report = train(cfg, resume=args.resume)
     model = report.pop("_model")
     print(format_report(report))
@@ -189,6 +357,11 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     _common_train_args(p)
 
 
+def _compare_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _check_common_train_args(parser, args, hier=True)
+    _check_out_dir(parser, args.out)
+
+
 def _compare_run(args: argparse.Namespace) -> int:
     _set_threads(args)
     import tokcore  # noqa: F401
@@ -203,10 +376,14 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint file or run folder (from train --out)")
     p.add_argument("--prompt", default="def ")
     p.add_argument("-n", "--max-new-bytes", type=_positive_int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--temperature", type=_nonnegative_float, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=_positive_int, help="sample among the K most likely symbols (default: all)")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+
+
+def _generate_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _check_device(parser, args.device)
 
 
 def _generate_run(args: argparse.Namespace) -> int:
@@ -229,6 +406,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-save", action="store_true", help="do not append to bench/results/")
     p.add_argument("--repo", default=None,
                    help="the tokcore checkout holding bench/ (default: the current directory or its parents)")
+
+
+def _bench_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _check_device(parser, args.device, allow_auto=False)
 
 
 def _find_bench_dir(repo: str | None) -> Path | None:
@@ -263,14 +444,15 @@ def _bench_run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- registry
-register("demo", "run every op family's end-to-end demo (quick on CPU)", _demo_args, _demo_run)
+register("demo", "run every op family's end-to-end demo (quick on CPU)", _demo_args, _demo_run,
+         check=_demo_check)
 register("train", "train a byte-level LM (hierarchical or plain) and report held-out bits/byte",
-         _train_args, _train_run)
+         _train_args, _train_run, check=_train_check)
 register("compare", "train the hierarchical and the byte LM for the same budget; side-by-side table",
-         _compare_args, _compare_run)
-register("generate", "sample from a trained checkpoint", _generate_args, _generate_run)
+         _compare_args, _compare_run, check=_compare_check)
+register("generate", "sample from a trained checkpoint", _generate_args, _generate_run, check=_generate_check)
 register("bench", "run the benchmarks (tokcore against its peers) from a tokcore checkout",
-         _bench_args, _bench_run)
+         _bench_args, _bench_run, check=_bench_check)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd in COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
         cmd.add_arguments(p)
-        p.set_defaults(_run=cmd.run)
+        p.set_defaults(_run=cmd.run, _check=cmd.check, _parser=p)
     return parser
 
 
@@ -293,6 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args._check is not None:
+            args._check(args._parser, args)  # parser.error(...): usage, the message, exit status 2
         return int(args._run(args) or 0)
     except UsageError as e:  # a bad path or option: the message, not a traceback
         print(f"tokcore {args.command}: error: {e}", file=sys.stderr)

@@ -14,8 +14,10 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -184,14 +186,35 @@ def _checkpoint_path(path: str | os.PathLike) -> Path:
     return p / CHECKPOINT_NAME if p.is_dir() else p
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint file (or the checkpoint in a run folder)."""
+def _checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint file of `path` (a file or a run folder), after a cheap check that it
+    exists and is a torch.save archive (a zip file); UsageError otherwise."""
     p = _checkpoint_path(path)
     if not p.exists():
         raise InputNotFoundError(f"no checkpoint at {p}")
-    ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{p}: unknown checkpoint format {ckpt.get('format')!r}")
+    if not zipfile.is_zipfile(p):
+        raise UsageError(f"{p} is not a tokcore checkpoint (not a file written by torch.save)")
+    return p
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint file (or the checkpoint in a run folder)."""
+    p = _checkpoint_file(path)
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except torch.OutOfMemoryError:
+        raise
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        # a zip file that torch cannot read, or one holding objects a checkpoint never has
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UsageError(f"{p} is not a tokcore checkpoint ({type(e).__name__}: {reason})") from e
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
+        raise UsageError(f"{p} is not a tokcore checkpoint (a torch.save file of something else)")
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise UsageError(f"{p}: unknown checkpoint format {ckpt['format']!r}")
+    missing = {"kind", "model_config", "model"} - ckpt.keys()
+    if missing:
+        raise UsageError(f"{p}: checkpoint lacks {sorted(missing)}")
     return ckpt
 
 

@@ -1,0 +1,185 @@
+"""The command line rejects bad option values with one argparse-style line,
+``tokcore <command>: error: ...`` and exit status 2, never a traceback, and warns about
+options it ignores. Every error case here fails before any training starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokcore import cli
+from tokcore.errors import UsageError
+from tokcore.pooling.train import load_checkpoint
+
+TEXT = b"def f(x):\n    return x + 1  # a comment with words in it\n" * 40
+
+# a tiny hierarchical model, so that the few runs that do train take a second
+TINY = ["--size", "tiny", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-local", "16",
+        "--seq-len", "32", "--batch-size", "2", "--eval-windows", "2"]
+
+
+def run_cli(argv, capsys):
+    """(exit status, stdout, stderr) of the CLI run in this process; parser.error exits
+    with SystemExit(2), errors found while running return 2."""
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_usage_error(argv, capsys, *needles):
+    rc, out, err = run_cli(argv, capsys)
+    assert rc == 2, (rc, out, err)
+    assert "Traceback" not in err
+    assert f"tokcore {argv[0]}: error: " in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+@pytest.fixture
+def files(tmp_path):
+    d = {
+        "text": tmp_path / "text.py",
+        "bin": tmp_path / "bin.dat",
+        "empty": tmp_path / "empty.txt",
+        "tensor": tmp_path / "tensor.pt",
+        "zip": tmp_path / "other.zip",
+        "existing": tmp_path / "existing_file",
+    }
+    d["text"].write_bytes(TEXT)
+    d["bin"].write_bytes(bytes(range(256)) * 4)
+    d["empty"].write_bytes(b"")
+    torch.save(torch.zeros(3), d["tensor"])
+    with zipfile.ZipFile(d["zip"], "w") as z:
+        z.writestr("a.txt", "not a checkpoint")
+    d["existing"].write_text("hi\n")
+    d["tmp"] = tmp_path
+    return d
+
+
+def train_argv(files, *extra):
+    return ["train", "--data", files["text"], "--steps", "1", "--no-progress", "--device", "cpu", *TINY, *extra]
+
+
+@pytest.mark.parametrize("extra, option", [
+    (["--max-word-bytes", "3"], "--max-word-bytes"),
+    (["--max-word-bytes", "-1"], "--max-word-bytes"),
+    (["--d-model", "7", "--n-heads", "3"], "--n-heads"),
+    (["--d-model", "6", "--n-heads", "2"], "--n-heads"),   # 3 per head: rotary needs even
+    (["--d-local", "30"], "--d-local"),                    # tiny preset: 2 byte-level heads -> 15, odd
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--lr", "-1"], "--lr"),
+    (["--time-budget", "nan"], "--time-budget"),
+    (["--time-budget", "inf"], "--time-budget"),
+    (["--save-every", "nan"], "--save-every"),
+    (["--device", "tpu"], "--device"),
+    (["--device", "cuda:99"], "--device"),
+    (["--grad-clip", "-1"], "--grad-clip"),
+    (["--grad-clip", "nan"], "--grad-clip"),
+    (["--min-lr-ratio", "-1"], "--min-lr-ratio"),
+    (["--min-lr-ratio", "1.5"], "--min-lr-ratio"),
+    (["--warmup", "-5"], "--warmup"),
+    (["--n-enc-layers", "-1"], "--n-enc-layers"),
+    (["--n-dec-layers", "-1"], "--n-dec-layers"),
+    (["--sample", "-5"], "--sample"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--seed", "-1"], "--seed"),
+    (["--holdout-every", "1"], "--holdout-every"),
+    (["--size", "huge"], "--size"),
+    (["--steps", "abc"], "--steps"),
+    (["--resume"], "--resume"),                           # no path and no --out
+])
+def test_train_rejects_bad_values(files, capsys, extra, option):
+    assert_usage_error(train_argv(files, *extra), capsys, f"argument {option}" if option != "--n-heads"
+                       else "--n-heads")
+
+
+def test_train_rejects_bad_files(files, capsys):
+    for key in ("bin", "empty"):
+        assert_usage_error(train_argv(files, "--data", files[key]), capsys, "argument --data", str(files[key]))
+    assert_usage_error(train_argv(files, "--out", files["existing"]), capsys, "argument --out", "not a folder")
+    for key in ("text", "bin", "empty"):  # not a zip: caught before the corpus is read
+        assert_usage_error(train_argv(files, "--resume", files[key]), capsys, "argument --resume",
+                           "not a tokcore checkpoint")
+    for key in ("zip", "tensor"):  # a zip, but not a checkpoint: caught when it is loaded
+        assert_usage_error(train_argv(files, "--resume", files[key]), capsys, "not a tokcore checkpoint")
+    assert_usage_error(train_argv(files, "--out", files["tmp"] / "run", "--resume"), capsys,
+                       "argument --resume", "no checkpoint at")
+
+
+def test_compare_rejects_unwritable_out(files, capsys):
+    base = ["compare", "--data", files["text"], "--steps", "1", "--no-progress", "--device", "cpu", *TINY]
+    assert_usage_error(base + ["--out", files["existing"] / "sub"], capsys, "argument --out")
+    if Path("/proc").is_dir() and sys.platform.startswith("linux"):
+        assert_usage_error(base + ["--out", "/proc/nope"], capsys, "argument --out", "/proc/nope")
+    assert_usage_error(base + ["--out", files["tmp"] / "c", "--lr", "nan"], capsys, "argument --lr")
+    assert_usage_error(base + ["--out", files["tmp"] / "c", "--d-local", "30"], capsys, "argument --d-local")
+
+
+@pytest.mark.parametrize("extra, option", [
+    (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-k", "0"], "--top-k"),
+    (["--top-k", "-3"], "--top-k"),
+    (["--device", "tpu"], "--device"),
+    (["-n", "0"], "-n/--max-new-bytes"),
+])
+def test_generate_rejects_bad_values(files, capsys, extra, option):
+    assert_usage_error(["generate", files["text"], *extra], capsys, f"argument {option}")
+
+
+def test_generate_rejects_non_checkpoints(files, capsys):
+    for key in ("text", "bin", "empty", "zip", "tensor"):
+        assert_usage_error(["generate", files[key], "--device", "cpu"], capsys, str(files[key]),
+                           "not a tokcore checkpoint")
+
+
+def test_demo_and_bench_reject_bad_values(capsys):
+    assert_usage_error(["demo", "--device", "tpu"], capsys, "argument --device")
+    assert_usage_error(["demo", "--seconds", "nan"], capsys, "argument --seconds")
+    assert_usage_error(["demo", "--only", "nosuch"], capsys, "argument --only", "nosuch")
+    assert_usage_error(["bench", "--device", "tpu"], capsys, "argument --device")
+
+
+def test_valid_edge_values_are_accepted():
+    p = cli.build_parser()
+    a = p.parse_args(["train", "--grad-clip", "0", "--min-lr-ratio", "0", "--warmup", "0", "--n-enc-layers", "0",
+                      "--n-dec-layers", "0", "--max-word-bytes", "4", "--sample", "0", "--weight-decay", "0"])
+    assert (a.grad_clip, a.min_lr_ratio, a.warmup, a.n_enc_layers, a.max_word_bytes) == (0.0, 0.0, 0, 0, 4)
+    assert p.parse_args(["train", "--min-lr-ratio", "1"]).min_lr_ratio == 1.0
+    a = p.parse_args(["generate", "x", "--temperature", "0", "--top-k", "1"])
+    assert (a.temperature, a.top_k) == (0.0, 1)
+
+
+def test_ignored_options_warn(files, capsys):
+    # --pattern with a single file, hier-only options with --model byte: a warning, and the run goes on
+    rc, out, err = run_cli(train_argv(files, "--pattern", "*.md"), capsys)
+    assert rc == 0 and "Traceback" not in err
+    assert "tokcore train: warning: --pattern" in err and "held-out bits/byte" in out
+    rc, out, err = run_cli(train_argv(files, "--model", "byte", "--pool", "max", "--max-word-bytes", "8"), capsys)
+    assert rc == 0 and "Traceback" not in err
+    assert "tokcore train: warning:" in err and "--pool" in err and "--max-word-bytes" in err
+
+
+def test_load_checkpoint_raises_usage_error(files):
+    # library callers get a UsageError (a ValueError) for a file that is not a checkpoint
+    for key in ("text", "bin", "empty", "zip", "tensor"):
+        with pytest.raises(UsageError, match="not a tokcore checkpoint"):
+            load_checkpoint(files[key])
+
+
+def test_cli_subprocess_has_no_traceback(files):
+    r = subprocess.run([sys.executable, "-m", "tokcore.cli", "train", "--lr", "nan"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    assert "tokcore train: error: argument --lr" in r.stderr and "Traceback" not in r.stderr
