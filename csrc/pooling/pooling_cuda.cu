@@ -89,17 +89,25 @@ __global__ void segment_reduce_kernel(const T* __restrict__ x, const int64_t* __
   if (i < S * (D / N)) segment_reduce_thread<T, N, R>(i, x, offsets, rows_total, D, y);
 }
 
-// The row-writing kernels run over S * D / N * parts threads (row_parts).
+// The row-writing kernels run over S * D / N * parts threads (row_parts): this
+// thread's segment thread and row part, or false for a thread past the end.
+template <int N>
+__device__ bool launch_part_thread(int64_t S, int64_t D, int64_t parts, PartThread& th) {
+  const int64_t per_part = S * (D / N);
+  const int64_t g = global_thread();
+  if (g >= per_part * parts) return false;
+  th = part_thread(g, per_part, parts);
+  return true;
+}
+
 template <typename T, int N, Reduce R>
 __global__ void segment_reduce_backward_kernel(const T* __restrict__ grad_y, const T* __restrict__ x,
                                                const T* __restrict__ y,
                                                const int64_t* __restrict__ offsets, int64_t S,
                                                int64_t rows_total, int64_t D, int64_t parts,
                                                T* __restrict__ grad_x) {
-  const int64_t per_part = S * (D / N);
-  const int64_t g = global_thread();
-  if (g >= per_part * parts) return;
-  const PartThread th = part_thread(g, per_part, parts);
+  PartThread th;
+  if (!launch_part_thread<N>(S, D, parts, th)) return;
   segment_reduce_backward_thread<T, N, R>(th.i, th.part, parts, grad_y, x, y, offsets, rows_total, D,
                                           grad_x);
 }
@@ -108,10 +116,8 @@ template <typename T, int N>
 __global__ void segment_expand_kernel(const T* __restrict__ y, const int64_t* __restrict__ offsets,
                                       int64_t S, int64_t rows_total, int64_t D, int64_t parts,
                                       T* __restrict__ x) {
-  const int64_t per_part = S * (D / N);
-  const int64_t g = global_thread();
-  if (g >= per_part * parts) return;
-  const PartThread th = part_thread(g, per_part, parts);
+  PartThread th;
+  if (!launch_part_thread<N>(S, D, parts, th)) return;
   segment_expand_thread<T, N>(th.i, th.part, parts, y, offsets, rows_total, D, x);
 }
 
@@ -119,10 +125,8 @@ template <typename T, int N>
 __global__ void segment_pack_kernel(const T* __restrict__ x, const int64_t* __restrict__ offsets,
                                     int64_t S, int64_t rows_total, int64_t D, int64_t max_len,
                                     int64_t parts, T* __restrict__ packed) {
-  const int64_t per_part = S * (D / N);
-  const int64_t g = global_thread();
-  if (g >= per_part * parts) return;
-  const PartThread th = part_thread(g, per_part, parts);
+  PartThread th;
+  if (!launch_part_thread<N>(S, D, parts, th)) return;
   segment_pack_thread<T, N>(th.i, th.part, parts, x, offsets, rows_total, D, max_len, packed);
 }
 
@@ -130,10 +134,8 @@ template <typename T, int N>
 __global__ void segment_unpack_kernel(const T* __restrict__ packed, const int64_t* __restrict__ offsets,
                                       int64_t S, int64_t rows_total, int64_t D, int64_t max_len,
                                       int64_t parts, T* __restrict__ x) {
-  const int64_t per_part = S * (D / N);
-  const int64_t g = global_thread();
-  if (g >= per_part * parts) return;
-  const PartThread th = part_thread(g, per_part, parts);
+  PartThread th;
+  if (!launch_part_thread<N>(S, D, parts, th)) return;
   segment_unpack_thread<T, N>(th.i, th.part, parts, packed, offsets, rows_total, D, max_len, x);
 }
 
