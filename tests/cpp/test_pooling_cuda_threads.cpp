@@ -215,6 +215,25 @@ TEST(CudaThreadsOnHost, BadOffsetsStayInBounds) {
     for (int64_t d = 0; d < D; ++d) EXPECT_EQ(y.data()[s * D + d], expected[s]) << s;
 }
 
+// The row parts of a split launch write disjoint rows that cover every row once
+// (the comparisons above would not see a row written twice with the same value).
+TEST(CudaThreadsOnHost, RowPartsWriteDisjointRows) {
+  const int64_t D = 4, parts = 3;
+  const std::vector<int64_t> off = {0, 7, 7, 8, 20};
+  const int64_t S = int64_t(off.size()) - 1, T = off.back();
+  Buffer<float> y(S * D);
+  for (int64_t i = 0; i < S * D; ++i) y.data()[i] = 1.0f + float(i);  // no zeros
+  std::vector<int> writes(size_t(T), 0);
+  for (int64_t part = 0; part < parts; ++part) {
+    Buffer<float> x(T * D);  // zeros: a row left zero was not written by this part
+    run_part_threads<4>(S, D, parts, [&](int64_t i, int64_t p) {
+      if (p == part) segment_expand_thread<float, 4>(i, p, parts, y.data(), off.data(), T, D, x.data());
+    });
+    for (int64_t t = 0; t < T; ++t) writes[size_t(t)] += x.data()[t * D] != 0.0f;
+  }
+  for (int64_t t = 0; t < T; ++t) EXPECT_EQ(writes[size_t(t)], 1) << "row " << t;
+}
+
 TEST(CudaThreadsOnHost, RowPartsOnlyWhenSegmentsAreLongAndFew) {
   EXPECT_EQ(row_parts(0, 100), 1);
   EXPECT_EQ(row_parts(int64_t(1) << 24, 5), 1);  // word pooling at scale: threads enough
