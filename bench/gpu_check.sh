@@ -34,7 +34,11 @@ done
 generator=""
 command -v ninja > /dev/null 2>&1 && generator="-G Ninja"
 
-arch=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')  # e.g. 90
+arch=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")' 2>/dev/null)  # e.g. 90
+if [ -z "$arch" ]; then
+  stamp "NO CUDA GPU VISIBLE TO TORCH ($($PY -c 'import torch; print(torch.__version__)' 2>&1)); nothing to check"
+  exit 1
+fi
 
 # Prefer the one abi3 wheel built on the CPU machine (make wheel; carry
 # "wheelhouse"): running it here shows that the same binary serves this torch
