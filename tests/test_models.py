@@ -271,6 +271,94 @@ def test_train_report_and_resume(corpus_dir, tmp_path):
     assert r2["steps"] == 6 and r2["train_bytes"] == 6 * 4 * 64
 
 
+def test_resume_continues_the_training_curve(corpus_dir, tmp_path, monkeypatch):
+    # a run of 4 steps, against the same run stopped after step 2 (checkpoint every step)
+    # and resumed: same weights, so the same held-out score, and the same smoothed
+    # training loss (its EMAs are saved with the counters)
+    import tokcore.pooling.train as train_module
+
+    whole = train(_cfg(corpus_dir), log=lambda s: None)
+    out = tmp_path / "run"
+    real_sample, calls = train_module.sample_batch, []
+
+    def stop_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "sample_batch", stop_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(corpus_dir, out=str(out), save_every=0), log=lambda s: None)
+    monkeypatch.setattr(train_module, "sample_batch", real_sample)
+    resumed = train(_cfg(corpus_dir, out=str(out), save_every=0), resume=True, log=lambda s: None)
+    assert resumed["steps"] == 4
+    for key in ("train_bpb_ema", "train_loss_ema", "heldout_bpb"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
+
+
+def test_training_sets_the_generation_context_to_its_window(corpus_dir):
+    # positions past the training window were never trained: generation keeps to it
+    for kind, mc in (("hier", TINY_HIER), ("byte", TINY_BYTE)):
+        r = train(_cfg(corpus_dir, model=kind, model_config=dict(mc), seq_len=48, steps=1), log=lambda s: None)
+        assert r["_model"].config.max_context_bytes == 48 and r["model_config"]["max_context_bytes"] == 48
+    r = train(_cfg(corpus_dir, model_config=dict(TINY_HIER, max_context_bytes=100), steps=1), log=lambda s: None)
+    assert r["_model"].config.max_context_bytes == 100  # unless asked otherwise
+
+
+def test_generation_context_stays_within_max_context_bytes(monkeypatch):
+    model = ByteLM(ByteLMConfig(**TINY_BYTE, max_context_bytes=16))
+    seen = []
+    real = model.logits
+    monkeypatch.setattr(model, "logits", lambda b, cu, n=None: (seen.append(b.numel()), real(b, cu, n))[1])
+    model.generate(b"x" * 100, max_new_bytes=3, temperature=0)
+    assert seen == [16, 16, 16]  # 15 bytes of context + the slot that predicts the next byte
+    hier = HierarchicalByteLM(HierConfig(**TINY_HIER, max_context_bytes=20))
+    lengths = []
+    real_states = hier.word_states
+    monkeypatch.setattr(hier, "word_states", lambda b, *a: (lengths.append(b.numel()), real_states(b, *a))[1])
+    hier.generate(b"ab cd ef gh ij kl mn op qr st uv wx yz " * 3, max_new_bytes=4, temperature=0)
+    assert lengths and max(lengths) <= 19
+
+
+def test_generate_rejects_bad_arguments_and_restores_train_mode():
+    for model in (ByteLM(ByteLMConfig(**TINY_BYTE)), HierarchicalByteLM(HierConfig(**TINY_HIER))):
+        model.train()
+        for kwargs, name in ((dict(max_new_bytes=-1), "max_new_bytes"), (dict(temperature=float("nan")), "temperature"),
+                             (dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k")):
+            with pytest.raises(ValueError, match=name):
+                model.generate(b"ab", **{"max_new_bytes": 3, **kwargs})
+            assert model.training
+
+
+def test_words_longer_than_max_word_bytes_raise():
+    model = HierarchicalByteLM(HierConfig(**TINY_HIER))  # max_word_bytes 8
+    b = torch.tensor(list(b"abcdefghijklmnop"), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="16 bytes, more than max_word_bytes=8"):
+        model.forward_words(b, torch.tensor([0, 16]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="max_word_bytes"):
+        model.encoder(b, torch.tensor([0, 16]))
+    model.forward_words(b, torch.tensor([0, 8, 16]), torch.tensor([0, 2]))  # words of 8 bytes are fine
+
+
+def test_inference_mode_first_then_training():
+    # the rotary cache made under inference_mode must not poison later backward passes
+    for model in (ByteLM(ByteLMConfig(**TINY_BYTE)), HierarchicalByteLM(HierConfig(**TINY_HIER))):
+        b, cu = _batch([TEXT[:40]])
+        with torch.inference_mode():
+            model(b, cu)
+        model(b, cu)["loss"].backward()
+
+
+def test_empty_heldout_split_raises(tmp_path):
+    f = tmp_path / "tiny.txt"
+    f.write_bytes(b"abcdefghijklmnopqr\n")  # 19 bytes: the last 1/20 is nothing
+    with pytest.raises(cli.UsageError, match="held-out split .* is empty"):
+        train(TrainConfig(model="hier", model_config=dict(TINY_HIER), data=str(f), seq_len=8, batch_size=2, steps=1,
+                          progress=False, device="cpu"), log=lambda s: None)
+    assert np.isnan(evaluate(ByteLM(ByteLMConfig(**TINY_BYTE)), [])["bpb"])  # nothing scored: no score
+
+
 def test_save_load_byte_model(tmp_path):
     model = ByteLM(ByteLMConfig(**TINY_BYTE))
     save_checkpoint(tmp_path / "c.pt", model, None, {"counters": {}})

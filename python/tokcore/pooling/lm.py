@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .modules import (
     BytePoolingEncoder,
     SegmentTransformer,
+    check_word_lengths,
     init_weights,
     max_segment_length,
     segment_lengths,
@@ -69,6 +70,9 @@ class HierConfig:
     mlp_ratio: int = 4
     dropout: float = 0.0
     max_context_words: int = 512  # generation: backbone context window (words)
+    # generation: context window in bytes; training sets it to its window length
+    # (seq_len), so that generation stays within the word positions the model saw
+    max_context_bytes: int = 1024
 
 
 @dataclass
@@ -78,7 +82,7 @@ class ByteLMConfig:
     n_heads: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.0
-    max_context_bytes: int = 1024  # generation: context window (bytes)
+    max_context_bytes: int = 1024  # generation: context window (bytes); training sets it to seq_len
 
 
 # Size presets. The byte LM of each preset is sized to about the hierarchical model's
@@ -112,6 +116,20 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: to
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _check_generate_args(max_new_bytes: int, temperature: float, top_k: int | None) -> None:
+    if not isinstance(max_new_bytes, int) or max_new_bytes < 0:
+        raise ValueError(f"max_new_bytes must be an int >= 0, got {max_new_bytes!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be None or >= 1, got {top_k!r}")
+
+
+def _last(items: list, n: int) -> list:
+    """The last n items (none for n <= 0; a plain items[-n:] would give all for n = 0)."""
+    return items[max(0, len(items) - n):] if n > 0 else []
 
 
 def _prompt_tensor(prompt: bytes | str, device: torch.device) -> Tensor:
@@ -148,7 +166,7 @@ class HierarchicalByteLM(nn.Module):
     def word_states(self, bytes: Tensor, word_offsets: Tensor, word_cu_seqlens: Tensor,
                     max_words: int | None = None) -> Tensor:
         """Backbone output [W, d_model]: state of word w has seen words <= w of its sequence."""
-        words = self.encoder(bytes, word_offsets)
+        words = self.encoder.encode(bytes, word_offsets)
         return self.backbone(words, word_cu_seqlens, max_words)
 
     def previous_word_context(self, h: Tensor, word_cu_seqlens: Tensor) -> Tensor:
@@ -193,9 +211,15 @@ class HierarchicalByteLM(nn.Module):
         "n_symbols", "n_bytes", "n_words", "n_seqs", "backbone_tokens"}."""
         _check_input(bytes, cu_seqlens)
         word_offsets, word_cu = self.segment(bytes, cu_seqlens)
-        return self.forward_words(bytes, word_offsets, word_cu)
+        return self._forward_words(bytes, word_offsets, word_cu)
 
     def forward_words(self, bytes: Tensor, word_offsets: Tensor, word_cu_seqlens: Tensor) -> dict[str, Tensor | int]:
+        """`forward` on words the caller made; ValueError for a word longer than
+        max_word_bytes (the decoder could not predict its extra bytes)."""
+        check_word_lengths(word_offsets, self.config.max_word_bytes)
+        return self._forward_words(bytes, word_offsets, word_cu_seqlens)
+
+    def _forward_words(self, bytes: Tensor, word_offsets: Tensor, word_cu_seqlens: Tensor) -> dict[str, Tensor | int]:
         h = self.word_states(bytes, word_offsets, word_cu_seqlens)
         ctx = self.previous_word_context(h, word_cu_seqlens)
         logits, _ = self.decoder_logits(ctx, bytes, word_offsets)
@@ -215,8 +239,14 @@ class HierarchicalByteLM(nn.Module):
 
     # ----------------------------------------------------------------- generation
     def _context_state(self, words: list[bytes], device: torch.device) -> Tensor:
-        """Backbone state [d_model] of the last word of `words` (start state if none)."""
-        words = words[-self.config.max_context_words:]
+        """Backbone state [d_model] of the last word of `words` (start state if none),
+        from the last words that fit max_context_words and max_context_bytes."""
+        words = _last(words, self.config.max_context_words)
+        budget, keep = self.config.max_context_bytes - 1, 0  # a byte of room for the word being decoded
+        while keep < len(words) and budget >= len(words[-1 - keep]):
+            budget -= len(words[-1 - keep])
+            keep += 1
+        words = _last(words, keep)
         if not words:
             return self.start
         data = torch.tensor(list(b"".join(words)), dtype=torch.uint8, device=device)
@@ -242,9 +272,18 @@ class HierarchicalByteLM(nn.Module):
         Word by word: the decoder samples bytes until end-of-word (or until the word has
         `max_word_bytes` bytes), then the word goes through encoder and backbone to give
         the next word's context. The prompt's last word counts as unfinished: the
-        decoder continues it."""
+        decoder continues it. The context is the last words that fit
+        `config.max_context_bytes` (training sets it to its window length)."""
+        _check_generate_args(max_new_bytes, temperature, top_k)
         was_training = self.training
         self.eval()
+        try:
+            return self._generate(prompt, max_new_bytes, temperature, top_k, generator)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, prompt: bytes | str, max_new_bytes: int, temperature: float, top_k: int | None,
+                  generator: torch.Generator | None) -> bytes:
         device = self.start.device
         mwb = self.config.max_word_bytes
         data = _prompt_tensor(prompt, device)
@@ -270,7 +309,6 @@ class HierarchicalByteLM(nn.Module):
                 word.append(sym)
                 out.append(sym)
             words.append(bytes(word))
-        self.train(was_training)
         return bytes(out)
 
 
@@ -316,22 +354,31 @@ class ByteLM(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: bytes | str = b"", max_new_bytes: int = 200, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None) -> bytes:
-        """Continue `prompt` byte by byte; returns only the new bytes."""
+        """Continue `prompt` byte by byte; returns only the new bytes. The context is
+        the last `config.max_context_bytes` bytes (training sets it to its window
+        length, the positions the model saw)."""
+        _check_generate_args(max_new_bytes, temperature, top_k)
         was_training = self.training
         self.eval()
+        try:
+            return self._generate(prompt, max_new_bytes, temperature, top_k, generator)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, prompt: bytes | str, max_new_bytes: int, temperature: float, top_k: int | None,
+                  generator: torch.Generator | None) -> bytes:
         device = self.head.weight.device
         ctx = bytearray(prompt.encode("utf-8") if isinstance(prompt, str) else prompt)
         out = bytearray()
         n_ctx = self.config.max_context_bytes
         for _ in range(max_new_bytes):
-            window = bytes(ctx[-(n_ctx - 1):]) if len(ctx) >= n_ctx else bytes(ctx)
+            window = bytes(_last(ctx, n_ctx - 1))  # + the dummy byte below: n_ctx positions
             # append a dummy byte: the logits row of the last position predicts the next byte
             data = torch.tensor(list(window) + [0], dtype=torch.uint8, device=device)
             cu = torch.tensor([0, data.numel()], dtype=torch.int64, device=device)
             sym = _sample(self.logits(data, cu, data.numel())[-1], temperature, top_k, generator)
             ctx.append(sym)
             out.append(sym)
-        self.train(was_training)
         return bytes(out)
 
 

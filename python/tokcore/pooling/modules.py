@@ -28,6 +28,7 @@ __all__ = [
     "BytePoolingEncoder",
     "segment_lengths",
     "max_segment_length",
+    "check_word_lengths",
 ]
 
 POOL_MODES = ("mean", "max", "attention")
@@ -45,6 +46,14 @@ def max_segment_length(offsets: Tensor) -> int:
     return int(segment_lengths(offsets).max())
 
 
+def check_word_lengths(word_offsets: Tensor, max_word_bytes: int) -> None:
+    """ValueError if a word is longer than max_word_bytes (a host sync on CUDA)."""
+    longest = max_segment_length(word_offsets)
+    if longest > max_word_bytes:
+        raise ValueError(f"word_offsets: a word has {longest} bytes, more than max_word_bytes={max_word_bytes} "
+                         "(its extra bytes would be ignored); segment with word_boundaries(..., max_word_bytes)")
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding over the packed (position) dimension."""
 
@@ -60,10 +69,13 @@ class RotaryEmbedding(nn.Module):
         c = self._cache
         if c is None or c[0] < length or c[1] != device or c[2] != dtype:
             n = max(length, 64)
-            t = torch.arange(n, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))
-            emb = torch.cat([freqs, freqs], dim=-1)
-            c = (n, device, dtype, emb.cos().to(dtype), emb.sin().to(dtype))
+            # normal tensors even when first called under torch.inference_mode(): an
+            # inference tensor in the cache would break every later backward
+            with torch.inference_mode(False):
+                t = torch.arange(n, device=device, dtype=torch.float32)
+                freqs = torch.outer(t, self.inv_freq.to(device))
+                emb = torch.cat([freqs, freqs], dim=-1)
+                c = (n, device, dtype, emb.cos().to(dtype), emb.sin().to(dtype))
             self._cache = c
         return c[3][:length], c[4][:length]
 
@@ -216,7 +228,17 @@ class BytePoolingEncoder(nn.Module):
         return self.pool_proj(o.reshape(w, self.d_model))
 
     def forward(self, bytes: Tensor, word_offsets: Tensor) -> Tensor:
-        """bytes uint8 [T], word_offsets int64 [W+1] -> word vectors [W, d_out]."""
+        """bytes uint8 [T], word_offsets int64 [W+1] -> word vectors [W, d_out].
+
+        Raises ValueError for a word longer than max_word_bytes (its extra bytes would
+        be dropped silently); the check reads the longest word (a host sync on CUDA).
+        `encode` skips it, for offsets made by `segment`."""
+        check_word_lengths(word_offsets, self.max_word_bytes)
+        return self.encode(bytes, word_offsets)
+
+    def encode(self, bytes: Tensor, word_offsets: Tensor) -> Tensor:
+        """`forward` without the word-length check: every word must be at most
+        max_word_bytes long (true of `segment`'s words)."""
         return self.out(self.pool_words(self.byte_states(bytes, word_offsets), word_offsets))
 
 

@@ -243,9 +243,10 @@ def evaluate(model: nn.Module, windows: list[np.ndarray], batch_size: int = 16,
         n_bytes += int(out["n_bytes"])
         n_symbols += int(out["n_symbols"])
     model.train(was_training)
+    nan = float("nan")  # no bytes scored: no score (0.0 would read as a perfect one)
     return {
-        "bpb": nll / LN2 / max(n_bytes, 1),
-        "nll_per_symbol": nll / max(n_symbols, 1),
+        "bpb": nll / LN2 / n_bytes if n_bytes else nan,
+        "nll_per_symbol": nll / n_symbols if n_symbols else nan,
         "bytes": n_bytes,
         "windows": len(windows),
     }
@@ -283,6 +284,9 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
     if corpus is None:
         corpus = load_corpus(cfg.data, cfg.holdout_every, cfg.data_pattern, cfg.max_data_bytes)
         log(f"corpus: {corpus.describe()}")
+    if len(corpus.heldout) == 0:  # else the report's held-out bits/byte would mean nothing
+        raise UsageError(f"the held-out split of {corpus.source} is empty: give more data "
+                         f"(a single file holds out its last 1/holdout_every = 1/{cfg.holdout_every})")
 
     ckpt = None
     if resume:
@@ -295,10 +299,16 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
         model = build_model(ckpt["kind"], ckpt["model_config"])
         model.load_state_dict(ckpt["model"])
     else:
-        model = build_model(cfg.model, asdict(resolve_model_config(cfg.model, cfg.size, cfg.model_config)))
+        model_config = resolve_model_config(cfg.model, cfg.size, cfg.model_config)
+        if cfg.model_config.get("max_context_bytes") is None:
+            # generation then stays within the positions training showed the model
+            model_config = dataclasses.replace(model_config, max_context_bytes=cfg.seq_len)
+        model = build_model(cfg.model, asdict(model_config))
     model.to(device).train()
     opt = _make_optimizer(model, cfg)
-    state = {"step": 0, "train_time": 0.0, "bytes": 0, "words": 0, "backbone_tokens": 0, "seqs": 0}
+    # counters, saved in checkpoints (the EMAs too, so a resumed run's curve goes on smoothly)
+    state = {"step": 0, "train_time": 0.0, "bytes": 0, "words": 0, "backbone_tokens": 0, "seqs": 0,
+             "ema_loss": None, "ema_bpb": None}
     curve: list[tuple[float, float]] = []  # (seconds trained, train bits/byte EMA) per step
     if ckpt is not None:
         if ckpt.get("optimizer") is not None:
@@ -322,7 +332,6 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
     if cfg.out:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
     last_save = state["train_time"]
-    ema_loss = ema_bpb = None
     bar = _make_bar(cfg, state["step"], state["train_time"])
     bar_seconds = _bar_in_seconds(cfg)
 
@@ -357,8 +366,8 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
             state["words"] += int(n_words)
             state["backbone_tokens"] += int(out["backbone_tokens"])
             state["seqs"] += int(out["n_seqs"])
-            ema_loss = loss if ema_loss is None else 0.95 * ema_loss + 0.05 * loss
-            ema_bpb = bpb if ema_bpb is None else 0.95 * ema_bpb + 0.05 * bpb
+            ema_loss = state["ema_loss"] = loss if state["ema_loss"] is None else 0.95 * state["ema_loss"] + 0.05 * loss
+            ema_bpb = state["ema_bpb"] = bpb if state["ema_bpb"] is None else 0.95 * state["ema_bpb"] + 0.05 * bpb
             curve.append((state["train_time"], ema_bpb))
             bar.update(max(0.0, min(dt, cfg.time_budget - bar.n)) if bar_seconds else 1)  # n > total breaks tqdm
             bar.set_postfix({"loss": f"{ema_loss:.3f}", "bpb": f"{ema_bpb:.3f}",
@@ -381,8 +390,8 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
         "heldout_bpb": ev["bpb"],
         "heldout_windows": ev["windows"],
         "heldout_bytes": ev["bytes"],
-        "train_bpb_ema": ema_bpb,
-        "train_loss_ema": ema_loss,
+        "train_bpb_ema": state["ema_bpb"],
+        "train_loss_ema": state["ema_loss"],
         "steps": state["step"],
         "train_time_s": state["train_time"],
         "train_bytes": state["bytes"],
@@ -471,6 +480,8 @@ def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callab
     reports = []
     for kind in models:
         mc = asdict(hier_cfg) if kind == "hier" else asdict(matched_byte_config(hier_cfg))
+        # a full config reaches train(): give it train()'s default context for generation
+        mc["max_context_bytes"] = base.model_config.get("max_context_bytes") or base.seq_len
         cfg = dataclasses.replace(base, model=kind, model_config=mc,
                                   out=str(Path(out) / kind) if out else None)
         log(f"\n== {kind} ==")
