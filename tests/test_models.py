@@ -31,6 +31,7 @@ from tokcore.pooling.lm import (
 )
 from tokcore.pooling.modules import BytePoolingEncoder
 from tokcore.pooling.ops import segment_reduce, word_boundaries
+from reference.pooling import split_words as ref_split_words
 from tokcore.pooling.train import (
     TrainConfig,
     compare,
@@ -319,6 +320,22 @@ def test_generation_context_stays_within_max_context_bytes(monkeypatch):
     monkeypatch.setattr(hier, "word_states", lambda b, *a: (lengths.append(b.numel()), real_states(b, *a))[1])
     hier.generate(b"ab cd ef gh ij kl mn op qr st uv wx yz " * 3, max_new_bytes=4, temperature=0)
     assert lengths and max(lengths) <= 19
+
+
+def test_generated_text_splits_into_the_generated_words():
+    # An untrained decoder puts mass on every byte; masking keeps generation to words
+    # that word_boundaries would make of the text, as the model saw in training.
+    model = HierarchicalByteLM(HierConfig(**TINY_HIER)).eval()  # max_word_bytes 8
+    prompts = [b"", b"def f(x):", b"hello wor", b"abcdefghijklmno", "caf\u00e9 na\u00efve".encode(), b"a, ",
+               b"\xe2\x82\xac" * 4]
+    for seed, prompt in enumerate(prompts):
+        g = torch.Generator().manual_seed(seed)
+        words, out = model._generate_words(prompt, 120, 1.0, None, g)
+        text = prompt + out
+        assert b"".join(words) == text and len(out) == 120
+        starts = ref_split_words(text, 8)
+        assert [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])] == words, (prompt, text)
+    assert model._generate_words(b"ab cd", 0, 1.0, None, None) == ([b"ab", b" cd"], b"")
 
 
 def test_generate_rejects_bad_arguments_and_restores_train_mode():

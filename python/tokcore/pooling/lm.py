@@ -132,6 +132,35 @@ def _last(items: list, n: int) -> list:
     return items[max(0, len(items) - n):] if n > 0 else []
 
 
+# Byte classes of word_boundaries(mode="space") (DESIGN.md section 5): 0 whitespace,
+# 1 punctuation, 2 word byte (ASCII letter or digit, '_', any byte >= 0x80).
+_BYTE_CLASS = torch.tensor([0 if b in b" \t\n\r\v\f" else 2 if (chr(b).isascii() and chr(b).isalnum()) or b == 0x5F
+                            or b >= 0x80 else 1 for b in range(256)])
+# _STARTS_WORD[c][b]: byte b starts a new word after a byte of class c (whitespace
+# after non-whitespace; a word byte after punctuation).
+_STARTS_WORD = torch.stack([((_BYTE_CLASS == 0) & (c != 0)) | ((_BYTE_CLASS == 2) & (c == 1)) for c in range(3)])
+_UTF8_CONTINUATION = torch.tensor([(b & 0xC0) == 0x80 for b in range(256)])
+
+
+def _segmentation_mask(word: bytes, previous: bytes, previous_was_cut: bool, max_word_bytes: int) -> Tensor | None:
+    """Bytes [256] that the hierarchical decoder may not emit next if the generated text
+    is to split into the very words generation made (word_boundaries' rule): inside a
+    word, any byte that would start a new word (the decoder ends the word instead); as
+    a word's first byte after a word that ended by choice, any byte that would not
+    start one; after a word cut at max_word_bytes, a UTF-8 continuation byte when the
+    cut word holds a character start past its first byte (the segmenter would have cut
+    there). None: no constraint."""
+    if word:
+        return _STARTS_WORD[_BYTE_CLASS[word[-1]]]
+    if not previous:
+        return None
+    if not previous_was_cut:
+        return ~_STARTS_WORD[_BYTE_CLASS[previous[-1]]]
+    if any(not _UTF8_CONTINUATION[b] for b in previous[1:max_word_bytes]):
+        return _UTF8_CONTINUATION & ~_STARTS_WORD[_BYTE_CLASS[previous[-1]]]  # (a new word needs no cut)
+    return None
+
+
 def _prompt_tensor(prompt: bytes | str, device: torch.device) -> Tensor:
     if isinstance(prompt, str):
         prompt = prompt.encode("utf-8")
@@ -272,18 +301,22 @@ class HierarchicalByteLM(nn.Module):
         Word by word: the decoder samples bytes until end-of-word (or until the word has
         `max_word_bytes` bytes), then the word goes through encoder and backbone to give
         the next word's context. The prompt's last word counts as unfinished: the
-        decoder continues it. The context is the last words that fit
+        decoder continues it. Bytes that would make the text split into other words
+        than the ones generated are masked, so the output re-segments into the words
+        the model made, as in training. The context is the last words that fit
         `config.max_context_bytes` (training sets it to its window length)."""
         _check_generate_args(max_new_bytes, temperature, top_k)
         was_training = self.training
         self.eval()
         try:
-            return self._generate(prompt, max_new_bytes, temperature, top_k, generator)
+            return self._generate_words(prompt, max_new_bytes, temperature, top_k, generator)[1]
         finally:
             self.train(was_training)
 
-    def _generate(self, prompt: bytes | str, max_new_bytes: int, temperature: float, top_k: int | None,
-                  generator: torch.Generator | None) -> bytes:
+    def _generate_words(self, prompt: bytes | str, max_new_bytes: int, temperature: float, top_k: int | None,
+                        generator: torch.Generator | None) -> tuple[list[bytes], bytes]:
+        """`generate` (in eval mode, without grad), returning (the words of prompt + output
+        as generation made them, the new bytes)."""
         device = self.start.device
         mwb = self.config.max_word_bytes
         data = _prompt_tensor(prompt, device)
@@ -299,17 +332,23 @@ class HierarchicalByteLM(nn.Module):
             ctx = self._context_state(words, device)
             word = bytearray(partial)
             partial = b""
+            previous = words[-1] if words else b""
             while len(word) < mwb and len(out) < max_new_bytes:
                 logits = self._next_symbol_logits(ctx, bytes(word), device)
                 if not word:
                     logits[EOW] = float("-inf")  # no empty words
+                banned = _segmentation_mask(bytes(word), previous, len(previous) >= mwb, mwb)
+                if banned is not None:
+                    logits[:256][banned.to(logits.device)] = float("-inf")
                 sym = _sample(logits, temperature, top_k, generator)
                 if sym == EOW:
                     break
                 word.append(sym)
                 out.append(sym)
             words.append(bytes(word))
-        return bytes(out)
+        if partial:  # max_new_bytes = 0: the prompt's last word was never continued
+            words.append(partial)
+        return words, bytes(out)
 
 
 class ByteLM(nn.Module):
