@@ -336,6 +336,15 @@ def test_generated_text_splits_into_the_generated_words():
         starts = ref_split_words(text, 8)
         assert [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])] == words, (prompt, text)
     assert model._generate_words(b"ab cd", 0, 1.0, None, None) == ([b"ab", b" cd"], b"")
+    # a decoder fond of whitespace and of ending words: no byte may start a word after
+    # whitespace, so a word cannot end there (else nothing could follow: NaN sampling)
+    with torch.no_grad():
+        model.head.bias[[ord(" "), ord("\n"), EOW]] += 3.0
+    for seed in range(5):
+        words, out = model._generate_words(b"x = 1", 80, 0.7, 20, torch.Generator().manual_seed(seed))
+        text = b"x = 1" + out
+        starts = ref_split_words(text, 8)
+        assert [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])] == words
 
 
 def test_generate_rejects_bad_arguments_and_restores_train_mode():

@@ -142,23 +142,29 @@ _STARTS_WORD = torch.stack([((_BYTE_CLASS == 0) & (c != 0)) | ((_BYTE_CLASS == 2
 _UTF8_CONTINUATION = torch.tensor([(b & 0xC0) == 0x80 for b in range(256)])
 
 
-def _segmentation_mask(word: bytes, previous: bytes, previous_was_cut: bool, max_word_bytes: int) -> Tensor | None:
-    """Bytes [256] that the hierarchical decoder may not emit next if the generated text
-    is to split into the very words generation made (word_boundaries' rule): inside a
-    word, any byte that would start a new word (the decoder ends the word instead); as
-    a word's first byte after a word that ended by choice, any byte that would not
-    start one; after a word cut at max_word_bytes, a UTF-8 continuation byte when the
-    cut word holds a character start past its first byte (the segmenter would have cut
+def _segmentation_mask(word: bytes, previous: bytes, max_word_bytes: int) -> Tensor | None:
+    """Symbols [257] (bytes, then end-of-word) that the hierarchical decoder may not emit
+    next if the generated text is to split into the very words generation made
+    (word_boundaries' rule). Inside a word: any byte that would start a new word (the
+    decoder ends the word instead), and the end of the word after whitespace (no byte
+    can start a word after whitespace). As a word's first byte after a word that ended
+    by choice: any byte that would not start a word. After a word cut at
+    max_word_bytes: a UTF-8 continuation byte that does not start a word, when the cut
+    word holds a character start past its first byte (the segmenter would have cut
     there). None: no constraint."""
     if word:
-        return _STARTS_WORD[_BYTE_CLASS[word[-1]]]
+        starts = _STARTS_WORD[_BYTE_CLASS[word[-1]]]
+        return torch.cat([starts, ~starts.any(dim=0, keepdim=True)])
     if not previous:
         return None
-    if not previous_was_cut:
-        return ~_STARTS_WORD[_BYTE_CLASS[previous[-1]]]
-    if any(not _UTF8_CONTINUATION[b] for b in previous[1:max_word_bytes]):
-        return _UTF8_CONTINUATION & ~_STARTS_WORD[_BYTE_CLASS[previous[-1]]]  # (a new word needs no cut)
-    return None
+    starts_after_previous = _STARTS_WORD[_BYTE_CLASS[previous[-1]]]
+    if len(previous) < max_word_bytes:  # ended by choice
+        banned = ~starts_after_previous
+    elif any(not _UTF8_CONTINUATION[b] for b in previous[1:max_word_bytes]):
+        banned = _UTF8_CONTINUATION & ~starts_after_previous
+    else:
+        return None
+    return torch.cat([banned, torch.ones(1, dtype=torch.bool)])  # and no empty word
 
 
 def _prompt_tensor(prompt: bytes | str, device: torch.device) -> Tensor:
@@ -337,9 +343,9 @@ class HierarchicalByteLM(nn.Module):
                 logits = self._next_symbol_logits(ctx, bytes(word), device)
                 if not word:
                     logits[EOW] = float("-inf")  # no empty words
-                banned = _segmentation_mask(bytes(word), previous, len(previous) >= mwb, mwb)
+                banned = _segmentation_mask(bytes(word), previous, mwb)
                 if banned is not None:
-                    logits[:256][banned.to(logits.device)] = float("-inf")
+                    logits[banned.to(logits.device)] = float("-inf")
                 sym = _sample(logits, temperature, top_k, generator)
                 if sym == EOW:
                     break
