@@ -183,6 +183,18 @@ def bench_word_boundaries(nbytes: int, device: torch.device, table: harness.Tabl
               t_tok * 1e3, t_re * 1e3 * len(text) / len(sample), mbps_tok / mbps_re, f"{mbps_tok:.0f} MB/s", "-")
 
 
+# The run-time switch that each device's second table turns on and off:
+# ((variable, on value, off value), what it is, (name of on, name of off), note).
+ON_OFF_TABLES = {
+    "cpu": (("TOKCORE_CPU_STREAM_MIN_MB", "0", "1000000"), "CPU streaming stores for large outputs",
+            ("streamed", "plain"), "same op, same inputs; TOKCORE_CPU_STREAM_MIN_MB=0 (streamed) against 1000000 "
+            "(plain stores: no output is that large), calls alternating; unpack never streams (a control)"),
+    "cuda": (("TOKCORE_CUDA_CHECK_OFFSETS", "1", "0"), "CUDA offsets check (a small kernel and a host sync per call)",
+             ("checked", "unchecked"), "same op, same inputs; the default (offsets validated) against "
+             "TOKCORE_CUDA_CHECK_OFFSETS=0, calls alternating"),
+}
+
+
 # The GPU targets (H200, T = 2^21, D = 512 bf16): share of the device-copy
 # bandwidth measured in the same run.
 GPU_TARGETS = {"segment_reduce mean fwd": 0.85, "segment_reduce mean bwd": 0.80, "segment_expand fwd": 0.80}
@@ -246,23 +258,11 @@ def main(argv: list[str] | None = None) -> int:
              for dtype in dtypes]
     steps.append(("word_boundaries", lambda: bench_word_boundaries(text_bytes, device, table, args.quick)))
     tables = [table]
-    if device.type == "cpu":
-        # TOKCORE_CPU_STREAM_MIN_MB: 0 streams every output, 1000000 none (no output is that large)
-        on_off = harness.Table(
-            f"CPU streaming stores for large outputs, on and off (T={T}, D={D})",
-            ["workload", "compared with", "streamed ms", "plain ms", "speedup (plain/streamed)", "streamed GB/s",
-             "plain GB/s"])
-        on_off.notes.append("same op, same inputs; TOKCORE_CPU_STREAM_MIN_MB=0 (streamed) against 1000000 "
-                            "(plain stores), calls alternating; unpack never streams (a control)")
-        setting = ("TOKCORE_CPU_STREAM_MIN_MB", "0", "1000000")
-    else:
-        on_off = harness.Table(
-            f"CUDA offsets check (a small kernel and a host sync per call), on and off (T={T}, D={D})",
-            ["workload", "compared with", "checked ms", "unchecked ms", "ratio (unchecked/checked)", "checked GB/s",
-             "unchecked GB/s"])
-        on_off.notes.append("same op, same inputs; the default (offsets validated) against "
-                            "TOKCORE_CUDA_CHECK_OFFSETS=0, calls alternating")
-        setting = ("TOKCORE_CUDA_CHECK_OFFSETS", "1", "0")
+    setting, what, (on_name, off_name), note = ON_OFF_TABLES[device.type]
+    on_off = harness.Table(f"{what}, on and off (T={T}, D={D})",
+                           ["workload", "compared with", f"{on_name} ms", f"{off_name} ms",
+                            f"ratio ({off_name}/{on_name})", f"{on_name} GB/s", f"{off_name} GB/s"])
+    on_off.notes.append(note)
     tables.append(on_off)
     steps += [(f"{setting[0]} on/off {dtype}".replace("torch.", ""),
                lambda dtype=dtype: bench_setting_on_off(*setting, pooling_workloads(T, D, dtype, device), device,
