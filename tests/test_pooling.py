@@ -873,18 +873,16 @@ def test_opcheck(device, name):
 GRAD_OFFSETS = [0, 3, 3, 4, 8]  # lengths 3, 0, 1, 4
 
 
+@pytest.mark.parametrize("check", ["gradcheck", "gradgradcheck"])  # gradgrad: the backward's own backward
 @pytest.mark.parametrize("via", ["wrapper", "raw"])
 @pytest.mark.parametrize("reduce", REDUCES)
-def test_gradcheck_segment_reduce(device, via, reduce):
+def test_gradcheck_segment_reduce(device, via, reduce, check):
     off = t64(GRAD_OFFSETS).to(device)
     # Gaussian values: distinct with probability 1, so max/min are differentiable here
     g = torch.Generator().manual_seed(5)
     x = torch.randn(8, 3, dtype=torch.float64, generator=g).to(device).requires_grad_(True)
-    if via == "wrapper":
-        fn = lambda x: segment_reduce(x, off, reduce)  # noqa: E731
-    else:
-        fn = lambda x: ops().segment_reduce(x, off, reduce)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x,))
+    op = segment_reduce if via == "wrapper" else ops().segment_reduce
+    assert getattr(torch.autograd, check)(lambda x: op(x, off, reduce), (x,))
 
 
 @pytest.mark.parametrize("via", ["wrapper", "raw"])
@@ -921,17 +919,6 @@ def test_gradcheck_segment_unpack(device, via, L):
     else:
         fn = lambda p: ops().segment_unpack(p, off, None)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (p,))
-
-
-@pytest.mark.parametrize("via", ["wrapper", "raw"])
-@pytest.mark.parametrize("reduce", REDUCES)
-def test_gradgradcheck_segment_reduce(device, via, reduce):
-    # double backward goes through segment_reduce_backward's own autograd formula
-    off = t64(GRAD_OFFSETS).to(device)
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(8, 3, dtype=torch.float64, generator=g).to(device).requires_grad_(True)
-    op = segment_reduce if via == "wrapper" else ops().segment_reduce
-    assert torch.autograd.gradgradcheck(lambda x: op(x, off, reduce), (x,))
 
 
 def test_double_backward_known_values():
