@@ -1020,6 +1020,25 @@ def test_compile_segment_pack(device, fresh_dynamo):
     assert_bitwise_equal(xd.grad.cpu(), ref.segment_unpack(g * 3, off.cpu(), 6))
 
 
+def test_compile_dynamic_pack_of_nothing(device, fresh_dynamo):
+    # max_len 0 gives a tensor with no elements, which torch could not reshape with
+    # symbolic sizes: the wrapper must not reshape what has one feature dimension
+    cf = torch.compile(segment_pack, backend="aot_eager", fullgraph=True, dynamic=True)
+    for offsets in ([0, 0, 0, 5, 6], [0, 6], [0, 2, 4, 6]):
+        out = cf(torch.randn(6, 3, device=device), t64(offsets).to(device), 0)
+        assert out.shape == (len(offsets) - 1, 0, 3)
+
+
+def test_compile_refuses_forward_mode_ad(fresh_dynamo):
+    # tangents are invisible while dynamo traces: the wrapper must refuse, not drop them
+    from torch.autograd import forward_ad as fwad
+
+    off, x = t64([0, 2, 2, 5, 6]), torch.randn(6, 4)
+    cf = torch.compile(lambda d: segment_reduce(d, off, "sum"), backend="eager")
+    with fwad.dual_level(), pytest.raises(Exception, match="forward-mode AD is not supported"):
+        cf(fwad.make_dual(x, torch.ones_like(x)))
+
+
 def test_compile_segment_unpack(device, fresh_dynamo):
     def f(p, off):
         return segment_unpack(p, off, 6) - 1

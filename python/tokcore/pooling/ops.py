@@ -28,6 +28,9 @@ def _reject_forward_ad(op: str, **tensors: torch.Tensor) -> None:
     for custom ops) and would drop the tangent silently: refuse it instead."""
     if forward_ad._current_level < 0:  # not inside forward_ad.dual_level(): the usual case
         return
+    if torch.compiler.is_compiling():  # tangents are not visible while tracing: refuse outright
+        raise NotImplementedError(f"tokcore.{op}: forward-mode AD is not supported (called under "
+                                  "torch.compile inside forward_ad.dual_level()); use reverse mode")
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
             raise NotImplementedError(f"tokcore.{op}: forward-mode AD is not supported ({name} has a "
@@ -75,7 +78,18 @@ def _as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
         raise TypeError(f"tokcore: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1:
         raise ValueError(f"tokcore: {name} must have at least 1 dimension (rows), got a scalar")
+    if x.dim() == 2:  # the ops' own layout: no reshape (see _unflatten)
+        return x
     return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
+def _unflatten(out: torch.Tensor, leading: int, features: tuple) -> torch.Tensor:
+    """out [*lead, F] -> [*lead, *features]. With one feature dimension nothing is
+    reshaped: under torch.compile with dynamic shapes, reshaping a tensor with no
+    elements can fail inside torch (segment_pack with max_len 0)."""
+    if len(features) == 1:
+        return out
+    return out.reshape(tuple(out.shape[:leading]) + tuple(features))
 
 
 def segment_reduce(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
@@ -94,7 +108,7 @@ def segment_reduce(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean")
     """
     _reject_forward_ad("segment_reduce", x=x)
     y = _ops.segment_reduce(_as_rows(x, "x"), offsets, reduce)
-    return y.reshape((y.shape[0],) + tuple(x.shape[1:]))
+    return _unflatten(y, 1, tuple(x.shape[1:]))
 
 
 def segment_expand(y: torch.Tensor, offsets: torch.Tensor, total: int | None = None) -> torch.Tensor:
@@ -107,7 +121,7 @@ def segment_expand(y: torch.Tensor, offsets: torch.Tensor, total: int | None = N
     """
     _reject_forward_ad("segment_expand", y=y)
     x = _ops.segment_expand(_as_rows(y, "y"), offsets, total)
-    return x.reshape((x.shape[0],) + tuple(y.shape[1:]))
+    return _unflatten(x, 1, tuple(y.shape[1:]))
 
 
 def segment_pack(x: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -118,7 +132,7 @@ def segment_pack(x: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.
     """
     _reject_forward_ad("segment_pack", x=x)
     packed = _ops.segment_pack(_as_rows(x, "x"), offsets, max_len)
-    return packed.reshape(tuple(packed.shape[:2]) + tuple(x.shape[1:]))
+    return _unflatten(packed, 2, tuple(x.shape[1:]))
 
 
 def segment_unpack(packed: torch.Tensor, offsets: torch.Tensor, total: int | None = None) -> torch.Tensor:
@@ -132,9 +146,10 @@ def segment_unpack(packed: torch.Tensor, offsets: torch.Tensor, total: int | Non
         raise TypeError(f"tokcore: packed must be a torch.Tensor, got {type(packed).__name__}")
     if packed.dim() < 2:
         raise ValueError(f"tokcore: packed must have at least 2 dimensions [S, L, ...], got {packed.dim()}")
-    flat = packed.reshape(packed.shape[0], packed.shape[1], math.prod(packed.shape[2:]))
+    flat = packed if packed.dim() == 3 else packed.reshape(packed.shape[0], packed.shape[1],
+                                                           math.prod(packed.shape[2:]))
     x = _ops.segment_unpack(flat, offsets, total)
-    return x.reshape((x.shape[0],) + tuple(packed.shape[2:]))
+    return _unflatten(x, 1, tuple(packed.shape[2:]))
 
 
 # ---------------------------------------------------------------- fake kernels
