@@ -347,7 +347,9 @@ def test_generated_text_splits_into_the_generated_words():
         assert [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])] == words
 
 
-def test_generate_rejects_bad_arguments_and_restores_train_mode():
+def test_generate_rejects_bad_arguments_and_restores_train_mode(monkeypatch):
+    import tokcore.pooling.lm as lm
+
     for model in (ByteLM(ByteLMConfig(**TINY_BYTE)), HierarchicalByteLM(HierConfig(**TINY_HIER))):
         model.train()
         for kwargs, name in ((dict(max_new_bytes=-1), "max_new_bytes"), (dict(temperature=float("nan")), "temperature"),
@@ -355,6 +357,16 @@ def test_generate_rejects_bad_arguments_and_restores_train_mode():
             with pytest.raises(ValueError, match=name):
                 model.generate(b"ab", **{"max_new_bytes": 3, **kwargs})
             assert model.training
+    # an error in the middle of generating (here from sampling) leaves train mode as it was
+    def failing_sample(*args):
+        raise RuntimeError("sampling failed")
+
+    monkeypatch.setattr(lm, "_sample", failing_sample)
+    for model in (ByteLM(ByteLMConfig(**TINY_BYTE)), HierarchicalByteLM(HierConfig(**TINY_HIER))):
+        model.train()
+        with pytest.raises(RuntimeError, match="sampling failed"):
+            model.generate(b"ab", max_new_bytes=3)
+        assert model.training
 
 
 def test_words_longer_than_max_word_bytes_raise():
@@ -365,6 +377,17 @@ def test_words_longer_than_max_word_bytes_raise():
     with pytest.raises(ValueError, match="max_word_bytes"):
         model.encoder(b, torch.tensor([0, 16]))
     model.forward_words(b, torch.tensor([0, 8, 16]), torch.tensor([0, 2]))  # words of 8 bytes are fine
+
+
+def test_encoder_compiles_with_its_word_length_check():
+    # the check reads the longest word (data-dependent): skipped while tracing
+    torch._dynamo.reset()
+    enc = BytePoolingEncoder(16, 1, 2, max_word_bytes=8)
+    b, cu = _batch([TEXT[:60]])
+    wo, _ = enc.segment(b, cu)
+    compiled = torch.compile(enc, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(b, wo), enc(b, wo))
+    torch._dynamo.reset()
 
 
 def test_inference_mode_first_then_training():

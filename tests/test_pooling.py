@@ -1215,6 +1215,8 @@ def _shape_level_bad_calls():
         ("max without x", "segment_reduce_backward", (y, off, 6, "max", None, None)),
         ("x columns", "segment_reduce_backward", (y, off, 6, "max", x[:, :1], y)),
         ("x rows", "segment_reduce_backward", (y, off, 5, "max", x, y)),
+        ("y rows", "segment_reduce_backward", (y, off, 6, "max", x, y[:1])),
+        ("max_len overflows", "segment_pack", (x, off, 2**62)),
         ("y 3-D", "segment_expand", (p, off, 6)),
         ("y rows", "segment_expand", (x, off, 6)),
         ("total < 0", "segment_expand", (y, off, -1)),
@@ -1350,9 +1352,10 @@ def test_cuda_device_mix_raises(cuda_device):
 
 
 def test_cuda_graph_capture_and_replay(cuda_device):
-    # The ops that need no host sync (segment ops given their sizes) launch on the current
-    # stream and allocate through torch, so they can be captured in a CUDA graph, as
-    # inference engines do; a replay on new inputs gives the eager results.
+    # Segment ops given their sizes launch on the current stream, allocate through torch
+    # and skip their offsets check (a host sync) while the stream is captured, so they
+    # can be captured in a CUDA graph, as inference engines do; a replay on new inputs
+    # gives the eager results.
     c = cuda_device
     g = torch.Generator().manual_seed(11)
     x = torch.randn(64, 32, generator=g).to(c)

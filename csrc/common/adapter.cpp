@@ -2,12 +2,15 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 #include <string>
 #include <vector>
 
 #include <sys/mman.h>
+
+#include "tokcore/common/env.h"
 
 namespace tokcore {
 namespace adapter {
@@ -30,11 +33,8 @@ bool huge_pages_enabled() {
 // Bytes of freed outputs the cache may keep (read on every call: cheap next to a
 // >= 16 MB output, and lets tests and users change it at run time).
 size_t output_cache_limit() {
-  const char* env = std::getenv("TOKCORE_CPU_OUTPUT_CACHE_MB");
-  if (env == nullptr || *env == '\0') return size_t(2048) << 20;
-  char* end = nullptr;
-  const long long mb = std::strtoll(env, &end, 10);
-  return (end == env || mb <= 0) ? 0 : size_t(mb) << 20;
+  const long long mb = env_count("TOKCORE_CPU_OUTPUT_CACHE_MB", 2048);  // 0: off
+  return size_t(std::min<long long>(mb, 1LL << 40)) << 20;
 }
 
 // A function of torch's shim that this torch may lack, or null. Python loads

@@ -177,8 +177,9 @@ inline void check_cuda(int error, const char* op) {
 int64_t validated_offsets_end_cuda(const Tensor& offsets, int64_t total, void* stream,
                                    const char* op, const char* arg);
 
-// Full validation of CUDA offsets before a kernel uses them, with the CPU's errors
-// (one small kernel and a host sync, about as long as a kernel launch). Skipped
+// Full validation of CUDA offsets before a kernel uses them, with the CPU's errors:
+// one small kernel and a host sync, which waits for the work already queued on the
+// stream, so the host stops running ahead of the GPU at each checked call. Skipped
 // while `stream` is being captured into a CUDA graph, where a sync is not allowed,
 // and when TOKCORE_CUDA_CHECK_OFFSETS=0 (read at each call), for callers whose
 // offsets are known good (e.g. made by word_boundaries) and who want no sync.

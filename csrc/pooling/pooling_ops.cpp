@@ -104,15 +104,15 @@ std::tuple<Tensor, Tensor> word_boundaries(Tensor bytes, Tensor cu_seqlens, int6
   adapter::validated_offsets_end_cuda(cu_seqlens, T, ctx.stream, op, "cu_seqlens");
   const size_t ws_bytes = word_boundaries_workspace_cuda(T);
   Tensor workspace =
-      torch::stable::new_empty(bytes, {int64_t(ws_bytes > 0 ? ws_bytes : 1)}, ScalarType::Byte);
+      adapter::new_output(op, bytes, {int64_t(ws_bytes > 0 ? ws_bytes : 1)}, ScalarType::Byte);
   int64_t W = 0;
   check_cuda(word_boundaries_count_cuda(bytes.const_data_ptr<uint8_t>(),
                                         cu_seqlens.const_data_ptr<int64_t>(), B, T, max_word_bytes,
                                         word_mode, workspace.mutable_data_ptr(), ws_bytes, &W,
                                         ctx.stream),
              op);
-  Tensor word_offsets = torch::stable::new_empty(bytes, {W + 1}, ScalarType::Long);
-  Tensor word_cu = torch::stable::new_empty(bytes, {B + 1}, ScalarType::Long);
+  Tensor word_offsets = adapter::new_output(op, bytes, {W + 1}, ScalarType::Long);
+  Tensor word_cu = adapter::new_output(op, bytes, {B + 1}, ScalarType::Long);
   check_cuda(word_boundaries_fill_cuda(bytes.const_data_ptr<uint8_t>(),
                                        cu_seqlens.const_data_ptr<int64_t>(), B, T, max_word_bytes,
                                        word_mode, workspace.const_data_ptr(), W,
@@ -167,7 +167,8 @@ Tensor segment_reduce_backward(Tensor grad_y, Tensor offsets, int64_t total, std
       TOKCORE_CHECK(t->size(1) == D, op, arg, " must have ", D, " columns, got ", t->size(1));
     }
     TOKCORE_CHECK(x->size(0) == total, op, "x must have total = ", total, " rows, got ", x->size(0));
-    TOKCORE_CHECK(y->size(0) == S, op, "y must have ", S, " rows, got ", y->size(0));
+    TOKCORE_CHECK(y->size(0) == S, op, "y must have len(offsets) - 1 = ", S, " rows, got ",
+                  y->size(0));
     x = adapter::contiguous(*x);
     y = adapter::contiguous(*y);
   }
@@ -221,9 +222,11 @@ Tensor segment_pack(Tensor x, Tensor offsets, int64_t max_len) {
   x = adapter::contiguous(x);
   offsets = adapter::contiguous(offsets);
   const int64_t T = x.size(0), D = x.size(1), S = offsets.size(0) - 1;
-  int64_t packed_numel = 0;
-  const bool overflow = __builtin_mul_overflow(S, max_len, &packed_numel) ||
-                        __builtin_mul_overflow(packed_numel, D, &packed_numel);
+  // named here, before new_output's generic size check, since max_len is the usual culprit
+  int64_t packed_bytes = 0;
+  const bool overflow = __builtin_mul_overflow(S, max_len, &packed_bytes) ||
+                        __builtin_mul_overflow(packed_bytes, D, &packed_bytes) ||
+                        __builtin_mul_overflow(packed_bytes, int64_t(x.element_size()), &packed_bytes);
   TOKCORE_CHECK(!overflow, op, "max_len = ", max_len,
                 " is too large: the packed output [", S, ", max_len, ", D, "] would overflow int64");
   const DType dtype = adapter::feature_dtype(x, op, "x");

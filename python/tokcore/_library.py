@@ -58,8 +58,8 @@ def cpu_isa() -> str:
 # The run-time switches that the C++ side reads (README, "Run-time switches"):
 # name -> (what a valid value looks like, check). The library falls back to its
 # default on a value it cannot use, so a typo would otherwise pass unnoticed.
-def _is_count(value: str) -> bool:
-    return value.isdigit()
+def _is_count(value: str) -> bool:  # as the C++ side reads counts (tokcore/common/env.h)
+    return all("0" <= c <= "9" for c in value)
 
 
 _SETTINGS = {

@@ -104,8 +104,8 @@ _nonnegative_int = _int_at_least(0)
 
 def _seed(s: str) -> int:
     v = _parse_int(s)
-    if not 0 <= v < 2**63:  # numpy's default_rng needs >= 0; torch.manual_seed overflows past 64 bits
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {s}")
+    if not 0 <= v < 2**64:  # numpy's default_rng needs >= 0; torch.manual_seed takes 64 bits
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {s}")
     return v
 
 

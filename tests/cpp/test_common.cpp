@@ -1,11 +1,15 @@
 // Unit tests of the shared core pieces: 16-bit float conversions and offsets checks.
 #include <gtest/gtest.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <utility>
 
 #include "tokcore/common/dtype.h"
+#include "tokcore/common/env.h"
 #include "tokcore/common/offsets.h"
 
 using namespace tokcore;
@@ -64,4 +68,19 @@ TEST(Offsets, Validation) {
   EXPECT_EQ(check_offsets(decreasing, 4, 5), kOffsetsDecreasing);
   const int64_t single[] = {0};
   EXPECT_EQ(check_offsets(single, 1, 0), kOffsetsOk);
+}
+
+// Counts in the environment: digits only, else the fallback (as _library.py warns).
+TEST(Env, CountsAreDigitsOnly) {
+  const char* name = "TOKCORE_TEST_ENV_COUNT";
+  unsetenv(name);
+  EXPECT_EQ(env_count(name, 7), 7);
+  const std::pair<const char*, long long> cases[] = {
+      {"", 7}, {"0", 0}, {"64", 64}, {"64MB", 7}, {"-1", 7}, {" 5", 7}, {"0x10", 7},
+      {"99999999999999999999999", LLONG_MAX}};
+  for (const auto& [value, expected] : cases) {
+    setenv(name, value, 1);
+    EXPECT_EQ(env_count(name, 7), expected) << "'" << value << "'";
+  }
+  unsetenv(name);
 }

@@ -70,8 +70,8 @@ void run_threads(int64_t S, int64_t D, Body&& body) {
 
 // The same for the row-writing kernels split into `parts` row parts: body(i, part)
 // for every thread g of a launch of S * D / N * parts threads, mapped as the
-// kernels map it (part_thread). The parts run in reverse so that a part that
-// wrote rows of another part would show.
+// kernels map it (part_thread), last thread first. (Every part writes the same
+// values, so a row written twice goes unseen here: RowPartsWriteDisjointRows checks that.)
 template <int N, typename Body>
 void run_part_threads(int64_t S, int64_t D, int64_t parts, Body&& body) {
   const int64_t per_part = S * (D / N);
@@ -197,8 +197,8 @@ TEST(CudaThreadsOnHost, VectorWidthNeedsAlignedRowsAndBuffers) {
   EXPECT_EQ(segment_vector_width<double>(2, {buf}), 2);
 }
 
-// Offsets out of range (which the CUDA adapter does not validate without a sync)
-// are clamped: every thread stays inside x and y.
+// Offsets out of range (which reach the kernels when the CUDA offsets check is off
+// or skipped under graph capture) are clamped: every thread stays inside x and y.
 TEST(CudaThreadsOnHost, BadOffsetsStayInBounds) {
   const int64_t T = 6, D = 4;
   const std::vector<int64_t> off = {-5, 2, 1, 100, std::numeric_limits<int64_t>::min()};

@@ -19,6 +19,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "tokcore/common/env.h"
+
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -29,12 +31,7 @@ constexpr int64_t kCacheLineBytes = 64;
 
 // Read on every call (cheap next to a large output) so tests can cover both paths.
 inline int64_t streaming_min_output_bytes() {
-  constexpr int64_t kDefault = int64_t(64) << 20;
-  const char* env = std::getenv("TOKCORE_CPU_STREAM_MIN_MB");
-  if (env == nullptr || *env == '\0') return kDefault;
-  char* end = nullptr;
-  const long long mb = std::strtoll(env, &end, 10);
-  if (end == env || mb < 0) return kDefault;
+  const long long mb = env_count("TOKCORE_CPU_STREAM_MIN_MB", 64);
   return int64_t(std::min<long long>(mb, 1LL << 40)) << 20;  // (larger: never, without overflow)
 }
 

@@ -275,7 +275,11 @@ def _segment_expand_fake(y, offsets, total=None):
 def _segment_pack_fake(x, offsets, max_len):
     _check_features_and_offsets("segment_pack", x, "x", 2, offsets)
     torch._check(max_len >= 0, lambda: f"tokcore.segment_pack: max_len must be >= 0, got {max_len}")
-    return x.new_empty(offsets.shape[0] - 1, max_len, x.shape[1])
+    S, D = offsets.shape[0] - 1, x.shape[1]
+    if all(isinstance(n, int) for n in (S, D, max_len)) and S * max_len * D * x.element_size() >= 2**63:
+        _fail("segment_pack", f"max_len = {max_len} is too large: the packed output [{S}, max_len, {D}] "
+                              "would overflow int64")
+    return x.new_empty(S, max_len, D)
 
 
 @torch.library.register_fake("tokcore::segment_unpack")

@@ -205,7 +205,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except torch.OutOfMemoryError:
         raise
     except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
-        # a zip file that torch cannot read, or one holding objects a checkpoint never has
+        # a zip file that torch cannot read, or one holding objects a checkpoint never
+        # has; not a device problem (CUDA tensors and no CUDA), which is not the file's
+        if isinstance(e, RuntimeError) and "device" in str(e).lower():
+            raise
         reason = (str(e).strip().splitlines() or [""])[0][:160]
         raise UsageError(f"{p} is not a tokcore checkpoint ({type(e).__name__}: {reason})") from e
     if not isinstance(ckpt, dict) or "format" not in ckpt:
