@@ -433,6 +433,8 @@ def test_compare_writes_table(corpus_dir, tmp_path):
     base = _cfg(corpus_dir, steps=2)
     res = compare(base, out=tmp_path / "cmp", log=lambda s: None)
     assert [r["model"] for r in res["reports"]] == ["hier", "byte"]
+    # both models generate within the window they trained on
+    assert [r["model_config"]["max_context_bytes"] for r in res["reports"]] == [base.seq_len] * 2
     assert (tmp_path / "cmp" / "compare.md").read_text().count("|") > 10
     data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert data["reports"][1]["model"] == "byte"

@@ -188,5 +188,13 @@ int64_t validated_offsets_end_cuda(const Tensor& offsets, int64_t total, void* s
 void check_offsets_cuda(const Tensor& offsets, int64_t total, void* stream, const char* op,
                         const char* arg);
 
+// Full validation of offsets against total (< 0: any) on the device holding them:
+// check_offsets_cpu, or check_offsets_cuda on the offsets' device and current stream.
+inline void check_offsets(const Tensor& offsets, int64_t total, const char* op, const char* arg) {
+  if (offsets.is_cpu()) return check_offsets_cpu(offsets, total, op, arg);
+  CudaContext ctx(offsets);
+  check_offsets_cuda(offsets, total, ctx.stream, op, arg);
+}
+
 }  // namespace adapter
 }  // namespace tokcore

@@ -43,21 +43,12 @@ void check_features_and_offsets(const Tensor& x, const char* x_arg, int64_t x_di
   adapter::check_same_device(offsets, x, op, "offsets", x_arg);
 }
 
-// Full validation of offsets against total (< 0: any) on either device: always on
-// the CPU; on CUDA see adapter::check_offsets_cuda (a sync, skipped under CUDA graph
-// capture or with TOKCORE_CUDA_CHECK_OFFSETS=0).
-void check_offsets(const Tensor& offsets, int64_t total, const char* op) {
-  if (offsets.is_cpu()) return adapter::check_offsets_cpu(offsets, total, op, "offsets");
-  CudaContext ctx(offsets);
-  adapter::check_offsets_cuda(offsets, total, ctx.stream, op, "offsets");
-}
-
 // Number of rows T of an expand/unpack output: `total` when given, else offsets[-1]
 // (read with a host sync on CUDA, which validates the offsets on the way).
 int64_t output_rows(const Tensor& offsets, std::optional<int64_t> total, const char* op) {
   if (total.has_value()) {
     TOKCORE_CHECK(*total >= 0, op, "total must be >= 0, got ", *total);
-    check_offsets(offsets, *total, op);
+    adapter::check_offsets(offsets, *total, op, "offsets");
     return *total;
   }
   if (offsets.is_cpu()) {
@@ -132,7 +123,7 @@ Tensor segment_reduce(Tensor x, Tensor offsets, std::string reduce) {
   offsets = adapter::contiguous(offsets);
   const int64_t T = x.size(0), D = x.size(1), S = offsets.size(0) - 1;
   const DType dtype = adapter::feature_dtype(x, op, "x");
-  check_offsets(offsets, T, op);
+  adapter::check_offsets(offsets, T, op, "offsets");
   Tensor y = adapter::new_output(op, x, {S, D});
   if (x.is_cpu()) {
     segment_reduce_cpu(adapter::cpu_runtime(), dtype, x.const_data_ptr(),
@@ -177,7 +168,7 @@ Tensor segment_reduce_backward(Tensor grad_y, Tensor offsets, int64_t total, std
   const DType dtype = adapter::feature_dtype(grad_y, op, "grad_y");
   const void* x_ptr = needs_values ? x->const_data_ptr() : nullptr;
   const void* y_ptr = needs_values ? y->const_data_ptr() : nullptr;
-  check_offsets(offsets, total, op);
+  adapter::check_offsets(offsets, total, op, "offsets");
   Tensor grad_x = adapter::new_output(op, grad_y, {total, D});
   if (grad_y.is_cpu()) {
     segment_reduce_backward_cpu(adapter::cpu_runtime(), dtype, grad_y.const_data_ptr(), x_ptr, y_ptr,
@@ -230,7 +221,7 @@ Tensor segment_pack(Tensor x, Tensor offsets, int64_t max_len) {
   TOKCORE_CHECK(!overflow, op, "max_len = ", max_len,
                 " is too large: the packed output [", S, ", max_len, ", D, "] would overflow int64");
   const DType dtype = adapter::feature_dtype(x, op, "x");
-  check_offsets(offsets, T, op);
+  adapter::check_offsets(offsets, T, op, "offsets");
   Tensor packed = adapter::new_output(op, x, {S, max_len, D});
   if (x.is_cpu()) {
     segment_pack_cpu(adapter::cpu_runtime(), dtype, x.const_data_ptr(),

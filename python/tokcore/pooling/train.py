@@ -483,8 +483,8 @@ def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callab
     reports = []
     for kind in models:
         mc = asdict(hier_cfg) if kind == "hier" else asdict(matched_byte_config(hier_cfg))
-        # a full config reaches train(): give it train()'s default context for generation
-        mc["max_context_bytes"] = base.model_config.get("max_context_bytes") or base.seq_len
+        if base.model_config.get("max_context_bytes") is None:
+            del mc["max_context_bytes"]  # unset: train() gives it its window length
         cfg = dataclasses.replace(base, model=kind, model_config=mc,
                                   out=str(Path(out) / kind) if out else None)
         log(f"\n== {kind} ==")
