@@ -17,9 +17,11 @@ import argparse
 import os
 import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -27,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import tokcore  # noqa: E402,F401
-from tokcore.data import list_files, stdlib_dir  # noqa: E402
+from tokcore.data import list_files, sample_batch, stdlib_dir  # noqa: E402
+from tokcore.pooling.lm import build_model  # noqa: E402
+from tokcore.pooling.train import resolve_model_config  # noqa: E402
 from tokcore.pooling import segment_expand, segment_pack, segment_reduce, segment_unpack, word_boundaries  # noqa: E402,E501
 
 
@@ -127,6 +131,30 @@ def pooling_workloads(T: int, D: int, dtype: torch.dtype, device: torch.device) 
     }
 
 
+def lm_train_step_workload(device: torch.device, quick: bool) -> dict[str, tuple]:
+    """One training step of HierarchicalByteLM as `tokcore train` runs it (forward,
+    backward, AdamW step, loss read back), on stdlib text: what a switch costs a
+    whole step, syncs and small launches included. Bytes moved are not counted (None)."""
+    size, batch, seq_len = ("tiny", 2, 64) if quick else ("small", 16, 512)
+    model = build_model("hier", asdict(resolve_model_config("hier", size))).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    text = np.frombuffer(stdlib_text(max(4 * batch * seq_len, 1 << 20)), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    batches = [sample_batch(text, batch, seq_len, rng, device) for _ in range(8)]
+    step_count = [0]
+
+    def step():
+        b, cu = batches[step_count[0] % len(batches)]
+        step_count[0] += 1
+        out = model(b, cu)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        return float(out["loss"].detach())
+
+    return {f"HierarchicalByteLM train step ({size}, {batch} x {seq_len} bytes, f32)": (step, None)}
+
+
 def bench_setting_on_off(variable: str, on: str, off: str, workloads: dict[str, tuple], device: torch.device,
                          table: harness.Table, quick: bool) -> None:
     """Each workload with the environment variable (which tokcore reads on every call)
@@ -143,8 +171,9 @@ def bench_setting_on_off(variable: str, on: str, off: str, workloads: dict[str, 
         for workload, (fn, nbytes) in workloads.items():
             times = harness.time_interleaved({"on": with_setting(on, fn), "off": with_setting(off, fn)}, device,
                                              rounds=3 if quick else 15, warmup_seconds=0.0 if quick else 1.0)
+            rates = [harness.gbps(nbytes, times[k]) if nbytes else "-" for k in ("on", "off")]
             table.add(workload, f"{variable}={off}", times["on"] * 1e3, times["off"] * 1e3,
-                      times["off"] / times["on"], harness.gbps(nbytes, times["on"]), harness.gbps(nbytes, times["off"]))
+                      times["off"] / times["on"], *rates)
     finally:
         if saved is None:
             os.environ.pop(variable, None)
@@ -267,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     steps += [(f"{setting[0]} on/off {dtype}".replace("torch.", ""),
                lambda dtype=dtype: bench_setting_on_off(*setting, pooling_workloads(T, D, dtype, device), device,
                                                         on_off, args.quick)) for dtype in dtypes]
+    steps.append((f"{setting[0]} on/off, a training step",
+                  lambda: bench_setting_on_off(*setting, lm_train_step_workload(device, args.quick), device, on_off,
+                                               args.quick)))
     with tqdm(steps, desc="bench pooling", unit="workload", disable=args.quick) as bar:
         for name, run in bar:
             bar.set_postfix_str(name)

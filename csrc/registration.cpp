@@ -9,9 +9,11 @@ STABLE_TORCH_LIBRARY(tokcore, m) {
 
   // ---- pooling: bytes to words and back
   m.def("word_boundaries(Tensor bytes, Tensor cu_seqlens, int max_word_bytes, str mode) -> (Tensor, Tensor)");
-  m.def("segment_reduce(Tensor x, Tensor offsets, str reduce) -> Tensor");
-  m.def("segment_reduce_backward(Tensor grad_y, Tensor offsets, SymInt total, str reduce, Tensor? x=None, Tensor? y=None) -> Tensor");
-  m.def("segment_expand(Tensor y, Tensor offsets, SymInt? total=None) -> Tensor");
-  m.def("segment_pack(Tensor x, Tensor offsets, SymInt max_len) -> Tensor");
-  m.def("segment_unpack(Tensor packed, Tensor offsets, SymInt? total=None) -> Tensor");
+  // check_offsets=False skips the CUDA offsets check and its host sync, for offsets
+  // already validated (the autograd backward passes); CPU offsets are always checked.
+  m.def("segment_reduce(Tensor x, Tensor offsets, str reduce, *, bool check_offsets=True) -> Tensor");
+  m.def("segment_reduce_backward(Tensor grad_y, Tensor offsets, SymInt total, str reduce, Tensor? x=None, Tensor? y=None, *, bool check_offsets=True) -> Tensor");
+  m.def("segment_expand(Tensor y, Tensor offsets, SymInt? total=None, *, bool check_offsets=True) -> Tensor");
+  m.def("segment_pack(Tensor x, Tensor offsets, SymInt max_len, *, bool check_offsets=True) -> Tensor");
+  m.def("segment_unpack(Tensor packed, Tensor offsets, SymInt? total=None, *, bool check_offsets=True) -> Tensor");
 }

@@ -852,6 +852,16 @@ def _opcheck_samples(device):
         ("segment_pack", (feat((0, 2), torch.float32), empty, 2)),
         ("segment_unpack", (feat((0, 2, 2), torch.float32), empty, 0)),
     ]
+    # check_offsets=False (what the backward passes use): the same kernels, no CUDA check
+    x = feat((9, 3), torch.float32)
+    trusted = {"check_offsets": False}
+    samples += [
+        ("segment_reduce", (x, off, "max"), trusted),
+        ("segment_reduce_backward", (feat((4, 3), torch.float32, grad=False), off, 9, "sum"), trusted),
+        ("segment_expand", (feat((4, 3), torch.float32), off, None), trusted),
+        ("segment_pack", (x, off, 3), trusted),
+        ("segment_unpack", (feat((4, 3, 3), torch.float32), off, 9), trusted),
+    ]
     return samples
 
 
@@ -859,11 +869,11 @@ def _opcheck_samples(device):
     "name", ["word_boundaries", "segment_reduce", "segment_reduce_backward",
              "segment_expand", "segment_pack", "segment_unpack"])
 def test_opcheck(device, name):
-    samples = [args for n, args in _opcheck_samples(device) if n == name]
+    samples = [(args, *kwargs) for n, args, *kwargs in _opcheck_samples(device) if n == name]
     assert samples
     op = getattr(ops(), name)
-    for args in samples:
-        torch.library.opcheck(op, args)
+    for args, *kwargs in samples:
+        torch.library.opcheck(op, args, *kwargs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1440,6 +1450,93 @@ def test_cuda_unchecked_invalid_offsets_never_crash(cuda_device, monkeypatch):
         torch.cuda.synchronize()  # raises if a kernel faulted
     assert torch.equal(segment_reduce(x, t64([0, 6]).to(c), "sum").cpu(),
                        segment_reduce(x.cpu(), t64([0, 6]), "sum"))
+
+
+def test_cuda_check_offsets_false_skips_the_check_for_that_call_only(cuda_device):
+    # check_offsets=False skips the CUDA check of one call (no sync, no error; the
+    # kernels clamp, so no fault either); the next default call checks again.
+    c = cuda_device
+    x, y = torch.randn(6, 2, device=c), torch.randn(2, 2, device=c)
+    p = torch.randn(2, 3, 2, device=c)
+    bad = t64([0, 100, 6]).to(c)
+    for unchecked, checked in [
+            (lambda: segment_reduce(x, bad, "sum", check_offsets=False),
+             lambda: segment_reduce(x, bad, "sum")),
+            (lambda: segment_expand(y, bad, 6, check_offsets=False), lambda: segment_expand(y, bad, 6)),
+            (lambda: segment_pack(x, bad, 4, check_offsets=False), lambda: segment_pack(x, bad, 4)),
+            (lambda: segment_unpack(p, bad, 6, check_offsets=False), lambda: segment_unpack(p, bad, 6)),
+            (lambda: ops().segment_reduce_backward(y, bad, 6, "mean", check_offsets=False),
+             lambda: ops().segment_reduce_backward(y, bad, 6, "mean"))]:
+        assert _error_of(unchecked) == "no error"
+        torch.cuda.synchronize()  # raises if a kernel faulted
+        assert re.search(names("offsets"), _error_of(checked))
+
+
+@pytest.mark.parametrize("name", ["segment_reduce", "segment_reduce_backward", "segment_expand",
+                                  "segment_pack", "segment_unpack"])
+def test_check_offsets_false_still_checks_cpu_offsets(name):
+    # On the CPU the check costs no sync, so it always runs: a wrong check_offsets=False
+    # must still raise there, never read out of bounds.
+    x, y, p = torch.randn(6, 2), torch.randn(2, 2), torch.randn(2, 3, 2)
+    bad = t64([0, 100, 6])
+    call = {"segment_reduce": lambda: segment_reduce(x, bad, "sum", check_offsets=False),
+            "segment_reduce_backward": lambda: ops().segment_reduce_backward(y, bad, 6, "mean",
+                                                                             check_offsets=False),
+            "segment_expand": lambda: segment_expand(y, bad, 6, check_offsets=False),
+            "segment_pack": lambda: segment_pack(x, bad, 4, check_offsets=False),
+            "segment_unpack": lambda: segment_unpack(p, bad, 6, check_offsets=False)}[name]
+    assert re.search(names("offsets"), _error_of(call))
+
+
+class _RecordingOps:
+    """Stands in for torch.ops.tokcore in ops.py and records each call's check_offsets."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self.calls.append((name, kwargs.get("check_offsets", True)))
+            return getattr(torch.ops.tokcore, name)(*args, **kwargs)
+        return call
+
+
+def test_backward_passes_reuse_the_forward_check(monkeypatch):
+    # The forward checks its offsets; every backward op (double backward included)
+    # reuses them with check_offsets=False, which on CUDA spares a host sync each.
+    import tokcore.pooling.ops as pooling_ops
+    recorder = _RecordingOps()
+    monkeypatch.setattr(pooling_ops, "_ops", recorder)
+    g = torch.Generator().manual_seed(5)
+    off = t64([0, 2, 2, 5, 9])
+    x = torch.randn(9, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    outs = [segment_reduce(x, off, r) for r in REDUCES]
+    outs += [segment_expand(outs[1], off, 9), segment_unpack(segment_pack(x, off, 3), off, 9)]
+    forward_calls = list(recorder.calls)
+    assert len(forward_calls) == 7 and all(check for _, check in forward_calls)
+    loss = sum((o * torch.randn(o.shape, dtype=o.dtype, generator=g)).sum() for o in outs)
+    (grad_x,) = torch.autograd.grad(loss, x, create_graph=True)
+    (grad_x * grad_x).sum().backward()  # double backward through the backward ops
+    backward_calls = recorder.calls[len(forward_calls):]
+    assert {name for name, _ in backward_calls} == {
+        "segment_reduce", "segment_reduce_backward", "segment_pack", "segment_unpack"}
+    assert not any(check for _, check in backward_calls), backward_calls
+
+
+def test_backward_refuses_offsets_changed_in_place_after_the_forward():
+    # The backward's check_offsets=False rests on this: offsets are saved with
+    # save_for_backward, so changing them in place after the forward is an error
+    # at backward, not a pass over unchecked offsets.
+    for forward in (lambda x, off: segment_reduce(x, off, "mean"),
+                    lambda x, off: segment_expand(x[:4], off, 9),
+                    lambda x, off: segment_pack(x, off, 3),
+                    lambda x, off: segment_unpack(x[:4].reshape(4, 1, 3).expand(4, 2, 3), off, 9)):
+        off = t64([0, 2, 2, 5, 9])
+        x = torch.randn(9, 3, requires_grad=True)
+        out = forward(x, off)
+        off[1] = 7
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
 
 
 def test_invalid_offsets_report_the_first_failing_entry():

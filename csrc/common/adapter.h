@@ -190,8 +190,14 @@ void check_offsets_cuda(const Tensor& offsets, int64_t total, void* stream, cons
 
 // Full validation of offsets against total (< 0: any) on the device holding them:
 // check_offsets_cpu, or check_offsets_cuda on the offsets' device and current stream.
-inline void check_offsets(const Tensor& offsets, int64_t total, const char* op, const char* arg) {
+// check_on_cuda = false (an op's check_offsets=False) skips the CUDA check and its
+// sync, for offsets validated before (an autograd backward reuses its forward's,
+// which autograd's version counter keeps unchanged); CPU offsets are checked
+// regardless, since there the check costs no sync.
+inline void check_offsets(const Tensor& offsets, int64_t total, const char* op, const char* arg,
+                          bool check_on_cuda = true) {
   if (offsets.is_cpu()) return check_offsets_cpu(offsets, total, op, arg);
+  if (!check_on_cuda) return;
   CudaContext ctx(offsets);
   check_offsets_cuda(offsets, total, ctx.stream, op, arg);
 }

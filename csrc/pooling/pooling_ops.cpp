@@ -45,10 +45,11 @@ void check_features_and_offsets(const Tensor& x, const char* x_arg, int64_t x_di
 
 // Number of rows T of an expand/unpack output: `total` when given, else offsets[-1]
 // (read with a host sync on CUDA, which validates the offsets on the way).
-int64_t output_rows(const Tensor& offsets, std::optional<int64_t> total, const char* op) {
+int64_t output_rows(const Tensor& offsets, std::optional<int64_t> total, const char* op,
+                    bool check_offsets) {
   if (total.has_value()) {
     TOKCORE_CHECK(*total >= 0, op, "total must be >= 0, got ", *total);
-    adapter::check_offsets(offsets, *total, op, "offsets");
+    adapter::check_offsets(offsets, *total, op, "offsets", check_offsets);
     return *total;
   }
   if (offsets.is_cpu()) {
@@ -115,7 +116,7 @@ std::tuple<Tensor, Tensor> word_boundaries(Tensor bytes, Tensor cu_seqlens, int6
 
 // ---------------------------------------------------------------- segment ops
 
-Tensor segment_reduce(Tensor x, Tensor offsets, std::string reduce) {
+Tensor segment_reduce(Tensor x, Tensor offsets, std::string reduce, bool check_offsets) {
   const char* op = "segment_reduce";
   check_features_and_offsets(x, "x", 2, offsets, op);
   const Reduce r = parse_reduce(reduce, op);
@@ -123,7 +124,7 @@ Tensor segment_reduce(Tensor x, Tensor offsets, std::string reduce) {
   offsets = adapter::contiguous(offsets);
   const int64_t T = x.size(0), D = x.size(1), S = offsets.size(0) - 1;
   const DType dtype = adapter::feature_dtype(x, op, "x");
-  adapter::check_offsets(offsets, T, op, "offsets");
+  adapter::check_offsets(offsets, T, op, "offsets", check_offsets);
   Tensor y = adapter::new_output(op, x, {S, D});
   if (x.is_cpu()) {
     segment_reduce_cpu(adapter::cpu_runtime(), dtype, x.const_data_ptr(),
@@ -138,7 +139,8 @@ Tensor segment_reduce(Tensor x, Tensor offsets, std::string reduce) {
 }
 
 Tensor segment_reduce_backward(Tensor grad_y, Tensor offsets, int64_t total, std::string reduce,
-                               std::optional<Tensor> x, std::optional<Tensor> y) {
+                               std::optional<Tensor> x, std::optional<Tensor> y,
+                               bool check_offsets) {
   const char* op = "segment_reduce_backward";
   check_features_and_offsets(grad_y, "grad_y", 2, offsets, op);
   const Reduce r = parse_reduce(reduce, op);
@@ -168,7 +170,7 @@ Tensor segment_reduce_backward(Tensor grad_y, Tensor offsets, int64_t total, std
   const DType dtype = adapter::feature_dtype(grad_y, op, "grad_y");
   const void* x_ptr = needs_values ? x->const_data_ptr() : nullptr;
   const void* y_ptr = needs_values ? y->const_data_ptr() : nullptr;
-  adapter::check_offsets(offsets, total, op, "offsets");
+  adapter::check_offsets(offsets, total, op, "offsets", check_offsets);
   Tensor grad_x = adapter::new_output(op, grad_y, {total, D});
   if (grad_y.is_cpu()) {
     segment_reduce_backward_cpu(adapter::cpu_runtime(), dtype, grad_y.const_data_ptr(), x_ptr, y_ptr,
@@ -184,7 +186,7 @@ Tensor segment_reduce_backward(Tensor grad_y, Tensor offsets, int64_t total, std
   return grad_x;
 }
 
-Tensor segment_expand(Tensor y, Tensor offsets, std::optional<int64_t> total) {
+Tensor segment_expand(Tensor y, Tensor offsets, std::optional<int64_t> total, bool check_offsets) {
   const char* op = "segment_expand";
   check_features_and_offsets(y, "y", 2, offsets, op);
   const int64_t S = offsets.size(0) - 1, D = y.size(1);
@@ -192,7 +194,7 @@ Tensor segment_expand(Tensor y, Tensor offsets, std::optional<int64_t> total) {
   y = adapter::contiguous(y);
   offsets = adapter::contiguous(offsets);
   const DType dtype = adapter::feature_dtype(y, op, "y");
-  const int64_t T = output_rows(offsets, total, op);
+  const int64_t T = output_rows(offsets, total, op, check_offsets);
   Tensor x = adapter::new_output(op, y, {T, D});
   if (y.is_cpu()) {
     segment_expand_cpu(adapter::cpu_runtime(), dtype, y.const_data_ptr(),
@@ -206,7 +208,7 @@ Tensor segment_expand(Tensor y, Tensor offsets, std::optional<int64_t> total) {
   return x;
 }
 
-Tensor segment_pack(Tensor x, Tensor offsets, int64_t max_len) {
+Tensor segment_pack(Tensor x, Tensor offsets, int64_t max_len, bool check_offsets) {
   const char* op = "segment_pack";
   check_features_and_offsets(x, "x", 2, offsets, op);
   TOKCORE_CHECK(max_len >= 0, op, "max_len must be >= 0, got ", max_len);
@@ -221,7 +223,7 @@ Tensor segment_pack(Tensor x, Tensor offsets, int64_t max_len) {
   TOKCORE_CHECK(!overflow, op, "max_len = ", max_len,
                 " is too large: the packed output [", S, ", max_len, ", D, "] would overflow int64");
   const DType dtype = adapter::feature_dtype(x, op, "x");
-  adapter::check_offsets(offsets, T, op, "offsets");
+  adapter::check_offsets(offsets, T, op, "offsets", check_offsets);
   Tensor packed = adapter::new_output(op, x, {S, max_len, D});
   if (x.is_cpu()) {
     segment_pack_cpu(adapter::cpu_runtime(), dtype, x.const_data_ptr(),
@@ -236,7 +238,8 @@ Tensor segment_pack(Tensor x, Tensor offsets, int64_t max_len) {
   return packed;
 }
 
-Tensor segment_unpack(Tensor packed, Tensor offsets, std::optional<int64_t> total) {
+Tensor segment_unpack(Tensor packed, Tensor offsets, std::optional<int64_t> total,
+                      bool check_offsets) {
   const char* op = "segment_unpack";
   check_features_and_offsets(packed, "packed", 3, offsets, op);
   const int64_t S = offsets.size(0) - 1, L = packed.size(1), D = packed.size(2);
@@ -245,7 +248,7 @@ Tensor segment_unpack(Tensor packed, Tensor offsets, std::optional<int64_t> tota
   packed = adapter::contiguous(packed);
   offsets = adapter::contiguous(offsets);
   const DType dtype = adapter::feature_dtype(packed, op, "packed");
-  const int64_t T = output_rows(offsets, total, op);
+  const int64_t T = output_rows(offsets, total, op, check_offsets);
   Tensor x = adapter::new_output(op, packed, {T, D});
   if (packed.is_cpu()) {
     segment_unpack_cpu(adapter::cpu_runtime(), dtype, packed.const_data_ptr(),

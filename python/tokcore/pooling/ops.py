@@ -8,9 +8,12 @@ deterministic (no atomics). Every op validates its offsets fully and raises
 an error that names them. On CUDA that check is a small kernel and a host sync;
 it is skipped while a CUDA graph is being captured (no sync is allowed there) and
 when the environment variable ``TOKCORE_CUDA_CHECK_OFFSETS=0`` is set, for
-callers whose offsets are known good and who want no sync. Unchecked invalid
-offsets give unspecified values, but the kernels never read or write out of
-bounds.
+callers whose offsets are known good and who want no sync. One call skips it
+with ``check_offsets=False``; the backward passes do so, since they reuse offsets
+that their forward checked (autograd's version counter refuses offsets changed in
+place since). Unchecked invalid offsets give unspecified values, but the kernels
+never read or write out of bounds. CPU offsets are always checked: there the
+check costs no sync.
 """
 
 from __future__ import annotations
@@ -92,7 +95,8 @@ def _unflatten(out: torch.Tensor, leading: int, features: tuple) -> torch.Tensor
     return out.reshape(tuple(out.shape[:leading]) + tuple(features))
 
 
-def segment_reduce(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+def segment_reduce(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean", *,
+                   check_offsets: bool = True) -> torch.Tensor:
     """Reduce the rows of each segment: x [T, *F] -> [S, *F].
 
     reduce is sum, mean, max or min; an empty segment gives 0. max/min propagate
@@ -105,41 +109,50 @@ def segment_reduce(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean")
     S * D * itemsize / 16 threads or more fill the GPU); a few long segments (one
     per sequence) leave most of the GPU idle. The sum/mean backward splits long
     segments' rows over more threads.
+
+    ``check_offsets=False`` skips the CUDA offsets check and its host sync, for
+    offsets known to be valid (see the module docstring).
     """
     _reject_forward_ad("segment_reduce", x=x)
-    y = _ops.segment_reduce(_as_rows(x, "x"), offsets, reduce)
+    y = _ops.segment_reduce(_as_rows(x, "x"), offsets, reduce, check_offsets=check_offsets)
     return _unflatten(y, 1, tuple(x.shape[1:]))
 
 
-def segment_expand(y: torch.Tensor, offsets: torch.Tensor, total: int | None = None) -> torch.Tensor:
+def segment_expand(y: torch.Tensor, offsets: torch.Tensor, total: int | None = None, *,
+                   check_offsets: bool = True) -> torch.Tensor:
     """Give each row its segment's row: y [S, *F] -> [T, *F].
 
     ``total`` (= T = offsets[-1]) spares reading offsets[-1] back to the host
     (on CUDA a sync; with the offsets check off, none is left).
     Causal shifts (each byte sees the previous word) are done on y before
     expanding. Differentiable in y (the backward is a segment sum).
+    ``check_offsets=False`` skips the CUDA offsets check (see the module docstring).
     """
     _reject_forward_ad("segment_expand", y=y)
-    x = _ops.segment_expand(_as_rows(y, "y"), offsets, total)
+    x = _ops.segment_expand(_as_rows(y, "y"), offsets, total, check_offsets=check_offsets)
     return _unflatten(x, 1, tuple(y.shape[1:]))
 
 
-def segment_pack(x: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
+def segment_pack(x: torch.Tensor, offsets: torch.Tensor, max_len: int, *,
+                 check_offsets: bool = True) -> torch.Tensor:
     """Pack segments into a padded batch: x [T, *F] -> [S, max_len, *F].
 
     Rows past a segment's length are zero; rows past max_len are dropped.
     Differentiable in x (the backward is segment_unpack).
+    ``check_offsets=False`` skips the CUDA offsets check (see the module docstring).
     """
     _reject_forward_ad("segment_pack", x=x)
-    packed = _ops.segment_pack(_as_rows(x, "x"), offsets, max_len)
+    packed = _ops.segment_pack(_as_rows(x, "x"), offsets, max_len, check_offsets=check_offsets)
     return _unflatten(packed, 2, tuple(x.shape[1:]))
 
 
-def segment_unpack(packed: torch.Tensor, offsets: torch.Tensor, total: int | None = None) -> torch.Tensor:
+def segment_unpack(packed: torch.Tensor, offsets: torch.Tensor, total: int | None = None, *,
+                   check_offsets: bool = True) -> torch.Tensor:
     """Inverse of segment_pack: packed [S, L, *F] -> [T, *F].
 
     Rows of a segment past L (dropped by packing) come back as zeros.
     Differentiable in packed (the backward is segment_pack).
+    ``check_offsets=False`` skips the CUDA offsets check (see the module docstring).
     """
     _reject_forward_ad("segment_unpack", packed=packed)
     if not isinstance(packed, torch.Tensor):
@@ -148,7 +161,7 @@ def segment_unpack(packed: torch.Tensor, offsets: torch.Tensor, total: int | Non
         raise ValueError(f"tokcore: packed must have at least 2 dimensions [S, L, ...], got {packed.dim()}")
     flat = packed if packed.dim() == 3 else packed.reshape(packed.shape[0], packed.shape[1],
                                                            math.prod(packed.shape[2:]))
-    x = _ops.segment_unpack(flat, offsets, total)
+    x = _ops.segment_unpack(flat, offsets, total, check_offsets=check_offsets)
     return _unflatten(x, 1, tuple(packed.shape[2:]))
 
 
@@ -229,14 +242,14 @@ def _word_boundaries_fake(data, cu_seqlens, max_word_bytes, mode):
 
 
 @torch.library.register_fake("tokcore::segment_reduce")
-def _segment_reduce_fake(x, offsets, reduce):
+def _segment_reduce_fake(x, offsets, reduce, *, check_offsets=True):
     _check_features_and_offsets("segment_reduce", x, "x", 2, offsets)
     _check_reduce("segment_reduce", reduce)
     return x.new_empty(offsets.shape[0] - 1, x.shape[1])
 
 
 @torch.library.register_fake("tokcore::segment_reduce_backward")
-def _segment_reduce_backward_fake(grad_y, offsets, total, reduce, x=None, y=None):
+def _segment_reduce_backward_fake(grad_y, offsets, total, reduce, x=None, y=None, *, check_offsets=True):
     op = "segment_reduce_backward"
     _check_features_and_offsets(op, grad_y, "grad_y", 2, offsets)
     _check_reduce(op, reduce)
@@ -265,14 +278,14 @@ def _rows_fake(op, total):
 
 
 @torch.library.register_fake("tokcore::segment_expand")
-def _segment_expand_fake(y, offsets, total=None):
+def _segment_expand_fake(y, offsets, total=None, *, check_offsets=True):
     _check_features_and_offsets("segment_expand", y, "y", 2, offsets)
     _check_rows("segment_expand", y, "y", offsets.shape[0] - 1, "len(offsets) - 1")
     return y.new_empty(_rows_fake("segment_expand", total), y.shape[1])
 
 
 @torch.library.register_fake("tokcore::segment_pack")
-def _segment_pack_fake(x, offsets, max_len):
+def _segment_pack_fake(x, offsets, max_len, *, check_offsets=True):
     _check_features_and_offsets("segment_pack", x, "x", 2, offsets)
     torch._check(max_len >= 0, lambda: f"tokcore.segment_pack: max_len must be >= 0, got {max_len}")
     S, D = offsets.shape[0] - 1, x.shape[1]
@@ -283,7 +296,7 @@ def _segment_pack_fake(x, offsets, max_len):
 
 
 @torch.library.register_fake("tokcore::segment_unpack")
-def _segment_unpack_fake(packed, offsets, total=None):
+def _segment_unpack_fake(packed, offsets, total=None, *, check_offsets=True):
     _check_features_and_offsets("segment_unpack", packed, "packed", 3, offsets)
     torch._check(packed.shape[0] == offsets.shape[0] - 1,
                  lambda: f"tokcore.segment_unpack: packed must have len(offsets) - 1 = {offsets.shape[0] - 1} "
@@ -292,9 +305,14 @@ def _segment_unpack_fake(packed, offsets, total=None):
 
 
 # ---------------------------------------------------------------- autograd
+#
+# The backward passes call the ops with check_offsets=False: their offsets are
+# the forward's, checked there, and saved with save_for_backward, whose version
+# counter makes backward refuse offsets modified in place since. On CUDA this
+# spares a host sync per backward op (CPU offsets are checked regardless).
 
 
-def _segment_reduce_setup(ctx, inputs, output):
+def _segment_reduce_setup(ctx, inputs, keyword_only_inputs, output):
     x, offsets, reduce = inputs
     ctx.reduce = reduce
     ctx.total = x.shape[0]
@@ -307,7 +325,7 @@ def _segment_reduce_setup(ctx, inputs, output):
 def _segment_reduce_backward(ctx, grad):
     offsets, *values = ctx.saved_tensors
     x, y = values if values else (None, None)
-    grad_x = _ops.segment_reduce_backward(grad, offsets, ctx.total, ctx.reduce, x, y)
+    grad_x = _ops.segment_reduce_backward(grad, offsets, ctx.total, ctx.reduce, x, y, check_offsets=False)
     return grad_x, None, None
 
 
@@ -322,7 +340,7 @@ torch.library.register_autograd(
 # sum/mean; max/min route grad_y[s] to the first attaining row, so the adjoint
 # gathers the incoming gradient there. As a function of x and y it is piecewise
 # constant: no gradient flows to them.
-def _segment_reduce_backward_setup(ctx, inputs, output):
+def _segment_reduce_backward_setup(ctx, inputs, keyword_only_inputs, output):
     grad_y, offsets, total, reduce, x, y = inputs
     ctx.reduce = reduce
     ctx.total = total
@@ -332,12 +350,12 @@ def _segment_reduce_backward_setup(ctx, inputs, output):
 def _segment_reduce_backward_backward(ctx, grad_grad_x):
     offsets, x, y = ctx.saved_tensors
     if ctx.reduce in ("sum", "mean"):
-        grad_grad_y = _ops.segment_reduce(grad_grad_x, offsets, ctx.reduce)
+        grad_grad_y = _ops.segment_reduce(grad_grad_x, offsets, ctx.reduce, check_offsets=False)
     else:  # 1 at each segment's first attaining row (per feature), 0 elsewhere
         attaining = _ops.segment_reduce_backward(
             torch.ones(offsets.shape[0] - 1, grad_grad_x.shape[1], dtype=grad_grad_x.dtype,
-                       device=grad_grad_x.device), offsets, ctx.total, ctx.reduce, x, y)
-        grad_grad_y = _ops.segment_reduce(grad_grad_x * attaining, offsets, "sum")
+                       device=grad_grad_x.device), offsets, ctx.total, ctx.reduce, x, y, check_offsets=False)
+        grad_grad_y = _ops.segment_reduce(grad_grad_x * attaining, offsets, "sum", check_offsets=False)
     return grad_grad_y, None, None, None, None, None
 
 
@@ -347,13 +365,13 @@ torch.library.register_autograd(
 )
 
 
-def _segment_expand_setup(ctx, inputs, output):
+def _segment_expand_setup(ctx, inputs, keyword_only_inputs, output):
     ctx.save_for_backward(inputs[1])
 
 
 def _segment_expand_backward(ctx, grad):
     (offsets,) = ctx.saved_tensors
-    return _ops.segment_reduce(grad, offsets, "sum"), None, None
+    return _ops.segment_reduce(grad, offsets, "sum", check_offsets=False), None, None
 
 
 torch.library.register_autograd(
@@ -361,7 +379,7 @@ torch.library.register_autograd(
 )
 
 
-def _segment_pack_setup(ctx, inputs, output):
+def _segment_pack_setup(ctx, inputs, keyword_only_inputs, output):
     x, offsets, _ = inputs
     ctx.total = x.shape[0]
     ctx.save_for_backward(offsets)
@@ -369,13 +387,13 @@ def _segment_pack_setup(ctx, inputs, output):
 
 def _segment_pack_backward(ctx, grad):
     (offsets,) = ctx.saved_tensors
-    return _ops.segment_unpack(grad, offsets, ctx.total), None, None
+    return _ops.segment_unpack(grad, offsets, ctx.total, check_offsets=False), None, None
 
 
 torch.library.register_autograd("tokcore::segment_pack", _segment_pack_backward, setup_context=_segment_pack_setup)
 
 
-def _segment_unpack_setup(ctx, inputs, output):
+def _segment_unpack_setup(ctx, inputs, keyword_only_inputs, output):
     packed, offsets, _ = inputs
     ctx.max_len = packed.shape[1]
     ctx.save_for_backward(offsets)
@@ -383,7 +401,7 @@ def _segment_unpack_setup(ctx, inputs, output):
 
 def _segment_unpack_backward(ctx, grad):
     (offsets,) = ctx.saved_tensors
-    return _ops.segment_pack(grad, offsets, ctx.max_len), None, None
+    return _ops.segment_pack(grad, offsets, ctx.max_len, check_offsets=False), None, None
 
 
 torch.library.register_autograd(
