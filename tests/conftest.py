@@ -56,3 +56,26 @@ def cuda_device() -> str:
     if not CUDA_AVAILABLE:
         pytest.skip("CUDA is not available")
     return "cuda"
+
+
+class RecordingOps:
+    """Stands in for torch.ops.tokcore in tokcore.pooling.ops: records each call as
+    (op name, a CPU copy of its offsets argument, its check_offsets), then runs it."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, torch.Tensor, bool]] = []
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self.calls.append((name, args[1].detach().cpu().clone(), kwargs.get("check_offsets", True)))
+            return getattr(torch.ops.tokcore, name)(*args, **kwargs)
+        return call
+
+
+@pytest.fixture
+def recorded_pooling_ops(monkeypatch) -> RecordingOps:
+    """Records the pooling ops that the wrappers, their autograd and the models call."""
+    import tokcore.pooling.ops as pooling_ops
+    recorder = RecordingOps()
+    monkeypatch.setattr(pooling_ops, "_ops", recorder)
+    return recorder

@@ -1488,39 +1488,24 @@ def test_check_offsets_false_still_checks_cpu_offsets(name):
     assert re.search(names("offsets"), _error_of(call))
 
 
-class _RecordingOps:
-    """Stands in for torch.ops.tokcore in ops.py and records each call's check_offsets."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __getattr__(self, name):
-        def call(*args, **kwargs):
-            self.calls.append((name, kwargs.get("check_offsets", True)))
-            return getattr(torch.ops.tokcore, name)(*args, **kwargs)
-        return call
-
-
-def test_backward_passes_reuse_the_forward_check(monkeypatch):
+def test_backward_passes_reuse_the_forward_check(recorded_pooling_ops):
     # The forward checks its offsets; every backward op (double backward included)
     # reuses them with check_offsets=False, which on CUDA spares a host sync each.
-    import tokcore.pooling.ops as pooling_ops
-    recorder = _RecordingOps()
-    monkeypatch.setattr(pooling_ops, "_ops", recorder)
+    recorder = recorded_pooling_ops
     g = torch.Generator().manual_seed(5)
     off = t64([0, 2, 2, 5, 9])
     x = torch.randn(9, 3, dtype=torch.float64, generator=g, requires_grad=True)
     outs = [segment_reduce(x, off, r) for r in REDUCES]
     outs += [segment_expand(outs[1], off, 9), segment_unpack(segment_pack(x, off, 3), off, 9)]
     forward_calls = list(recorder.calls)
-    assert len(forward_calls) == 7 and all(check for _, check in forward_calls)
+    assert len(forward_calls) == 7 and all(check for _, _, check in forward_calls)
     loss = sum((o * torch.randn(o.shape, dtype=o.dtype, generator=g)).sum() for o in outs)
     (grad_x,) = torch.autograd.grad(loss, x, create_graph=True)
     (grad_x * grad_x).sum().backward()  # double backward through the backward ops
     backward_calls = recorder.calls[len(forward_calls):]
-    assert {name for name, _ in backward_calls} == {
+    assert {name for name, _, _ in backward_calls} == {
         "segment_reduce", "segment_reduce_backward", "segment_pack", "segment_unpack"}
-    assert not any(check for _, check in backward_calls), backward_calls
+    assert not any(check for _, _, check in backward_calls), backward_calls
 
 
 def test_backward_refuses_offsets_changed_in_place_after_the_forward():

@@ -214,28 +214,33 @@ class HierarchicalByteLM(nn.Module):
         first[word_cu_seqlens[:-1]] = True  # an empty sequence points at w: harmless slot
         return torch.where(first[:w, None], self.start.to(h.dtype), prev)
 
-    def decoder_logits(self, ctx: Tensor, bytes: Tensor, word_offsets: Tensor) -> tuple[Tensor, Tensor]:
+    def decoder_logits(self, ctx: Tensor, bytes: Tensor, word_offsets: Tensor, *,
+                       check_offsets: bool = True) -> tuple[Tensor, Tensor]:
         """Decode every word at once.
 
         The decoder stream holds, for each word, its context vector followed by its
         bytes: [ctx_w, b_0 .. b_{L-1}] (L+1 slots). Slot i predicts b_i for i < L and
         the end-of-word symbol at i = L. Returns (logits [T+W, 257], dec_offsets [W+1]).
+        ``check_offsets=False`` skips the CUDA check of word_offsets (a host sync).
         """
         t, w = bytes.numel(), ctx.shape[0]
         lmax = self.config.max_word_bytes
         dec_offsets = word_offsets + torch.arange(w + 1, device=word_offsets.device)
         x = self.dec_embed(bytes.long())  # [T, d_local]
-        packed = segment_pack(x, word_offsets, lmax)  # [W, Lmax, d_local]
+        packed = segment_pack(x, word_offsets, lmax, check_offsets=check_offsets)  # [W, Lmax, d_local]
         packed = torch.cat([self.ctx_proj(ctx)[:, None, :].to(packed.dtype), packed], dim=1)  # [W, Lmax+1, d]
-        stream = segment_unpack(packed, dec_offsets, t + w)  # [T+W, d_local]
-        y = self.decoder(stream, dec_offsets, lmax + 1)
+        # dec_offsets are valid when word_offsets are: no check (on CUDA a sync) for them
+        stream = segment_unpack(packed, dec_offsets, t + w, check_offsets=False)  # [T+W, d_local]
+        y = self.decoder(stream, dec_offsets, lmax + 1, check_offsets=False)
         return self.head(y), dec_offsets
 
-    def decoder_targets(self, bytes: Tensor, word_offsets: Tensor) -> Tensor:
-        """[T+W] int64: each word's bytes followed by EOW, in decoder-stream order."""
+    def decoder_targets(self, bytes: Tensor, word_offsets: Tensor, *, check_offsets: bool = True) -> Tensor:
+        """[T+W] int64: each word's bytes followed by EOW, in decoder-stream order.
+        ``check_offsets=False`` skips the CUDA check of word_offsets (a host sync)."""
         t, w = bytes.numel(), word_offsets.numel() - 1
         word_index = torch.arange(w, device=bytes.device, dtype=torch.float64)[:, None]
-        word_of_byte = segment_expand(word_index, word_offsets, t).squeeze(1).long()  # [T]
+        word_of_byte = segment_expand(word_index, word_offsets, t,
+                                      check_offsets=check_offsets).squeeze(1).long()  # [T]
         targets = torch.full((t + w,), EOW, dtype=torch.long, device=bytes.device)
         targets[torch.arange(t, device=bytes.device) + word_of_byte] = bytes.long()
         return targets
@@ -255,10 +260,12 @@ class HierarchicalByteLM(nn.Module):
         return self._forward_words(bytes, word_offsets, word_cu_seqlens)
 
     def _forward_words(self, bytes: Tensor, word_offsets: Tensor, word_cu_seqlens: Tensor) -> dict[str, Tensor | int]:
+        # The encoder checks word_offsets (on CUDA a host sync), and the backbone
+        # word_cu_seqlens; the decoder's ops reuse those checks.
         h = self.word_states(bytes, word_offsets, word_cu_seqlens)
         ctx = self.previous_word_context(h, word_cu_seqlens)
-        logits, _ = self.decoder_logits(ctx, bytes, word_offsets)
-        targets = self.decoder_targets(bytes, word_offsets)
+        logits, _ = self.decoder_logits(ctx, bytes, word_offsets, check_offsets=False)
+        targets = self.decoder_targets(bytes, word_offsets, check_offsets=False)
         nll = F.cross_entropy(logits.float(), targets, reduction="sum")
         n_sym = targets.numel()
         n_words = word_offsets.numel() - 1

@@ -95,6 +95,9 @@ class SegmentAttention(nn.Module):
     ``causal=True``: position i of a segment attends to positions <= i of the same
     segment. ``causal=False``: every position attends to all valid positions of its
     segment (padding keys are masked by segment length).
+
+    ``check_offsets=False`` skips the CUDA offsets check (a host sync) for offsets
+    known to be valid; the unpack always reuses the pack's check.
     """
 
     def __init__(self, d_model: int, n_heads: int, causal: bool):
@@ -109,12 +112,12 @@ class SegmentAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.rotary = RotaryEmbedding(self.head_dim)
 
-    def forward(self, x: Tensor, offsets: Tensor, max_len: int) -> Tensor:
+    def forward(self, x: Tensor, offsets: Tensor, max_len: int, *, check_offsets: bool = True) -> Tensor:
         n = x.shape[0]
         s = offsets.numel() - 1
         if n == 0 or s == 0 or max_len == 0:
             return self.proj(torch.zeros_like(x))
-        qkv = segment_pack(self.qkv(x), offsets, max_len)  # [S, L, 3D]
+        qkv = segment_pack(self.qkv(x), offsets, max_len, check_offsets=check_offsets)  # [S, L, 3D]
         q, k, v = qkv.view(s, max_len, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.rotary(q), self.rotary(k)  # [S, H, L, Dh]
         if self.causal:
@@ -126,7 +129,7 @@ class SegmentAttention(nn.Module):
             mask = torch.arange(max_len, device=x.device) < lengths[:, None]  # [S, L]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
         o = o.transpose(1, 2).reshape(s, max_len, self.d_model)
-        return self.proj(segment_unpack(o, offsets, n))
+        return self.proj(segment_unpack(o, offsets, n, check_offsets=False))  # checked by the pack
 
 
 class SegmentBlock(nn.Module):
@@ -144,13 +147,17 @@ class SegmentBlock(nn.Module):
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, offsets: Tensor, max_len: int) -> Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), offsets, max_len))
+    def forward(self, x: Tensor, offsets: Tensor, max_len: int, *, check_offsets: bool = True) -> Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), offsets, max_len, check_offsets=check_offsets))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
 class SegmentTransformer(nn.Module):
-    """A stack of :class:`SegmentBlock` plus a final LayerNorm (``n_layers`` may be 0)."""
+    """A stack of :class:`SegmentBlock` plus a final LayerNorm (``n_layers`` may be 0).
+
+    The first block checks the offsets (on CUDA a host sync; none with
+    ``check_offsets=False``, for offsets known to be valid); the others reuse them.
+    """
 
     def __init__(self, d_model: int, n_layers: int, n_heads: int, causal: bool, mlp_ratio: int = 4,
                  dropout: float = 0.0):
@@ -160,11 +167,13 @@ class SegmentTransformer(nn.Module):
         )
         self.ln_f = nn.LayerNorm(d_model)
 
-    def forward(self, x: Tensor, offsets: Tensor, max_len: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, offsets: Tensor, max_len: int | None = None, *,
+                check_offsets: bool = True) -> Tensor:
         if max_len is None:
             max_len = max_segment_length(offsets)
         for block in self.blocks:
-            x = block(x, offsets, max_len)
+            x = block(x, offsets, max_len, check_offsets=check_offsets)
+            check_offsets = False  # the same offsets, checked by the first block
         return self.ln_f(x)
 
 
