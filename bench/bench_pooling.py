@@ -132,9 +132,10 @@ def pooling_workloads(T: int, D: int, dtype: torch.dtype, device: torch.device) 
 
 
 def lm_train_step_workload(device: torch.device, quick: bool) -> dict[str, tuple]:
-    """One training step of HierarchicalByteLM as `tokcore train` runs it (forward,
-    backward, AdamW step, loss read back), on stdlib text: what a switch costs a
-    whole step, syncs and small launches included. Bytes moved are not counted (None)."""
+    """One training step of HierarchicalByteLM like those of `tokcore train` (forward,
+    backward, AdamW step, loss read back; no gradient clipping), on stdlib text: what a
+    switch costs a whole step, syncs and small launches included. Bytes moved are not
+    counted (None)."""
     size, batch, seq_len = ("tiny", 2, 64) if quick else ("small", 16, 512)
     model = build_model("hier", asdict(resolve_model_config("hier", size))).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
