@@ -114,8 +114,9 @@ fi
 # so that every tensor is its own allocation and any out-of-bounds access is seen.
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
 if [ -n "$sanitizer" ]; then
-  # The invalid-offsets cases first, on their own: with the offsets check off, they are
-  # where an out-of-bounds access would show.
+  # The invalid-offsets cases first, on their own: with the offsets check off (for the
+  # process or, with check_offsets=False, for one call), they are where an out-of-bounds
+  # access would show.
   memcheck() {  # memcheck LOG TIMEOUT PYTEST-ARGS...
     local log=$1 limit=$2; shift 2
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 HYPOTHESIS_PROFILE=dev timeout "$limit" "$sanitizer" --tool memcheck \
@@ -127,7 +128,7 @@ if [ -n "$sanitizer" ]; then
     esac
   }
   stamp "compute-sanitizer memcheck: invalid offsets, then the small CUDA cases (at most 150 s)"
-  memcheck memcheck_invalid_offsets.log 60 tests/test_pooling.py -k "cuda and invalid_offsets"
+  memcheck memcheck_invalid_offsets.log 60 tests/test_pooling.py -k "cuda and (invalid_offsets or check_offsets_false)"
   memcheck memcheck.log 90 tests -k "cuda and (fixed or empty or random) and not stdlib"
 else
   stamp "memcheck skipped: no compute-sanitizer on this machine"
