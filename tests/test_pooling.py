@@ -665,6 +665,23 @@ def test_segment_reduce_random(device, reduce, dtype, data):
     check_reduce_grad(xd.grad.cpu(), grad_y, x, offsets, reduce)
 
 
+@pytest.mark.parametrize("D", [64, 6])  # 16-byte vectors, or one element per thread
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_segment_reduce_few_long_segments(device, reduce, dtype, D):
+    # Few long segments (sequence pooling): the reduce takes their rows in blocks of
+    # 256 (on CUDA with a thread per block, which this shape selects), CPU and CUDA
+    # alike, so the results match the reference and each other bit for bit.
+    g = torch.Generator().manual_seed(11)
+    offsets = t64([0, 300, 300, 3000, 3001, 20000])
+    x = (torch.randn(20000, D, generator=g, dtype=torch.float64) * 3).to(dtype)
+    x[5, 0], x[4000, D - 1] = float("nan"), float("inf")
+    y = segment_reduce(x.to(device), offsets.to(device), reduce).cpu()
+    check_reduce(y, x, offsets, reduce)
+    if device != "cpu":
+        assert_bitwise_equal(y, segment_reduce(x, offsets, reduce))
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("reduce", REDUCES)
 @given(data=st.data())
@@ -1653,12 +1670,13 @@ def test_segment_reduce_cpu_isa_variants_agree_bitwise(monkeypatch, reduce, dtyp
     # The CPU forward and backward reduce are built per instruction set
     # (baseline, AVX2, AVX-512) and picked at run time; TOKCORE_CPU_ISA=base|avx2 caps the choice. Every
     # variant the CPU runs must give the same bits, for widths that use the wide
-    # tiles (up to 256 features), the narrower ones, the scalar tail, or a mix.
+    # tiles (up to 256 features), the narrower ones, the scalar tail, or a mix; the
+    # last segment is longer than kReduceBlockRows (256), so it is summed in blocks.
     g = torch.Generator().manual_seed(5)
-    offsets = torch.tensor([0, 3, 3, 10, 11, 40], dtype=I64)
+    offsets = torch.tensor([0, 3, 3, 10, 11, 40, 700], dtype=I64)
     bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
     for D in (1, 7, 32, 45, 64, 100, 256, 300, 520):
-        x = (torch.randn(40, D, generator=g, dtype=torch.float64) * 3).to(dtype)
+        x = (torch.randn(700, D, generator=g, dtype=torch.float64) * 3).to(dtype)
         x[0, 0] = float("nan")
         x[1, -1] = float("inf")
         x[3:10] *= 1e-6 if dtype == torch.float16 else 1e-39  # a segment of subnormal results
@@ -1671,10 +1689,10 @@ def test_segment_reduce_cpu_isa_variants_agree_bitwise(monkeypatch, reduce, dtyp
             monkeypatch.setenv("TOKCORE_CPU_ISA", isa)
             results[isa] = segment_reduce(x, offsets, reduce)
             # the backward is built per instruction set too; grad_y holds x's rows, NaN included
-            grads[isa] = ops().segment_reduce_backward(x[:5], offsets, 40, reduce, x, results[isa]).view(bits)
+            grads[isa] = ops().segment_reduce_backward(x[:6], offsets, 700, reduce, x, results[isa]).view(bits)
             results[isa] = results[isa].view(bits)
         check_reduce(results["base"].view(dtype), x, offsets, reduce)
-        check_reduce_grad(grads["base"].view(dtype), x[:5], x, offsets, reduce)
+        check_reduce_grad(grads["base"].view(dtype), x[:6], x, offsets, reduce)
         for isa in ("avx512", "avx2"):
             assert torch.equal(results[isa], results["base"]), f"{isa} vs base, D={D}"
             assert torch.equal(grads[isa], grads["base"]), f"backward, {isa} vs base, D={D}"

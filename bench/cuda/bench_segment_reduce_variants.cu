@@ -184,9 +184,13 @@ int main() {
                 equal ? "yes" : "NO");
   };
 
+  // (words need no workspace; it is for a few long segments, reduced in blocks)
+  const size_t ws_bytes = segment_reduce_workspace_cuda(tokcore::DType::kBFloat16, S, T, D);
+  void* workspace = nullptr;
+  if (ws_bytes > 0) CHECK_CUDA(cudaMalloc(&workspace, ws_bytes));
   const Timing production = time_launches([&] {
     CHECK_CUDA(cudaError_t(segment_reduce_cuda(tokcore::DType::kBFloat16, x, d_offsets, S, T, D, Reduce::kMean,
-                                               y_ref, st)));
+                                               workspace, ws_bytes, y_ref, st)));
   }, st);
   CHECK_CUDA(cudaMemcpy(host_ref.data(), y_ref, sizeof(bf16_t) * S * D, cudaMemcpyDeviceToHost));
   // (the production kernel is internal to pooling_cuda.cu: nvcc -Xptxas -v shows its
@@ -216,6 +220,7 @@ int main() {
   CHECK_CUDA(cudaFree(y_ref));
   CHECK_CUDA(cudaFree(y));
   CHECK_CUDA(cudaFree(d_offsets));
+  CHECK_CUDA(cudaFree(workspace));
   CHECK_CUDA(cudaStreamDestroy(st));
   return 0;
 }

@@ -24,18 +24,25 @@ namespace pooling {
 namespace TOKCORE_CPU_ISA_NAMESPACE {
 namespace {
 
-// Reduces rows [begin, end) of features [d0, d0 + W) with scalar code: the last
-// D % N features, where no whole vector fits.
+// Reduces rows [begin, end) of features [d0, d0 + W) with scalar code, in the
+// reduce's blocks (kReduceBlockRows): the last D % N features, where no whole
+// vector fits.
 template <typename T, Reduce R, int W>
 inline void reduce_tile(const T* x, int64_t D, int64_t begin, int64_t end, int64_t d0, T* out) {
   using A = acc_t<T>;
-  A acc[W];
-  for (int j = 0; j < W; ++j) acc[j] = reduce_identity<R, A>();
-  for (int64_t t = begin; t < end; ++t) {
-    const T* row = x + t * D + d0;
-    for (int j = 0; j < W; ++j) acc[j] = reduce_combine<R, A>(acc[j], to_acc(row[j]));
+  A total[W];
+  for (int j = 0; j < W; ++j) total[j] = reduce_identity<R, A>();
+  for (int64_t b = begin; b < end; b += kReduceBlockRows) {
+    const int64_t e = std::min(end, b + kReduceBlockRows);
+    A acc[W];
+    for (int j = 0; j < W; ++j) acc[j] = reduce_identity<R, A>();
+    for (int64_t t = b; t < e; ++t) {
+      const T* row = x + t * D + d0;
+      for (int j = 0; j < W; ++j) acc[j] = reduce_combine<R, A>(acc[j], to_acc(row[j]));
+    }
+    for (int j = 0; j < W; ++j) total[j] = reduce_combine<R, A>(total[j], acc[j]);
   }
-  for (int j = 0; j < W; ++j) out[d0 + j] = from_acc<T>(reduce_finalize<R, A>(acc[j], end - begin));
+  for (int j = 0; j < W; ++j) out[d0 + j] = from_acc<T>(reduce_finalize<R, A>(total[j], end - begin));
 }
 
 // Accumulator vectors (GCC/Clang vector extensions) of the build's width: 16 bytes
@@ -235,6 +242,39 @@ inline void reduce_tiles(const T* x, int64_t D, RowRange rows, acc_t<T> divisor,
   }
 }
 
+// reduce_tiles for a sum or mean over more than kReduceBlockRows rows: the rows in
+// the reduce's blocks (tokcore/pooling/segment.h), each block's sum added to a
+// running total, as the CUDA kernels do. (Words never get here; max/min need no
+// blocks: they come out the same either way.)
+template <typename T, Reduce R, int kLoads, bool kStream>
+inline void reduce_tiles_in_blocks(const T* x, int64_t D, RowRange rows, acc_t<T> divisor, int64_t& d0,
+                                   T* out) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  static_assert(R == Reduce::kSum || R == Reduce::kMean, "max/min need no blocks");
+  for (; d0 + kLoads * L::N <= D; d0 += kLoads * L::N) {
+    V total[kLoads][L::K] = {};
+    for (int64_t b = rows.begin; b < rows.end; b += kReduceBlockRows) {
+      V acc[kLoads][L::K] = {};
+      for (int64_t t = b; t < std::min(rows.end, b + kReduceBlockRows); ++t) {
+        const T* row = x + t * D + d0;
+        for (int k = 0; k < kLoads; ++k) {
+          V v[L::K];
+          L::load(row + k * L::N, v);
+          for (int j = 0; j < L::K; ++j) acc[k][j] = acc[k][j] + v[j];
+        }
+      }
+      for (int k = 0; k < kLoads; ++k)
+        for (int j = 0; j < L::K; ++j) total[k][j] = total[k][j] + acc[k][j];
+    }
+    for (int k = 0; k < kLoads; ++k) {
+      V result[L::K];
+      for (int j = 0; j < L::K; ++j) result[j] = R == Reduce::kMean ? total[k][j] / divisor : total[k][j];
+      L::template store<kStream>(out + d0 + k * L::N, result);
+    }
+  }
+}
+
 template <typename T, Reduce R, bool kStream>
 void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t S, int64_t T_,
                  int64_t D, T* y) {
@@ -252,6 +292,12 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
       }
       const A divisor = A(count);  // used by mean only
       int64_t d0 = 0;
+      if constexpr (R == Reduce::kSum || R == Reduce::kMean) {
+        if (count > kReduceBlockRows) {  // a long segment: the reduce's blocks
+          reduce_tiles_in_blocks<T, R, 4, kStream>(x, D, rows, divisor, d0, out);
+          reduce_tiles_in_blocks<T, R, 1, kStream>(x, D, rows, divisor, d0, out);
+        }
+      }
       reduce_tiles<T, R, kWideLoads, kStream>(x, D, rows, divisor, d0, out);
       reduce_tiles<T, R, 4, kStream>(x, D, rows, divisor, d0, out);  // what is left of whole
       reduce_tiles<T, R, 1, kStream>(x, D, rows, divisor, d0, out);  // vectors: 4 chains, then 1

@@ -1,10 +1,12 @@
 // CUDA kernels of the pooling family. Torch-free: only the core headers and the
-// CUDA toolkit (CUB for the scan), so this file compiles in seconds.
+// CUDA toolkit (CUB for the scans), so this file compiles in seconds.
 //
 // Segment kernels use one thread per (segment, vector of features), and the
-// row-writing ones one per row part of that too when segments are long; the thread
-// bodies are in tokcore/pooling/segment_threads.h, where the host tests run them
-// too. No atomics and no host sync: results are deterministic.
+// row-writing ones one per row part of that too when segments are long; the reduce
+// forward takes a few long segments in blocks of rows (a thread per block, then one
+// per segment). The thread bodies are in tokcore/pooling/segment_threads.h, where
+// the host tests run them too. No atomics and no host sync: results are
+// deterministic.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -57,6 +59,17 @@ __global__ void word_cu_kernel(const int64_t* cu, int64_t B, int64_t total_bytes
   if (b == 0) word_offsets[num_words] = total_bytes;
 }
 
+// Workspace of the reduce in blocks: block counts and their exclusive scan
+// (block_begin), CUB's scan storage, and the blocks' results.
+struct ReduceWorkspace {
+  int64_t* counts;       // [S + 1]
+  int64_t* block_begin;  // [S + 1]
+  void* scan_temp;
+  size_t scan_bytes;
+  void* partials;        // [blocks_bound, D] of the accumulator type
+  size_t total_bytes;
+};
+
 struct WordWorkspace {
   int64_t* counts;   // [chunks + 1]
   int64_t* offsets;  // [chunks + 1], exclusive scan of counts
@@ -87,6 +100,35 @@ __global__ void segment_reduce_kernel(const T* __restrict__ x, const int64_t* __
                                       int64_t S, int64_t rows_total, int64_t D, T* __restrict__ y) {
   const int64_t i = global_thread();
   if (i < S * (D / N)) segment_reduce_thread<T, N, R>(i, x, offsets, rows_total, D, y);
+}
+
+// The reduce forward in blocks (segment_threads.h): block counts, then pass 2 over
+// blocks_bound * D / N threads, then pass 3 over S * D / N threads.
+__global__ void segment_block_count_kernel(const int64_t* __restrict__ offsets, int64_t S,
+                                           int64_t rows_total, int64_t* __restrict__ counts) {
+  const int64_t s = global_thread();
+  if (s <= S) counts[s] = s < S ? segment_block_count(offsets, s, rows_total) : 0;
+}
+
+template <typename T, int N, Reduce R>
+__global__ void segment_reduce_block_kernel(const T* __restrict__ x, const int64_t* __restrict__ offsets,
+                                            const int64_t* __restrict__ block_begin, int64_t S,
+                                            int64_t rows_total, int64_t D, int64_t blocks_bound,
+                                            acc_t<T>* __restrict__ partials) {
+  const int64_t g = global_thread();
+  if (g < blocks_bound * (D / N))
+    segment_reduce_block_thread<T, N, R>(g, x, offsets, block_begin, S, rows_total, D, partials);
+}
+
+template <typename T, int N, Reduce R>
+__global__ void segment_reduce_combine_kernel(const acc_t<T>* __restrict__ partials,
+                                              const int64_t* __restrict__ offsets,
+                                              const int64_t* __restrict__ block_begin, int64_t S,
+                                              int64_t blocks_bound, int64_t rows_total, int64_t D,
+                                              T* __restrict__ y) {
+  const int64_t i = global_thread();
+  if (i < S * (D / N))
+    segment_reduce_combine_thread<T, N, R>(i, partials, offsets, block_begin, blocks_bound, rows_total, D, y);
 }
 
 // The row-writing kernels run over S * D / N * parts threads (row_parts): this
@@ -155,6 +197,27 @@ int launch_segments(int64_t S, int64_t D, int64_t mean_rows, std::initializer_li
   return cudaGetLastError();
 }
 
+// The reduce in blocks' workspace laid out over `base` (nullptr: sizes only), or
+// total_bytes 0 when the reduce runs without blocks (reduce_in_blocks, decided with
+// the 16-byte vector width so that the adapter, which sizes the workspace before
+// the buffers' alignment is looked at, and the launcher decide alike).
+ReduceWorkspace reduce_workspace(void* base, DType dtype, int64_t S, int64_t T, int64_t D) {
+  ReduceWorkspace ws{};
+  const int64_t vec = 16 / dtype_size(dtype);  // (fewer threads than N = 1 would run: blocks sooner)
+  if (!reduce_in_blocks(S * ((D + vec - 1) / vec), S, T)) return ws;
+  const size_t array_bytes = align_up(sizeof(int64_t) * size_t(S + 1));
+  char* p = static_cast<char*>(base);
+  ws.counts = reinterpret_cast<int64_t*>(p);
+  ws.block_begin = p ? reinterpret_cast<int64_t*>(p + array_bytes) : nullptr;
+  cub::DeviceScan::ExclusiveSum(nullptr, ws.scan_bytes, ws.counts, ws.block_begin, S + 1);
+  const size_t scan_room = align_up(ws.scan_bytes);
+  ws.scan_temp = p ? p + 2 * array_bytes : nullptr;
+  ws.partials = p ? p + 2 * array_bytes + scan_room : nullptr;
+  const size_t acc_bytes = dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
+  ws.total_bytes = 2 * array_bytes + scan_room + size_t(reduce_blocks_bound(S, T)) * size_t(D) * acc_bytes;
+  return ws;
+}
+
 // Rows per segment, rounded up (the row parts' cap).
 inline int64_t mean_rows(int64_t T, int64_t S) { return S > 0 ? (T + S - 1) / S : 0; }
 
@@ -200,16 +263,44 @@ int word_boundaries_fill_cuda(const uint8_t* bytes, const int64_t* cu, int64_t B
   return cudaGetLastError();
 }
 
+size_t segment_reduce_workspace_cuda(DType dtype, int64_t S, int64_t T, int64_t D) {
+  return reduce_workspace(nullptr, dtype, S, T, D).total_bytes;
+}
+
 int segment_reduce_cuda(DType dtype, const void* x, const int64_t* offsets, int64_t S, int64_t T,
-                        int64_t D, Reduce reduce, void* y, void* stream) {
+                        int64_t D, Reduce reduce, void* workspace, size_t workspace_bytes, void* y,
+                        void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const ReduceWorkspace ws = reduce_workspace(workspace, dtype, S, T, D);
+  if (ws.total_bytes > workspace_bytes) return cudaErrorInvalidValue;
+  if (ws.total_bytes > 0) {  // in blocks: count them and scan the counts for pass 2
+    segment_block_count_kernel<<<blocks_for(S + 1), kThreads, 0, st>>>(offsets, S, T, ws.counts);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    size_t scan_bytes = ws.scan_bytes;
+    e = cub::DeviceScan::ExclusiveSum(ws.scan_temp, scan_bytes, ws.counts, ws.block_begin, S + 1, st);
+    if (e != cudaSuccess) return e;
+  }
+  const int64_t blocks_bound = reduce_blocks_bound(S, T);
   int err = cudaSuccess;
   dispatch_float_types(dtype, [&](auto* tag) {
     using V = std::remove_pointer_t<decltype(tag)>;
+    using A = acc_t<V>;
     dispatch_reduce(reduce, [&](auto r) {
       err = launch_segments<V>(S, D, 0, {x, y}, [&](auto n, unsigned blocks, int64_t) {
-        segment_reduce_kernel<V, decltype(n)::value, decltype(r)::value><<<blocks, kThreads, 0, st>>>(
-            static_cast<const V*>(x), offsets, S, T, D, static_cast<V*>(y));
+        constexpr int N = decltype(n)::value;
+        constexpr Reduce R = decltype(r)::value;
+        if (ws.total_bytes == 0) {
+          segment_reduce_kernel<V, N, R><<<blocks, kThreads, 0, st>>>(static_cast<const V*>(x), offsets, S,
+                                                                       T, D, static_cast<V*>(y));
+          return;
+        }
+        segment_reduce_block_kernel<V, N, R><<<blocks_for(blocks_bound * (D / N)), kThreads, 0, st>>>(
+            static_cast<const V*>(x), offsets, ws.block_begin, S, T, D, blocks_bound,
+            static_cast<A*>(ws.partials));
+        segment_reduce_combine_kernel<V, N, R><<<blocks, kThreads, 0, st>>>(
+            static_cast<const A*>(ws.partials), offsets, ws.block_begin, S, blocks_bound, T, D,
+            static_cast<V*>(y));
       });
     });
   });

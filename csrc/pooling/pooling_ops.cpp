@@ -1,6 +1,7 @@
 // Torch adapter of the pooling family: argument checks, output allocation,
 // device guard and stream, then a call into the torch-free kernels
 // (pooling_cpu.cpp, pooling_cuda.cu). Schemas live in csrc/registration.cpp.
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -132,8 +133,13 @@ Tensor segment_reduce(Tensor x, Tensor offsets, std::string reduce, bool check_o
     return y;
   }
   CudaContext ctx(x);
+  // a workspace only for a few long segments, which the kernels reduce in blocks
+  const size_t ws_bytes = segment_reduce_workspace_cuda(dtype, S, T, D);
+  std::optional<Tensor> workspace;
+  if (ws_bytes > 0) workspace = adapter::new_output(op, x, {int64_t(ws_bytes)}, ScalarType::Byte);
   check_cuda(segment_reduce_cuda(dtype, x.const_data_ptr(), offsets.const_data_ptr<int64_t>(), S, T,
-                                 D, r, y.mutable_data_ptr(), ctx.stream),
+                                 D, r, workspace ? workspace->mutable_data_ptr() : nullptr, ws_bytes,
+                                 y.mutable_data_ptr(), ctx.stream),
              op);
   return y;
 }

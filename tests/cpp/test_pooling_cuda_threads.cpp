@@ -88,7 +88,30 @@ const int64_t kParts[] = {1, 2, 3, 7};
 struct Case {
   int64_t T, D, max_len;
 };
-const Case kCases[] = {{0, 8, 3}, {1, 8, 1}, {40, 8, 4}, {97, 16, 9}, {64, 24, 1}, {200, 64, 12}};
+// The last two have segments longer than kReduceBlockRows, which the reduce takes in blocks.
+const Case kCases[] = {{0, 8, 3}, {1, 8, 1}, {40, 8, 4}, {97, 16, 9}, {64, 24, 1}, {200, 64, 12},
+                       {1500, 16, 700}, {700, 8, 600}};
+
+// The reduce forward in blocks (segment_reduce_cuda for a few long segments), its
+// three passes run thread by thread: block counts and their exclusive scan, pass 2
+// over blocks_bound * D / N threads, pass 3 over S * D / N threads.
+template <typename T, int N, Reduce R>
+void reduce_in_blocks_on_host(const T* x, const std::vector<int64_t>& off, int64_t rows_total, int64_t D,
+                              T* y) {
+  const int64_t S = int64_t(off.size()) - 1;
+  std::vector<int64_t> block_begin(size_t(S + 1), 0);
+  for (int64_t s = 0; s < S; ++s)
+    block_begin[size_t(s + 1)] = block_begin[size_t(s)] + segment_block_count(off.data(), s, rows_total);
+  const int64_t bound = reduce_blocks_bound(S, rows_total);
+  std::vector<acc_t<T>> partials(size_t(bound * D));  // exactly the bound: ASan sees any overrun
+  for (int64_t g = bound * (D / N) - 1; g >= 0; --g)
+    segment_reduce_block_thread<T, N, R>(g, x, off.data(), block_begin.data(), S, rows_total, D,
+                                         partials.data());
+  run_threads<N>(S, D, [&](int64_t i) {
+    segment_reduce_combine_thread<T, N, R>(i, partials.data(), off.data(), block_begin.data(), bound,
+                                           rows_total, D, y);
+  });
+}
 
 template <typename T, int N, Reduce R>
 void check_reduce_and_backward(const Case& c, std::mt19937& rng) {
@@ -104,6 +127,9 @@ void check_reduce_and_backward(const Case& c, std::mt19937& rng) {
   });
   segment_reduce_cpu(rt, dtype_of<T>(), x.data(), off.data(), S, c.T, c.D, R, y_cpu.data());
   EXPECT_EQ(y_gpu.bytes(), y_cpu.bytes());
+  Buffer<T> y_blocks(S * c.D);
+  reduce_in_blocks_on_host<T, N, R>(x.data(), off, c.T, c.D, y_blocks.data());
+  EXPECT_EQ(y_blocks.bytes(), y_cpu.bytes());
 
   const auto grad_y = random_rows<T>(S, c.D, rng, false);
   Buffer<T> gx_cpu(c.T * c.D);
@@ -213,6 +239,51 @@ TEST(CudaThreadsOnHost, BadOffsetsStayInBounds) {
   const float expected[] = {2, 0, 5, 0};
   for (int64_t s = 0; s < S; ++s)
     for (int64_t d = 0; d < D; ++d) EXPECT_EQ(y.data()[s * D + d], expected[s]) << s;
+}
+
+// In blocks too: offsets that claim more blocks than T / kReduceBlockRows + S
+// (overlapping clamped ranges) stay inside the partials (sized to that bound).
+TEST(CudaThreadsOnHost, BadOffsetsInBlocksStayInBounds) {
+  const int64_t T = 600, D = 4;
+  const std::vector<int64_t> off = {0, T, 0, T, -7, T};  // three whole-T ranges after clamping
+  const int64_t S = int64_t(off.size()) - 1;
+  Buffer<float> x(T * D), y(S * D);
+  for (int64_t i = 0; i < T * D; ++i) x.data()[i] = 1.0f;
+  reduce_in_blocks_on_host<float, 4, Reduce::kSum>(x.data(), off, T, D, y.data());
+  EXPECT_EQ(y.data()[0], float(T));  // the first segment's blocks are all within the bound
+}
+
+// Long segments: a sum in blocks of kReduceBlockRows rows (the block sums added in
+// order) differs from a plain running sum, and CPU and GPU both form the former.
+TEST(CudaThreadsOnHost, LongSegmentsAreSummedInBlocks) {
+  const int64_t T = 3 * kReduceBlockRows + 5, D = 4;
+  const std::vector<int64_t> off = {0, T};
+  std::mt19937 rng(3);
+  const auto x = random_rows<float>(T, D, rng, false);
+  Buffer<float> y(D);
+  segment_reduce_cpu(Runtime{}, DType::kFloat32, x.data(), off.data(), 1, T, D, Reduce::kSum, y.data());
+  bool differs_from_running_sum = false;
+  for (int64_t d = 0; d < D; ++d) {
+    float total = 0.0f, running = 0.0f;
+    for (int64_t b = 0; b < T; b += kReduceBlockRows) {
+      float block = 0.0f;
+      for (int64_t t = b; t < std::min(T, b + kReduceBlockRows); ++t) block += x.data()[t * D + d];
+      total += block;
+    }
+    for (int64_t t = 0; t < T; ++t) running += x.data()[t * D + d];
+    EXPECT_EQ(y.data()[d], total) << d;
+    differs_from_running_sum = differs_from_running_sum || running != total;
+  }
+  EXPECT_TRUE(differs_from_running_sum);  // else this test could not tell the orders apart
+}
+
+TEST(CudaThreadsOnHost, ReduceInBlocksOnlyForFewLongSegments) {
+  EXPECT_FALSE(reduce_in_blocks(0, 0, 0));
+  EXPECT_TRUE(reduce_in_blocks(8 * 64, 8, int64_t(1) << 21));         // 8 sequences of 2^18 rows
+  EXPECT_FALSE(reduce_in_blocks(int64_t(1) << 20, 1 << 14, int64_t(1) << 24));  // threads enough
+  EXPECT_FALSE(reduce_in_blocks(400000 * 64 / 64, 400000, int64_t(1) << 21));  // words
+  EXPECT_FALSE(reduce_in_blocks(64, 1, 2 * kReduceBlockRows - 1));  // one block and a bit
+  EXPECT_EQ(reduce_blocks_bound(8, 1000), 1000 / kReduceBlockRows + 8);
 }
 
 // The row parts of a split launch write disjoint rows that cover every row once

@@ -15,6 +15,9 @@ namespace tokcore {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
+// Bytes per element.
+inline int64_t dtype_size(DType d) { return d == DType::kFloat64 ? 8 : d == DType::kFloat32 ? 4 : 2; }
+
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
 

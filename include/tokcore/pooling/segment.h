@@ -51,6 +51,15 @@ inline void dispatch_reduce(Reduce reduce, F&& f) {
   }
 }
 
+// The reduce's order of operations, the same on every device: a segment's rows
+// are taken in blocks of kReduceBlockRows, each block is reduced row by row from
+// the identity, and the block results are combined in block order. A segment of
+// up to kReduceBlockRows rows (a word) is thus reduced row by row. The blocks let
+// the GPU reduce a few long segments with many threads (segment_threads.h) while
+// CPU and GPU results stay bitwise equal. For max/min the blocks change nothing:
+// combining selects, keeping the first NaN and, on ties, the earlier value.
+constexpr int64_t kReduceBlockRows = 256;
+
 // Result of a segment of `count` rows; an empty segment gives 0 for every reduce.
 template <Reduce R, typename A>
 TOKCORE_HD A reduce_finalize(A acc, int64_t count) {

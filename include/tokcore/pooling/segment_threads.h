@@ -7,7 +7,9 @@
 // features [(i % (D / N)) * N, + N): consecutive threads read consecutive
 // N-element vectors of the same row (coalesced), and each thread walks its
 // segment's rows in order, so no atomics are needed and sums are formed in the
-// same order as on the CPU (the results match bitwise).
+// same order as on the CPU (the results match bitwise). A few long segments are
+// reduced with a thread per block of rows instead (kReduceBlockRows, segment.h),
+// in the same order of operations.
 //
 // The kernels that only write rows (expand, the sum/mean backward, pack, unpack)
 // can also split each segment's rows into `parts` interleaved parts: part j
@@ -78,8 +80,9 @@ TOKCORE_HD SegmentThread segment_thread(int64_t i, int64_t D) {
 // else enough parts to reach about kFillThreads threads, but no more parts than a
 // segment has rows on average (a part past its segment's end has nothing to do).
 // kFillThreads: a few times the threads an H200 keeps resident (132 SMs x 2048).
+constexpr int64_t kFillThreads = int64_t(1) << 20;
+
 inline int64_t row_parts(int64_t segment_threads, int64_t mean_rows) {
-  constexpr int64_t kFillThreads = int64_t(1) << 20;
   if (segment_threads <= 0 || segment_threads >= kFillThreads || mean_rows <= 1) return 1;
   const int64_t wanted = (kFillThreads + segment_threads - 1) / segment_threads;
   return wanted < mean_rows ? wanted : mean_rows;
@@ -97,6 +100,39 @@ TOKCORE_HD PartThread part_thread(int64_t g, int64_t segment_threads, int64_t pa
   return PartThread{g % segment_threads, g / segment_threads};
 }
 
+// Reduces rows [begin, end) of features [col, col + N) row by row from the
+// identity: one block of the reduce's order (kReduceBlockRows, segment.h).
+// kUnroll rows' loads are kept in flight.
+template <typename T, int N, Reduce R, int kUnroll = 4>
+TOKCORE_HD void reduce_block_vec(const T* __restrict__ x, int64_t D, int64_t col, int64_t begin,
+                                 int64_t end, acc_t<T>* acc) {
+  using A = acc_t<T>;
+  TOKCORE_UNROLL
+  for (int j = 0; j < N; ++j) acc[j] = reduce_identity<R, A>();
+  const T* p = x + begin * D + col;
+  TOKCORE_UNROLL_N(kUnroll)
+  for (int64_t t = begin; t < end; ++t, p += D) {
+    const Vec<T, N> v = load_vec<T, N>(p);
+    TOKCORE_UNROLL
+    for (int j = 0; j < N; ++j) acc[j] = reduce_combine<R, A>(acc[j], to_acc(v.v[j]));
+  }
+}
+
+template <typename T, int N, Reduce R>
+TOKCORE_HD void store_reduced(const acc_t<T>* total, int64_t count, T* __restrict__ out) {
+  Vec<T, N> v;
+  TOKCORE_UNROLL
+  for (int j = 0; j < N; ++j) v.v[j] = from_acc<T>(reduce_finalize<R, acc_t<T>>(total[j], count));
+  store_vec<T, N>(out, v);
+}
+
+// The reduce forward with one thread per (segment, vector). A segment of one
+// block (every word) is reduced row by row, which is the blocks' result too
+// (combining the identity with a value gives that value's bits). A longer one is
+// rare here (a few long segments go to the block kernels below; this path serves
+// long segments among many short ones): it is walked one feature and one block at
+// a time, so that it needs fewer registers than the common case (nvcc -Xptxas -v,
+// sm_90: 40 for bf16 mean, as before the blocks; 48 with a vector of running totals).
 template <typename T, int N, Reduce R>
 TOKCORE_HD void segment_reduce_thread(int64_t i, const T* __restrict__ x,
                                       const int64_t* __restrict__ offsets, int64_t rows_total,
@@ -104,20 +140,96 @@ TOKCORE_HD void segment_reduce_thread(int64_t i, const T* __restrict__ x,
   using A = acc_t<T>;
   const SegmentThread th = segment_thread<N>(i, D);
   const RowRange rows = segment_rows(offsets, th.s, rows_total);
-  A acc[N];
-  TOKCORE_UNROLL
-  for (int j = 0; j < N; ++j) acc[j] = reduce_identity<R, A>();
-  const T* p = x + rows.begin * D + th.col;
-  TOKCORE_UNROLL_N(4)
-  for (int64_t t = rows.begin; t < rows.end; ++t, p += D) {
-    const Vec<T, N> v = load_vec<T, N>(p);
-    TOKCORE_UNROLL
-    for (int j = 0; j < N; ++j) acc[j] = reduce_combine<R, A>(acc[j], to_acc(v.v[j]));
+  const int64_t count = rows.end - rows.begin;
+  T* out = y + th.s * D + th.col;
+  if (count <= kReduceBlockRows) {
+    A acc[N];
+    reduce_block_vec<T, N, R>(x, D, th.col, rows.begin, rows.end, acc);
+    store_reduced<T, N, R>(acc, count, out);
+    return;
   }
-  Vec<T, N> out;
+  TOKCORE_UNROLL_N(1)
+  for (int j = 0; j < N; ++j) {
+    A total = reduce_identity<R, A>();
+    for (int64_t b = rows.begin; b < rows.end; b += kReduceBlockRows) {
+      const int64_t e = rows.end - b < kReduceBlockRows ? rows.end : b + kReduceBlockRows;
+      A block = reduce_identity<R, A>();
+      TOKCORE_UNROLL_N(1)
+      for (int64_t t = b; t < e; ++t) block = reduce_combine<R, A>(block, to_acc(x[t * D + th.col + j]));
+      total = reduce_combine<R, A>(total, block);
+    }
+    out[j] = from_acc<T>(reduce_finalize<R, A>(total, count));
+  }
+}
+
+// ---- The reduce forward in blocks, for a few long segments: too few (segment,
+// vector) threads to fill the GPU, but many blocks. Pass 1 counts each segment's
+// blocks (an exclusive scan of the counts gives block_begin [S + 1]); pass 2 has a
+// thread per (block, vector) write its block's result to `partials` [blocks, D]
+// in the accumulator type; pass 3 has a thread per (segment, vector) combine its
+// blocks' results in order: the same operations as segment_reduce_thread.
+
+// Whether to reduce in blocks: the segment threads would leave most of an H200
+// idle, and segments are long enough on average (two blocks or more) to split.
+inline bool reduce_in_blocks(int64_t segment_threads, int64_t S, int64_t T) {
+  return segment_threads > 0 && segment_threads < kFillThreads / 4 && T >= 2 * kReduceBlockRows * S;
+}
+
+// The blocks of all segments: sum of ceil(rows / kReduceBlockRows) <= T / kReduceBlockRows + S
+// for valid offsets (unchecked invalid ones can claim more; the passes clamp to this bound).
+inline int64_t reduce_blocks_bound(int64_t S, int64_t T) { return T / kReduceBlockRows + S; }
+
+TOKCORE_HD int64_t segment_block_count(const int64_t* __restrict__ offsets, int64_t s, int64_t rows_total) {
+  const RowRange rows = segment_rows(offsets, s, rows_total);
+  return (rows.end - rows.begin + kReduceBlockRows - 1) / kReduceBlockRows;
+}
+
+// Pass 2, thread g of blocks_bound * (D / N): block q = g / (D / N) of the list of
+// all segments' blocks, features [(g % (D / N)) * N, + N).
+template <typename T, int N, Reduce R>
+TOKCORE_HD void segment_reduce_block_thread(int64_t g, const T* __restrict__ x,
+                                            const int64_t* __restrict__ offsets,
+                                            const int64_t* __restrict__ block_begin, int64_t S,
+                                            int64_t rows_total, int64_t D,
+                                            acc_t<T>* __restrict__ partials) {
+  const int64_t nvec = D / N;
+  const int64_t q = g / nvec, col = (g % nvec) * N;
+  if (S == 0 || q >= block_begin[S]) return;
+  // the segment of block q: the last s with block_begin[s] <= q (it has blocks)
+  int64_t lo = 0, hi = S;  // block_begin[lo] <= q < block_begin[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (block_begin[mid] <= q) lo = mid;
+    else hi = mid;
+  }
+  const RowRange rows = segment_rows(offsets, lo, rows_total);
+  const int64_t b = rows.begin + (q - block_begin[lo]) * kReduceBlockRows;
+  const int64_t e = rows.end - b < kReduceBlockRows ? rows.end : b + kReduceBlockRows;
+  acc_t<T> block[N];
+  reduce_block_vec<T, N, R>(x, D, col, b, e, block);
   TOKCORE_UNROLL
-  for (int j = 0; j < N; ++j) out.v[j] = from_acc<T>(reduce_finalize<R, A>(acc[j], rows.end - rows.begin));
-  store_vec<T, N>(y + th.s * D + th.col, out);
+  for (int j = 0; j < N; ++j) partials[q * D + col + j] = block[j];
+}
+
+// Pass 3, thread i of S * (D / N). Only the first blocks_bound blocks were written.
+template <typename T, int N, Reduce R>
+TOKCORE_HD void segment_reduce_combine_thread(int64_t i, const acc_t<T>* __restrict__ partials,
+                                              const int64_t* __restrict__ offsets,
+                                              const int64_t* __restrict__ block_begin,
+                                              int64_t blocks_bound, int64_t rows_total, int64_t D,
+                                              T* __restrict__ y) {
+  using A = acc_t<T>;
+  const SegmentThread th = segment_thread<N>(i, D);
+  const RowRange rows = segment_rows(offsets, th.s, rows_total);
+  A total[N];
+  TOKCORE_UNROLL
+  for (int j = 0; j < N; ++j) total[j] = reduce_identity<R, A>();
+  const int64_t end = block_begin[th.s + 1] < blocks_bound ? block_begin[th.s + 1] : blocks_bound;
+  for (int64_t q = block_begin[th.s]; q < end; ++q) {
+    TOKCORE_UNROLL
+    for (int j = 0; j < N; ++j) total[j] = reduce_combine<R, A>(total[j], partials[q * D + th.col + j]);
+  }
+  store_reduced<T, N, R>(total, rows.end - rows.begin, y + th.s * D + th.col);
 }
 
 // x and y are read only for max/min (the gradient goes to the first row that

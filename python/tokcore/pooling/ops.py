@@ -103,12 +103,13 @@ def segment_reduce(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean",
     NaN, and their gradient goes to the first row that attains the result.
     Differentiable in x.
 
-    On CUDA each thread reduces one segment's rows, in order, for 16 bytes of
-    features: the same summation order as on the CPU, so the results match bit
-    for bit. The forward is therefore fast when segments are many (words:
-    S * D * itemsize / 16 threads or more fill the GPU); a few long segments (one
-    per sequence) leave most of the GPU idle. The sum/mean backward splits long
-    segments' rows over more threads.
+    Every device forms the result in the same order: a segment's rows in blocks
+    of 256, each block row by row, then the block results in order (a word is one
+    block), so CPU and CUDA results match bit for bit. On CUDA a thread reduces
+    one segment for 16 bytes of features, which fills the GPU when segments are
+    many (words); a few long segments (one per sequence) get a thread per block
+    of 256 rows instead, then one per segment to combine the blocks. The sum/mean
+    backward splits long segments' rows over more threads.
 
     ``check_offsets=False`` skips the CUDA offsets check and its host sync, for
     offsets known to be valid (see the module docstring).
