@@ -129,7 +129,7 @@ if [ -n "$sanitizer" ]; then
   }
   stamp "compute-sanitizer memcheck: invalid offsets, then the small CUDA cases (at most 150 s)"
   memcheck memcheck_invalid_offsets.log 60 tests/test_pooling.py -k "cuda and (invalid_offsets or check_offsets_false)"
-  memcheck memcheck.log 90 tests -k "cuda and (fixed or empty or random) and not stdlib"
+  memcheck memcheck.log 90 tests -k "cuda and (fixed or empty or random or few_long) and not stdlib"
 else
   stamp "memcheck skipped: no compute-sanitizer on this machine"
 fi

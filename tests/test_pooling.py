@@ -1469,6 +1469,20 @@ def test_cuda_unchecked_invalid_offsets_never_crash(cuda_device, monkeypatch):
                        segment_reduce(x.cpu(), t64([0, 6]), "sum"))
 
 
+def test_cuda_unchecked_invalid_offsets_in_blocks_never_fault(cuda_device):
+    # A few long segments take the block kernels (a workspace sized for valid
+    # offsets); unchecked offsets whose clamped ranges overlap claim more blocks than
+    # that, and the kernels must still stay inside it.
+    c = cuda_device
+    x = torch.randn(4096, 4, device=c)
+    for bad in ([0, 4096, 0, 4096, -7, 4096], [0, 4096, 4096], [5000, 0, 4096]):
+        for reduce in REDUCES:
+            segment_reduce(x, t64(bad).to(c), reduce, check_offsets=False)
+        torch.cuda.synchronize()  # raises if a kernel faulted
+    good = t64([0, 1000, 4096])
+    assert_bitwise_equal(segment_reduce(x, good.to(c), "sum").cpu(), segment_reduce(x.cpu(), good, "sum"))
+
+
 def test_cuda_check_offsets_false_skips_the_check_for_that_call_only(cuda_device):
     # check_offsets=False skips the CUDA check of one call (no sync, no error; the
     # kernels clamp, so no fault either); the next default call checks again.
