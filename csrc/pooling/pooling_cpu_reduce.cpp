@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -242,37 +243,71 @@ inline void reduce_tiles(const T* x, int64_t D, RowRange rows, acc_t<T> divisor,
   }
 }
 
-// reduce_tiles for a sum or mean over more than kReduceBlockRows rows: the rows in
-// the reduce's blocks (tokcore/pooling/segment.h), each block's sum added to a
-// running total, as the CUDA kernels do. (Words never get here; max/min need no
-// blocks: they come out the same either way.)
-template <typename T, Reduce R, int kLoads, bool kStream>
-inline void reduce_tiles_in_blocks(const T* x, int64_t D, RowRange rows, acc_t<T> divisor, int64_t& d0,
-                                   T* out) {
+// Adds each block-sum of rows `block` over features [d0, d0 + kLoads * N), for as
+// many whole tiles as fit (advancing d0), to `totals`: one accumulator vector set
+// per vector of features, in the Lanes layout (K vectors per N features).
+template <typename T, int kLoads>
+inline void add_block_sums(const T* x, int64_t D, RowRange block, int64_t& d0,
+                           typename Lanes<T>::V* totals) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  for (; d0 + kLoads * L::N <= D; d0 += kLoads * L::N) {
+    V acc[kLoads][L::K] = {};
+    for (int64_t t = block.begin; t < block.end; ++t) {
+      const T* row = x + t * D + d0;
+      for (int k = 0; k < kLoads; ++k) {
+        V v[L::K];
+        L::load(row + k * L::N, v);
+        for (int j = 0; j < L::K; ++j) acc[k][j] = acc[k][j] + v[j];
+      }
+    }
+    V* total = totals + d0 / L::N * L::K;
+    for (int k = 0; k < kLoads; ++k)
+      for (int j = 0; j < L::K; ++j) total[k * L::K + j] = total[k * L::K + j] + acc[k][j];
+  }
+}
+
+// A sum or mean over more than kReduceBlockRows rows, in the reduce's blocks
+// (tokcore/pooling/segment.h), as the CUDA kernels form it: each block's sums, row
+// by row, added in block order to running totals kept in memory. Block by block,
+// each block's rows are read once across all features (the same wide tiles as for
+// words). Reading one tile's columns down the whole segment, then the next tile's,
+// took 13.9 ms for bf16 mean with 4096-row segments and 19.6 ms with 8 segments,
+// against 11.3 and 11.5 ms this way and 11.5 ms for 200-row ones (T = 2^20,
+// D = 256, 2-core VM). Words never get here; max/min need no blocks: they come
+// out the same either way.
+template <typename T, Reduce R, bool kStream>
+void reduce_long_segment(const T* x, int64_t D, RowRange rows, acc_t<T> divisor, T* out) {
+  using A = acc_t<T>;
   using L = Lanes<T>;
   using V = typename L::V;
   static_assert(R == Reduce::kSum || R == Reduce::kMean, "max/min need no blocks");
-  for (; d0 + kLoads * L::N <= D; d0 += kLoads * L::N) {
-    V total[kLoads][L::K] = {};
-    for (int64_t b = rows.begin; b < rows.end; b += kReduceBlockRows) {
-      V acc[kLoads][L::K] = {};
-      for (int64_t t = b; t < std::min(rows.end, b + kReduceBlockRows); ++t) {
-        const T* row = x + t * D + d0;
-        for (int k = 0; k < kLoads; ++k) {
-          V v[L::K];
-          L::load(row + k * L::N, v);
-          for (int j = 0; j < L::K; ++j) acc[k][j] = acc[k][j] + v[j];
-        }
-      }
-      for (int k = 0; k < kLoads; ++k)
-        for (int j = 0; j < L::K; ++j) total[k][j] = total[k][j] + acc[k][j];
-    }
-    for (int k = 0; k < kLoads; ++k) {
-      V result[L::K];
-      for (int j = 0; j < L::K; ++j) result[j] = R == Reduce::kMean ? total[k][j] / divisor : total[k][j];
-      L::template store<kStream>(out + d0 + k * L::N, result);
+  constexpr int kWideLoads = 16 / L::K;
+  const int64_t vec_end = D / L::N * L::N;  // features in whole vectors; the rest is the scalar tail
+  std::vector<V> totals(size_t(vec_end / L::N * L::K));  // zeros: the sum's identity
+  std::vector<A> tail(size_t(D - vec_end), A(0));
+  for (int64_t b = rows.begin; b < rows.end; b += kReduceBlockRows) {
+    const RowRange block{b, std::min(rows.end, b + kReduceBlockRows)};
+    int64_t d0 = 0;
+    add_block_sums<T, kWideLoads>(x, D, block, d0, totals.data());
+    add_block_sums<T, 4>(x, D, block, d0, totals.data());
+    add_block_sums<T, 1>(x, D, block, d0, totals.data());
+    for (int64_t d = vec_end; d < D; ++d) {
+      A acc = A(0);
+      for (int64_t t = block.begin; t < block.end; ++t) acc = acc + to_acc(x[t * D + d]);
+      tail[size_t(d - vec_end)] = tail[size_t(d - vec_end)] + acc;
     }
   }
+  for (int64_t d0 = 0; d0 < vec_end; d0 += L::N) {
+    V result[L::K];
+    for (int j = 0; j < L::K; ++j) {
+      const V total = totals[size_t(d0 / L::N * L::K + j)];
+      result[j] = R == Reduce::kMean ? total / divisor : total;
+    }
+    L::template store<kStream>(out + d0, result);
+  }
+  for (int64_t d = vec_end; d < D; ++d)
+    out[d] = from_acc<T>(reduce_finalize<R, A>(tail[size_t(d - vec_end)], rows.end - rows.begin));
 }
 
 template <typename T, Reduce R, bool kStream>
@@ -294,8 +329,8 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
       int64_t d0 = 0;
       if constexpr (R == Reduce::kSum || R == Reduce::kMean) {
         if (count > kReduceBlockRows) {  // a long segment: the reduce's blocks
-          reduce_tiles_in_blocks<T, R, 4, kStream>(x, D, rows, divisor, d0, out);
-          reduce_tiles_in_blocks<T, R, 1, kStream>(x, D, rows, divisor, d0, out);
+          reduce_long_segment<T, R, kStream>(x, D, rows, divisor, out);
+          continue;
         }
       }
       reduce_tiles<T, R, kWideLoads, kStream>(x, D, rows, divisor, d0, out);
