@@ -133,6 +133,7 @@ inline void torch_parallel_for(int64_t begin, int64_t end, int64_t grain, void* 
 inline Runtime cpu_runtime() {
   Runtime rt;
   rt.parallel_for = &torch_parallel_for;
+  rt.threads = int64_t(torch::stable::get_num_threads());
   return rt;
 }
 

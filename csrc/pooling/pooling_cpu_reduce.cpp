@@ -267,47 +267,117 @@ inline void add_block_sums(const T* x, int64_t D, RowRange block, int64_t& d0,
   }
 }
 
-// A sum or mean over more than kReduceBlockRows rows, in the reduce's blocks
-// (tokcore/pooling/segment.h), as the CUDA kernels form it: each block's sums, row
-// by row, added in block order to running totals kept in memory. Block by block,
-// each block's rows are read once across all features (the same wide tiles as for
-// words). Reading one tile's columns down the whole segment, then the next tile's,
-// took 13.9 ms for bf16 mean with 4096-row segments and 19.6 ms with 8 segments,
-// against 11.3 and 11.5 ms this way and 11.5 ms for 200-row ones (T = 2^20,
-// D = 256, 2-core VM). Words never get here; max/min need no blocks: they come
-// out the same either way.
+// Running sums of D features in the Lanes layout (K vectors per N features) plus
+// the scalar tail past the last whole vector; zeros, the sum's identity.
+template <typename T>
+struct FeatureSums {
+  using V = typename Lanes<T>::V;
+  static int64_t vectors(int64_t D) { return D / Lanes<T>::N * Lanes<T>::K; }
+  static int64_t tail(int64_t D) { return D - D / Lanes<T>::N * Lanes<T>::N; }
+};
+
+// Adds the sums of rows `block` (each sum from zero, row by row) to vec and tail.
+// Each row is read once across all features, with the same wide tiles as words.
+template <typename T>
+void add_block(const T* x, int64_t D, RowRange block, typename Lanes<T>::V* vec, acc_t<T>* tail) {
+  using A = acc_t<T>;
+  constexpr int kWideLoads = 16 / Lanes<T>::K;
+  const int64_t vec_end = D - FeatureSums<T>::tail(D);
+  int64_t d0 = 0;
+  add_block_sums<T, kWideLoads>(x, D, block, d0, vec);
+  add_block_sums<T, 4>(x, D, block, d0, vec);
+  add_block_sums<T, 1>(x, D, block, d0, vec);
+  for (int64_t d = vec_end; d < D; ++d) {
+    A acc = A(0);
+    for (int64_t t = block.begin; t < block.end; ++t) acc = acc + to_acc(x[t * D + d]);
+    tail[d - vec_end] = tail[d - vec_end] + acc;
+  }
+}
+
+// The result of a segment of `count` (> 0) rows from its sums.
 template <typename T, Reduce R, bool kStream>
-void reduce_long_segment(const T* x, int64_t D, RowRange rows, acc_t<T> divisor, T* out) {
+void store_sums(const typename Lanes<T>::V* vec, const acc_t<T>* tail, int64_t D, int64_t count, T* out) {
   using A = acc_t<T>;
   using L = Lanes<T>;
   using V = typename L::V;
-  static_assert(R == Reduce::kSum || R == Reduce::kMean, "max/min need no blocks");
-  constexpr int kWideLoads = 16 / L::K;
-  const int64_t vec_end = D / L::N * L::N;  // features in whole vectors; the rest is the scalar tail
-  std::vector<V> totals(size_t(vec_end / L::N * L::K));  // zeros: the sum's identity
-  std::vector<A> tail(size_t(D - vec_end), A(0));
-  for (int64_t b = rows.begin; b < rows.end; b += kReduceBlockRows) {
-    const RowRange block{b, std::min(rows.end, b + kReduceBlockRows)};
-    int64_t d0 = 0;
-    add_block_sums<T, kWideLoads>(x, D, block, d0, totals.data());
-    add_block_sums<T, 4>(x, D, block, d0, totals.data());
-    add_block_sums<T, 1>(x, D, block, d0, totals.data());
-    for (int64_t d = vec_end; d < D; ++d) {
-      A acc = A(0);
-      for (int64_t t = block.begin; t < block.end; ++t) acc = acc + to_acc(x[t * D + d]);
-      tail[size_t(d - vec_end)] = tail[size_t(d - vec_end)] + acc;
-    }
-  }
+  const A divisor = A(count);
+  const int64_t vec_end = D - FeatureSums<T>::tail(D);
   for (int64_t d0 = 0; d0 < vec_end; d0 += L::N) {
     V result[L::K];
     for (int j = 0; j < L::K; ++j) {
-      const V total = totals[size_t(d0 / L::N * L::K + j)];
+      const V total = vec[d0 / L::N * L::K + j];
       result[j] = R == Reduce::kMean ? total / divisor : total;
     }
     L::template store<kStream>(out + d0, result);
   }
-  for (int64_t d = vec_end; d < D; ++d)
-    out[d] = from_acc<T>(reduce_finalize<R, A>(tail[size_t(d - vec_end)], rows.end - rows.begin));
+  for (int64_t d = vec_end; d < D; ++d) out[d] = from_acc<T>(reduce_finalize<R, A>(tail[d - vec_end], count));
+}
+
+// A sum or mean over more than kReduceBlockRows rows, in the reduce's blocks
+// (tokcore/pooling/segment.h), as the CUDA kernels form it: each block's sums, row
+// by row, added in block order to running totals kept in memory. Block by block,
+// each block's rows are read once across all features. Reading one tile's columns
+// down the whole segment, then the next tile's, took 13.9 ms for bf16 mean with
+// 4096-row segments and 19.6 ms with 8 segments, against 11.3 and 11.5 ms this way
+// and 11.5 ms for 200-row ones (T = 2^20, D = 256, 2-core VM). Words never get
+// here; max/min need no blocks: they come out the same either way.
+template <typename T, Reduce R, bool kStream>
+void reduce_long_segment(const T* x, int64_t D, RowRange rows, T* out) {
+  static_assert(R == Reduce::kSum || R == Reduce::kMean, "max/min need no blocks");
+  std::vector<typename Lanes<T>::V> vec(size_t(FeatureSums<T>::vectors(D)));
+  std::vector<acc_t<T>> tail(size_t(FeatureSums<T>::tail(D)));
+  for (int64_t b = rows.begin; b < rows.end; b += kReduceBlockRows)
+    add_block(x, D, RowRange{b, std::min(rows.end, b + kReduceBlockRows)}, vec.data(), tail.data());
+  store_sums<T, R, kStream>(vec.data(), tail.data(), D, rows.end - rows.begin, out);
+}
+
+// Fewer segments than threads (a sum or mean): the threads share out the blocks of
+// all segments, each block's sums go to its own slot, and then each segment adds
+// its blocks' sums in order: the same operations as reduce_long_segment, the GPU's
+// three passes on the CPU. One segment of 2^20 rows (D = 256) then runs on every
+// thread instead of one: on the 2-core VM, where one core nearly saturates memory,
+// bf16 mean 13.3 -> 11.2 ms and f32 unchanged (27 ms); more so with more cores.
+template <typename T, Reduce R, bool kStream>
+void reduce_few_segments(const Runtime& rt, const T* x, const int64_t* offsets, int64_t S, int64_t T_,
+                         int64_t D, T* y) {
+  using V = typename Lanes<T>::V;
+  static_assert(R == Reduce::kSum || R == Reduce::kMean, "max/min need no blocks");
+  std::vector<int64_t> block_begin(size_t(S + 1), 0);
+  for (int64_t s = 0; s < S; ++s) block_begin[size_t(s + 1)] = block_begin[size_t(s)] + segment_block_count(offsets, s, T_);
+  const int64_t blocks = block_begin[size_t(S)];
+  const int64_t nvec = FeatureSums<T>::vectors(D), ntail = FeatureSums<T>::tail(D);
+  std::vector<V> vec(size_t(blocks * nvec));  // zeros
+  std::vector<acc_t<T>> tail(size_t(blocks * ntail));
+  parallel_for(rt, 0, blocks, 1, [&](int64_t q0, int64_t q1) {
+    int64_t s = int64_t(std::upper_bound(block_begin.begin(), block_begin.end(), q0) - block_begin.begin()) - 1;
+    for (int64_t q = q0; q < q1; ++q) {
+      while (block_begin[size_t(s + 1)] <= q) ++s;  // the segment holding block q
+      const RowRange rows = segment_rows(offsets, s, T_);
+      const int64_t b = rows.begin + (q - block_begin[size_t(s)]) * kReduceBlockRows;
+      add_block(x, D, RowRange{b, std::min(rows.end, b + kReduceBlockRows)}, vec.data() + q * nvec,
+                tail.data() + q * ntail);
+    }
+  });
+  parallel_for(rt, 0, S, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<V> total_vec(static_cast<size_t>(nvec));
+    std::vector<acc_t<T>> total_tail(static_cast<size_t>(ntail));
+    for (int64_t s = s0; s < s1; ++s) {
+      const RowRange rows = segment_rows(offsets, s, T_);
+      if (rows.end == rows.begin) {
+        std::memset(static_cast<void*>(y + s * D), 0, sizeof(T) * size_t(D));
+        continue;
+      }
+      std::fill(total_vec.begin(), total_vec.end(), V{});
+      std::fill(total_tail.begin(), total_tail.end(), acc_t<T>(0));
+      for (int64_t q = block_begin[size_t(s)]; q < block_begin[size_t(s + 1)]; ++q) {
+        for (int64_t v = 0; v < nvec; ++v) total_vec[size_t(v)] = total_vec[size_t(v)] + vec[size_t(q * nvec + v)];
+        for (int64_t d = 0; d < ntail; ++d)
+          total_tail[size_t(d)] = total_tail[size_t(d)] + tail[size_t(q * ntail + d)];
+      }
+      store_sums<T, R, kStream>(total_vec.data(), total_tail.data(), D, rows.end - rows.begin, y + s * D);
+    }
+    if (kStream) fence_streaming_stores();
+  });
 }
 
 template <typename T, Reduce R, bool kStream>
@@ -316,6 +386,10 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
   using A = acc_t<T>;
   // Loads per wide tile: 16 accumulator vectors (bf16 fills two per load).
   constexpr int kWideLoads = 16 / Lanes<T>::K;
+  if constexpr (R == Reduce::kSum || R == Reduce::kMean) {
+    if (S > 0 && S < rt.threads && T_ >= 2 * kReduceBlockRows * S)
+      return reduce_few_segments<T, R, kStream>(rt, x, offsets, S, T_, D, y);
+  }
   parallel_for(rt, 0, S, segment_grain(S, T_, D), [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const RowRange rows = segment_rows(offsets, s, T_);
@@ -329,7 +403,7 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
       int64_t d0 = 0;
       if constexpr (R == Reduce::kSum || R == Reduce::kMean) {
         if (count > kReduceBlockRows) {  // a long segment: the reduce's blocks
-          reduce_long_segment<T, R, kStream>(x, D, rows, divisor, out);
+          reduce_long_segment<T, R, kStream>(x, D, rows, out);
           continue;
         }
       }

@@ -277,6 +277,40 @@ TEST(CudaThreadsOnHost, LongSegmentsAreSummedInBlocks) {
   EXPECT_TRUE(differs_from_running_sum);  // else this test could not tell the orders apart
 }
 
+// Fewer segments than threads: the CPU shares out all segments' blocks over its
+// threads (reduce_few_segments). Same bits as one thread per segment, and as the
+// GPU's thread bodies. (A serial parallel_for that claims 8 threads takes the path.)
+template <typename T, Reduce R>
+void check_few_segments_on_cpu(std::mt19937& rng) {
+  constexpr int kVec = 16 / sizeof(T);
+  for (int64_t D : {int64_t(kVec) * 5, int64_t(kVec) * 64 + 3, int64_t(3)}) {
+    for (const std::vector<int64_t>& off : {std::vector<int64_t>{0, 3000}, {0, 700, 700, 2000, 2001, 2600}}) {
+      SCOPED_TRACE("D=" + std::to_string(D) + " S=" + std::to_string(off.size() - 1));
+      const int64_t S = int64_t(off.size()) - 1, rows = off.back();
+      const auto x = random_rows<T>(rows, D, rng, false);
+      Runtime one_thread, eight_threads;
+      eight_threads.threads = 8;
+      Buffer<T> y1(S * D), y8(S * D), y_gpu(S * D);
+      segment_reduce_cpu(one_thread, dtype_of<T>(), x.data(), off.data(), S, rows, D, R, y1.data());
+      segment_reduce_cpu(eight_threads, dtype_of<T>(), x.data(), off.data(), S, rows, D, R, y8.data());
+      run_threads<1>(S, D, [&](int64_t i) {
+        segment_reduce_thread<T, 1, R>(i, x.data(), off.data(), rows, D, y_gpu.data());
+      });
+      EXPECT_EQ(y8.bytes(), y1.bytes());
+      EXPECT_EQ(y8.bytes(), y_gpu.bytes());
+    }
+  }
+}
+
+TEST(CudaThreadsOnHost, FewSegmentsShareTheirBlocksOverCpuThreads) {
+  std::mt19937 rng(9);
+  check_few_segments_on_cpu<float, Reduce::kSum>(rng);
+  check_few_segments_on_cpu<float, Reduce::kMean>(rng);
+  check_few_segments_on_cpu<double, Reduce::kMean>(rng);
+  check_few_segments_on_cpu<bf16_t, Reduce::kMean>(rng);
+  check_few_segments_on_cpu<f16_t, Reduce::kSum>(rng);
+}
+
 TEST(CudaThreadsOnHost, ReduceInBlocksOnlyForFewLongSegments) {
   EXPECT_FALSE(reduce_in_blocks(0, 0, 0));
   EXPECT_TRUE(reduce_in_blocks(8 * 64, 8, int64_t(1) << 21));         // 8 sequences of 2^18 rows

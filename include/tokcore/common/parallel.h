@@ -12,6 +12,7 @@ struct Runtime {
   using ParallelForFn = void (*)(int64_t begin, int64_t end, int64_t grain, void* ctx,
                                  void (*body)(void* ctx, int64_t begin, int64_t end));
   ParallelForFn parallel_for = nullptr;  // null: run serially
+  int64_t threads = 1;                    // threads that parallel_for may use
 };
 
 inline void serial_for(int64_t begin, int64_t end, int64_t, void* ctx,

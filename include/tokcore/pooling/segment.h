@@ -92,5 +92,11 @@ TOKCORE_HD RowRange segment_rows(const int64_t* offsets, int64_t s, int64_t T) {
   return RowRange{b, e};
 }
 
+// Blocks of the reduce's order (kReduceBlockRows) in segment s.
+TOKCORE_HD int64_t segment_block_count(const int64_t* offsets, int64_t s, int64_t T) {
+  const RowRange rows = segment_rows(offsets, s, T);
+  return (rows.end - rows.begin + kReduceBlockRows - 1) / kReduceBlockRows;
+}
+
 }  // namespace pooling
 }  // namespace tokcore

@@ -179,11 +179,6 @@ inline bool reduce_in_blocks(int64_t segment_threads, int64_t S, int64_t T) {
 // for valid offsets (unchecked invalid ones can claim more; the passes clamp to this bound).
 inline int64_t reduce_blocks_bound(int64_t S, int64_t T) { return T / kReduceBlockRows + S; }
 
-TOKCORE_HD int64_t segment_block_count(const int64_t* __restrict__ offsets, int64_t s, int64_t rows_total) {
-  const RowRange rows = segment_rows(offsets, s, rows_total);
-  return (rows.end - rows.begin + kReduceBlockRows - 1) / kReduceBlockRows;
-}
-
 // Pass 2, thread g of blocks_bound * (D / N): block q = g / (D / N) of the list of
 // all segments' blocks, features [(g % (D / N)) * N, + N).
 template <typename T, int N, Reduce R>
