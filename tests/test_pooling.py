@@ -1710,6 +1710,14 @@ def test_segment_reduce_cpu_isa_variants_agree_bitwise(monkeypatch, reduce, dtyp
         for isa in ("avx512", "avx2"):
             assert torch.equal(results[isa], results["base"]), f"{isa} vs base, D={D}"
             assert torch.equal(grads[isa], grads["base"]), f"backward, {isa} vs base, D={D}"
+        # one segment, fewer than the threads: its blocks are shared out over them
+        whole = {}
+        for isa in ("avx512", "avx2", "base"):
+            monkeypatch.setenv("TOKCORE_CPU_ISA", isa)
+            whole[isa] = segment_reduce(x, t64([0, 700]), reduce).view(bits)
+        check_reduce(whole["base"].view(dtype), x, t64([0, 700]), reduce)
+        for isa in ("avx512", "avx2"):
+            assert torch.equal(whole[isa], whole["base"]), f"one segment, {isa} vs base, D={D}"
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
