@@ -220,6 +220,9 @@ TOKCORE_HD void segment_reduce_combine_thread(int64_t i, const acc_t<T>* __restr
   TOKCORE_UNROLL
   for (int j = 0; j < N; ++j) total[j] = reduce_identity<R, A>();
   const int64_t end = block_begin[th.s + 1] < blocks_bound ? block_begin[th.s + 1] : blocks_bound;
+  // A few threads each read many blocks' results (8 sequences of 2^18 rows: 1024
+  // each): keep several blocks' loads in flight, else each waits out the latency.
+  TOKCORE_UNROLL_N(8)
   for (int64_t q = block_begin[th.s]; q < end; ++q) {
     TOKCORE_UNROLL
     for (int j = 0; j < N; ++j) total[j] = reduce_combine<R, A>(total[j], partials[q * D + th.col + j]);
