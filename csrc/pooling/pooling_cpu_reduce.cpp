@@ -271,7 +271,6 @@ inline void add_block_sums(const T* x, int64_t D, RowRange block, int64_t& d0,
 // the scalar tail past the last whole vector; zeros, the sum's identity.
 template <typename T>
 struct FeatureSums {
-  using V = typename Lanes<T>::V;
   static int64_t vectors(int64_t D) { return D / Lanes<T>::N * Lanes<T>::K; }
   static int64_t tail(int64_t D) { return D - D / Lanes<T>::N * Lanes<T>::N; }
 };
