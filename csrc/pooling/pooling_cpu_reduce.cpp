@@ -33,11 +33,12 @@ inline void reduce_tile(const T* x, int64_t D, int64_t begin, int64_t end, int64
   using A = acc_t<T>;
   A total[W];
   for (int j = 0; j < W; ++j) total[j] = reduce_identity<R, A>();
-  for (int64_t b = begin; b < end; b += kReduceBlockRows) {
-    const int64_t e = std::min(end, b + kReduceBlockRows);
+  const RowRange rows{begin, end};
+  for (int64_t k = 0; k < reduce_block_count(rows); ++k) {
+    const RowRange block = reduce_block_rows(rows, k);
     A acc[W];
     for (int j = 0; j < W; ++j) acc[j] = reduce_identity<R, A>();
-    for (int64_t t = b; t < e; ++t) {
+    for (int64_t t = block.begin; t < block.end; ++t) {
       const T* row = x + t * D + d0;
       for (int j = 0; j < W; ++j) acc[j] = reduce_combine<R, A>(acc[j], to_acc(row[j]));
     }
@@ -325,8 +326,8 @@ void reduce_long_segment(const T* x, int64_t D, RowRange rows, T* out) {
   static_assert(R == Reduce::kSum || R == Reduce::kMean, "max/min need no blocks");
   std::vector<typename Lanes<T>::V> vec(size_t(FeatureSums<T>::vectors(D)));
   std::vector<acc_t<T>> tail(size_t(FeatureSums<T>::tail(D)));
-  for (int64_t b = rows.begin; b < rows.end; b += kReduceBlockRows)
-    add_block(x, D, RowRange{b, std::min(rows.end, b + kReduceBlockRows)}, vec.data(), tail.data());
+  for (int64_t k = 0; k < reduce_block_count(rows); ++k)
+    add_block(x, D, reduce_block_rows(rows, k), vec.data(), tail.data());
   store_sums<T, R, kStream>(vec.data(), tail.data(), D, rows.end - rows.begin, out);
 }
 
@@ -351,10 +352,8 @@ void reduce_few_segments(const Runtime& rt, const T* x, const int64_t* offsets, 
     int64_t s = int64_t(std::upper_bound(block_begin.begin(), block_begin.end(), q0) - block_begin.begin()) - 1;
     for (int64_t q = q0; q < q1; ++q) {
       while (block_begin[size_t(s + 1)] <= q) ++s;  // the segment holding block q
-      const RowRange rows = segment_rows(offsets, s, T_);
-      const int64_t b = rows.begin + (q - block_begin[size_t(s)]) * kReduceBlockRows;
-      add_block(x, D, RowRange{b, std::min(rows.end, b + kReduceBlockRows)}, vec.data() + q * nvec,
-                tail.data() + q * ntail);
+      add_block(x, D, reduce_block_rows(segment_rows(offsets, s, T_), q - block_begin[size_t(s)]),
+                vec.data() + q * nvec, tail.data() + q * ntail);
     }
   });
   parallel_for(rt, 0, S, 1, [&](int64_t s0, int64_t s1) {
@@ -386,7 +385,7 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
   // Loads per wide tile: 16 accumulator vectors (bf16 fills two per load).
   constexpr int kWideLoads = 16 / Lanes<T>::K;
   if constexpr (R == Reduce::kSum || R == Reduce::kMean) {
-    if (S > 0 && S < rt.threads && T_ >= 2 * kReduceBlockRows * S)
+    if (S > 0 && S < rt.threads && segments_are_long(S, T_))
       return reduce_few_segments<T, R, kStream>(rt, x, offsets, S, T_, D, y);
   }
   parallel_for(rt, 0, S, segment_grain(S, T_, D), [&](int64_t s0, int64_t s1) {

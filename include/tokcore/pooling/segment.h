@@ -92,11 +92,24 @@ TOKCORE_HD RowRange segment_rows(const int64_t* offsets, int64_t s, int64_t T) {
   return RowRange{b, e};
 }
 
-// Blocks of the reduce's order (kReduceBlockRows) in segment s.
-TOKCORE_HD int64_t segment_block_count(const int64_t* offsets, int64_t s, int64_t T) {
-  const RowRange rows = segment_rows(offsets, s, T);
+// The blocks of the reduce's order (kReduceBlockRows) in a segment's rows: how
+// many, and the rows of block k. Every kernel that takes rows in blocks asks these.
+TOKCORE_HD int64_t reduce_block_count(RowRange rows) {
   return (rows.end - rows.begin + kReduceBlockRows - 1) / kReduceBlockRows;
 }
+
+TOKCORE_HD RowRange reduce_block_rows(RowRange rows, int64_t k) {
+  const int64_t b = rows.begin + k * kReduceBlockRows;
+  return RowRange{b, rows.end - b < kReduceBlockRows ? rows.end : b + kReduceBlockRows};
+}
+
+TOKCORE_HD int64_t segment_block_count(const int64_t* offsets, int64_t s, int64_t T) {
+  return reduce_block_count(segment_rows(offsets, s, T));
+}
+
+// Whether S segments over T rows are long on average (two blocks or more): what
+// makes reducing them block by block on many threads worth it, on either device.
+inline bool segments_are_long(int64_t S, int64_t T) { return T >= 2 * kReduceBlockRows * S; }
 
 }  // namespace pooling
 }  // namespace tokcore

@@ -151,11 +151,12 @@ TOKCORE_HD void segment_reduce_thread(int64_t i, const T* __restrict__ x,
   TOKCORE_UNROLL_N(1)
   for (int j = 0; j < N; ++j) {
     A total = reduce_identity<R, A>();
-    for (int64_t b = rows.begin; b < rows.end; b += kReduceBlockRows) {
-      const int64_t e = rows.end - b < kReduceBlockRows ? rows.end : b + kReduceBlockRows;
+    for (int64_t k = 0; k < reduce_block_count(rows); ++k) {
+      const RowRange rows_k = reduce_block_rows(rows, k);
       A block = reduce_identity<R, A>();
       TOKCORE_UNROLL_N(1)
-      for (int64_t t = b; t < e; ++t) block = reduce_combine<R, A>(block, to_acc(x[t * D + th.col + j]));
+      for (int64_t t = rows_k.begin; t < rows_k.end; ++t)
+        block = reduce_combine<R, A>(block, to_acc(x[t * D + th.col + j]));
       total = reduce_combine<R, A>(total, block);
     }
     out[j] = from_acc<T>(reduce_finalize<R, A>(total, count));
@@ -172,7 +173,7 @@ TOKCORE_HD void segment_reduce_thread(int64_t i, const T* __restrict__ x,
 // Whether to reduce in blocks: the segment threads would leave most of an H200
 // idle, and segments are long enough on average (two blocks or more) to split.
 inline bool reduce_in_blocks(int64_t segment_threads, int64_t S, int64_t T) {
-  return segment_threads > 0 && segment_threads < kFillThreads / 4 && T >= 2 * kReduceBlockRows * S;
+  return segment_threads > 0 && segment_threads < kFillThreads / 4 && segments_are_long(S, T);
 }
 
 // The blocks of all segments: sum of ceil(rows / kReduceBlockRows) <= T / kReduceBlockRows + S
@@ -197,11 +198,9 @@ TOKCORE_HD void segment_reduce_block_thread(int64_t g, const T* __restrict__ x,
     if (block_begin[mid] <= q) lo = mid;
     else hi = mid;
   }
-  const RowRange rows = segment_rows(offsets, lo, rows_total);
-  const int64_t b = rows.begin + (q - block_begin[lo]) * kReduceBlockRows;
-  const int64_t e = rows.end - b < kReduceBlockRows ? rows.end : b + kReduceBlockRows;
+  const RowRange rows = reduce_block_rows(segment_rows(offsets, lo, rows_total), q - block_begin[lo]);
   acc_t<T> block[N];
-  reduce_block_vec<T, N, R>(x, D, col, b, e, block);
+  reduce_block_vec<T, N, R>(x, D, col, rows.begin, rows.end, block);
   TOKCORE_UNROLL
   for (int j = 0; j < N; ++j) partials[q * D + col + j] = block[j];
 }
