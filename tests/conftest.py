@@ -60,15 +60,21 @@ def cuda_device() -> str:
 
 class RecordingOps:
     """Stands in for torch.ops.tokcore in tokcore.pooling.ops: records each call as
-    (op name, a CPU copy of its offsets argument, its check_offsets), then runs it."""
+    (op name, a CPU copy of its offsets argument, its check_offsets), then runs it.
+    The offsets that word_boundaries makes (valid by construction) are recorded in
+    `made_offsets`, in call order."""
 
     def __init__(self):
         self.calls: list[tuple[str, torch.Tensor, bool]] = []
+        self.made_offsets: list[torch.Tensor] = []
 
     def __getattr__(self, name):
         def call(*args, **kwargs):
             self.calls.append((name, args[1].detach().cpu().clone(), kwargs.get("check_offsets", True)))
-            return getattr(torch.ops.tokcore, name)(*args, **kwargs)
+            result = getattr(torch.ops.tokcore, name)(*args, **kwargs)
+            if name == "word_boundaries":
+                self.made_offsets.extend(t.detach().cpu().clone() for t in result)
+            return result
         return call
 
 

@@ -199,10 +199,12 @@ class HierarchicalByteLM(nn.Module):
         return word_boundaries(bytes, cu_seqlens, self.config.max_word_bytes, "space")
 
     def word_states(self, bytes: Tensor, word_offsets: Tensor, word_cu_seqlens: Tensor,
-                    max_words: int | None = None) -> Tensor:
-        """Backbone output [W, d_model]: state of word w has seen words <= w of its sequence."""
-        words = self.encoder.encode(bytes, word_offsets)
-        return self.backbone(words, word_cu_seqlens, max_words)
+                    max_words: int | None = None, *, check_offsets: bool = True) -> Tensor:
+        """Backbone output [W, d_model]: state of word w has seen words <= w of its sequence.
+        ``check_offsets=False`` skips the CUDA checks of word_offsets and word_cu_seqlens
+        (host syncs), for offsets known to be valid, such as `segment`'s."""
+        words = self.encoder.encode(bytes, word_offsets, check_offsets=check_offsets)
+        return self.backbone(words, word_cu_seqlens, max_words, check_offsets=check_offsets)
 
     def previous_word_context(self, h: Tensor, word_cu_seqlens: Tensor) -> Tensor:
         """[W, d_model]: row w = h[w-1] within the same sequence, the learned start state
@@ -251,18 +253,20 @@ class HierarchicalByteLM(nn.Module):
         "n_symbols", "n_bytes", "n_words", "n_seqs", "backbone_tokens"}."""
         _check_input(bytes, cu_seqlens)
         word_offsets, word_cu = self.segment(bytes, cu_seqlens)
-        return self._forward_words(bytes, word_offsets, word_cu)
+        # word_boundaries validated cu_seqlens and made valid offsets: no op checks them
+        return self._forward_words(bytes, word_offsets, word_cu, check_offsets=False)
 
     def forward_words(self, bytes: Tensor, word_offsets: Tensor, word_cu_seqlens: Tensor) -> dict[str, Tensor | int]:
         """`forward` on words the caller made; ValueError for a word longer than
         max_word_bytes (the decoder could not predict its extra bytes)."""
         check_word_lengths(word_offsets, self.config.max_word_bytes)
-        return self._forward_words(bytes, word_offsets, word_cu_seqlens)
+        return self._forward_words(bytes, word_offsets, word_cu_seqlens, check_offsets=True)
 
-    def _forward_words(self, bytes: Tensor, word_offsets: Tensor, word_cu_seqlens: Tensor) -> dict[str, Tensor | int]:
-        # The encoder checks word_offsets (on CUDA a host sync), and the backbone
-        # word_cu_seqlens; the decoder's ops reuse those checks.
-        h = self.word_states(bytes, word_offsets, word_cu_seqlens)
+    def _forward_words(self, bytes: Tensor, word_offsets: Tensor, word_cu_seqlens: Tensor, *,
+                       check_offsets: bool) -> dict[str, Tensor | int]:
+        # With check_offsets, the encoder checks word_offsets (on CUDA a host sync) and
+        # the backbone word_cu_seqlens; the decoder's ops reuse those checks.
+        h = self.word_states(bytes, word_offsets, word_cu_seqlens, check_offsets=check_offsets)
         ctx = self.previous_word_context(h, word_cu_seqlens)
         logits, _ = self.decoder_logits(ctx, bytes, word_offsets, check_offsets=False)
         targets = self.decoder_targets(bytes, word_offsets, check_offsets=False)
@@ -295,7 +299,7 @@ class HierarchicalByteLM(nn.Module):
         lengths = torch.tensor([len(wd) for wd in words], dtype=torch.int64, device=device)
         word_offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), lengths.cumsum(0)])
         word_cu = torch.tensor([0, len(words)], dtype=torch.int64, device=device)
-        h = self.word_states(data, word_offsets, word_cu, len(words))
+        h = self.word_states(data, word_offsets, word_cu, len(words), check_offsets=False)  # valid by construction
         return h[-1]
 
     def _next_symbol_logits(self, ctx: Tensor, word: bytes, device: torch.device) -> Tensor:
@@ -304,7 +308,7 @@ class HierarchicalByteLM(nn.Module):
             self.dec_embed(torch.tensor(list(word), dtype=torch.long, device=device)),
         ])
         offsets = torch.tensor([0, x.shape[0]], dtype=torch.int64, device=device)
-        return self.head(self.decoder(x, offsets, x.shape[0])[-1])
+        return self.head(self.decoder(x, offsets, x.shape[0], check_offsets=False)[-1])  # valid by construction
 
     @torch.no_grad()
     def generate(self, prompt: bytes | str = b"", max_new_bytes: int = 200, temperature: float = 1.0,
@@ -379,14 +383,16 @@ class ByteLM(nn.Module):
         self.head = nn.Linear(c.d_model, 256)
         init_weights(self)
 
-    def logits(self, bytes: Tensor, cu_seqlens: Tensor, max_len: int | None = None) -> Tensor:
-        """[T, 256]: row t predicts bytes[t] from the bytes before it in its sequence."""
+    def logits(self, bytes: Tensor, cu_seqlens: Tensor, max_len: int | None = None, *,
+               check_offsets: bool = True) -> Tensor:
+        """[T, 256]: row t predicts bytes[t] from the bytes before it in its sequence.
+        ``check_offsets=False`` skips the CUDA check of cu_seqlens (a host sync)."""
         t = bytes.numel()
         inp = torch.cat([bytes.new_full((1,), 0).long(), bytes[:-1].long()]) if t else bytes.long()
         starts = cu_seqlens[:-1]
         inp[starts[starts < t]] = BOS
         x = self.embed(inp)
-        return self.head(self.blocks(x, cu_seqlens, max_len))
+        return self.head(self.blocks(x, cu_seqlens, max_len, check_offsets=check_offsets))
 
     def forward(self, bytes: Tensor, cu_seqlens: Tensor) -> dict[str, Tensor | int]:
         _check_input(bytes, cu_seqlens)
@@ -428,7 +434,8 @@ class ByteLM(nn.Module):
             # append a dummy byte: the logits row of the last position predicts the next byte
             data = torch.tensor(list(window) + [0], dtype=torch.uint8, device=device)
             cu = torch.tensor([0, data.numel()], dtype=torch.int64, device=device)
-            sym = _sample(self.logits(data, cu, data.numel())[-1], temperature, top_k, generator)
+            logits = self.logits(data, cu, data.numel(), check_offsets=False)  # cu is valid by construction
+            sym = _sample(logits[-1], temperature, top_k, generator)
             ctx.append(sym)
             out.append(sym)
         return bytes(out)

@@ -219,19 +219,21 @@ class BytePoolingEncoder(nn.Module):
         """(word_offsets [W+1], word_cu_seqlens [B+1]) for a flat uint8 byte stream."""
         return word_boundaries(bytes, cu_seqlens, self.max_word_bytes, "space")
 
-    def byte_states(self, bytes: Tensor, word_offsets: Tensor) -> Tensor:
-        """Contextual byte states [T, d_model] (context = the byte's own word)."""
+    def byte_states(self, bytes: Tensor, word_offsets: Tensor, *, check_offsets: bool = True) -> Tensor:
+        """Contextual byte states [T, d_model] (context = the byte's own word).
+        ``check_offsets=False`` skips the CUDA check of word_offsets (a host sync)."""
         x = self.embed(bytes.long())
-        return self.local(x, word_offsets, self.max_word_bytes)
+        return self.local(x, word_offsets, self.max_word_bytes, check_offsets=check_offsets)
 
-    def pool_words(self, x: Tensor, word_offsets: Tensor) -> Tensor:
-        """Byte states [T, D] -> word vectors [W, D] (before the output projection)."""
+    def pool_words(self, x: Tensor, word_offsets: Tensor, *, check_offsets: bool = True) -> Tensor:
+        """Byte states [T, D] -> word vectors [W, D] (before the output projection).
+        ``check_offsets=False`` skips the CUDA check of word_offsets (a host sync)."""
         if self.pool in ("mean", "max"):
-            return segment_reduce(x, word_offsets, self.pool)
+            return segment_reduce(x, word_offsets, self.pool, check_offsets=check_offsets)
         w = word_offsets.numel() - 1
         L = self.max_word_bytes
         h, dh = self.n_heads, self.d_model // self.n_heads
-        kv = segment_pack(self.kv(x), word_offsets, L)  # [W, L, 2D]
+        kv = segment_pack(self.kv(x), word_offsets, L, check_offsets=check_offsets)  # [W, L, 2D]
         k, v = kv.view(w, L, 2, h, dh).permute(2, 0, 3, 1, 4)  # [W, H, L, Dh]
         q = self.query.to(x.dtype)[None, :, None, :].expand(w, h, 1, dh)
         lengths = segment_lengths(word_offsets).clamp(min=1)
@@ -248,10 +250,15 @@ class BytePoolingEncoder(nn.Module):
         check_word_lengths(word_offsets, self.max_word_bytes)
         return self.encode(bytes, word_offsets)
 
-    def encode(self, bytes: Tensor, word_offsets: Tensor) -> Tensor:
+    def encode(self, bytes: Tensor, word_offsets: Tensor, *, check_offsets: bool = True) -> Tensor:
         """`forward` without the word-length check: every word must be at most
-        max_word_bytes long (true of `segment`'s words)."""
-        return self.out(self.pool_words(self.byte_states(bytes, word_offsets), word_offsets))
+        max_word_bytes long (true of `segment`'s words). ``check_offsets=False`` skips
+        the CUDA check of word_offsets (a host sync), for offsets known to be valid,
+        such as `segment`'s."""
+        x = self.byte_states(bytes, word_offsets, check_offsets=check_offsets)
+        # the local layers checked word_offsets; with no local layer the pooling checks them
+        pool_checks = check_offsets and len(self.local.blocks) == 0
+        return self.out(self.pool_words(x, word_offsets, check_offsets=pool_checks))
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
