@@ -665,16 +665,26 @@ def test_segment_reduce_random(device, reduce, dtype, data):
     check_reduce_grad(xd.grad.cpu(), grad_y, x, offsets, reduce)
 
 
+def _words_then_a_long_segment() -> torch.Tensor:
+    """2000 words of 0..9 rows, one segment of 14000 rows, 2000 more words."""
+    g = torch.Generator().manual_seed(12)
+    lengths = torch.cat([torch.randint(0, 10, (2000,), generator=g), t64([14000]),
+                         torch.randint(0, 10, (2000,), generator=g)])
+    return torch.cat([t64([0]), lengths.cumsum(0)])
+
+
+@pytest.mark.parametrize("layout", ["few", "mixed"])
 @pytest.mark.parametrize("D", [64, 6])  # 16-byte vectors, or one element per thread
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("reduce", REDUCES)
-def test_segment_reduce_few_long_segments(device, reduce, dtype, D):
-    # Few long segments (sequence pooling): the reduce takes their rows in blocks of
-    # 256 (on CUDA with a thread per block, which this shape selects), CPU and CUDA
-    # alike, so the results match the reference and each other bit for bit.
+def test_segment_reduce_few_long_segments(device, reduce, dtype, D, layout):
+    # Few long segments (sequence pooling), or one long segment among many words: the
+    # reduce takes their rows in blocks of 256, CPU and CUDA alike (the CPU shares out
+    # the blocks of segments too long for one thread; CUDA, for "few", runs a thread
+    # per block), so the results match the reference and each other bit for bit.
     g = torch.Generator().manual_seed(11)
-    offsets = t64([0, 300, 300, 3000, 3001, 20000])
-    x = (torch.randn(20000, D, generator=g, dtype=torch.float64) * 3).to(dtype)
+    offsets = t64([0, 300, 300, 3000, 3001, 20000]) if layout == "few" else _words_then_a_long_segment()
+    x = (torch.randn(int(offsets[-1]), D, generator=g, dtype=torch.float64) * 3).to(dtype)
     x[5, 0], x[4000, D - 1] = float("nan"), float("inf")
     y = segment_reduce(x.to(device), offsets.to(device), reduce).cpu()
     check_reduce(y, x, offsets, reduce)
@@ -1685,7 +1695,8 @@ def test_segment_reduce_cpu_isa_variants_agree_bitwise(monkeypatch, reduce, dtyp
     # (baseline, AVX2, AVX-512) and picked at run time; TOKCORE_CPU_ISA=base|avx2 caps the choice. Every
     # variant the CPU runs must give the same bits, for widths that use the wide
     # tiles (up to 256 features), the narrower ones, the scalar tail, or a mix; the
-    # last segment is longer than kReduceBlockRows (256), so it is summed in blocks.
+    # last segment is longer than kReduceBlockRows (256), so it is summed in blocks,
+    # and with 2 threads or more too long for one thread: its blocks are shared out.
     g = torch.Generator().manual_seed(5)
     offsets = torch.tensor([0, 3, 3, 10, 11, 40, 700], dtype=I64)
     bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
@@ -1710,7 +1721,7 @@ def test_segment_reduce_cpu_isa_variants_agree_bitwise(monkeypatch, reduce, dtyp
         for isa in ("avx512", "avx2"):
             assert torch.equal(results[isa], results["base"]), f"{isa} vs base, D={D}"
             assert torch.equal(grads[isa], grads["base"]), f"backward, {isa} vs base, D={D}"
-        # one segment, fewer than the threads: its blocks are shared out over them
+        # one segment, too long for one thread: its blocks are shared out over them
         whole = {}
         for isa in ("avx512", "avx2", "base"):
             monkeypatch.setenv("TOKCORE_CPU_ISA", isa)

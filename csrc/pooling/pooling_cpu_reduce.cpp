@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -244,64 +245,74 @@ inline void reduce_tiles(const T* x, int64_t D, RowRange rows, acc_t<T> divisor,
   }
 }
 
-// Adds each block-sum of rows `block` over features [d0, d0 + kLoads * N), for as
-// many whole tiles as fit (advancing d0), to `totals`: one accumulator vector set
-// per vector of features, in the Lanes layout (K vectors per N features).
-template <typename T, int kLoads>
-inline void add_block_sums(const T* x, int64_t D, RowRange block, int64_t& d0,
-                           typename Lanes<T>::V* totals) {
+// Combines each block's result (its rows reduced one by one from the identity)
+// over features [d0, d0 + kLoads * N), for as many whole tiles as fit (advancing
+// d0), into `totals`: one accumulator vector set per vector of features, in the
+// Lanes layout (K vectors per N features).
+template <typename T, Reduce R, int kLoads>
+inline void combine_block_tiles(const T* x, int64_t D, RowRange block, int64_t& d0,
+                                typename Lanes<T>::V* totals) {
   using L = Lanes<T>;
   using V = typename L::V;
   for (; d0 + kLoads * L::N <= D; d0 += kLoads * L::N) {
-    V acc[kLoads][L::K] = {};
+    V acc[kLoads][L::K];
+    for (int k = 0; k < kLoads; ++k)
+      for (int j = 0; j < L::K; ++j) acc[k][j] = V{} + reduce_identity<R, acc_t<T>>();
     for (int64_t t = block.begin; t < block.end; ++t) {
       const T* row = x + t * D + d0;
       for (int k = 0; k < kLoads; ++k) {
         V v[L::K];
         L::load(row + k * L::N, v);
-        for (int j = 0; j < L::K; ++j) acc[k][j] = acc[k][j] + v[j];
+        for (int j = 0; j < L::K; ++j) acc[k][j] = combine<R>(acc[k][j], v[j]);
       }
     }
     V* total = totals + d0 / L::N * L::K;
     for (int k = 0; k < kLoads; ++k)
-      for (int j = 0; j < L::K; ++j) total[k * L::K + j] = total[k * L::K + j] + acc[k][j];
+      for (int j = 0; j < L::K; ++j) total[k * L::K + j] = combine<R>(total[k * L::K + j], acc[k][j]);
   }
 }
 
-// Running sums of D features in the Lanes layout (K vectors per N features) plus
-// the scalar tail past the last whole vector; zeros, the sum's identity.
-template <typename T>
-struct FeatureSums {
+// Running totals of D features: vectors in the Lanes layout (K per N features),
+// then the scalar tail past the last whole vector.
+template <typename T, Reduce R>
+struct FeatureTotals {
+  using V = typename Lanes<T>::V;
   static int64_t vectors(int64_t D) { return D / Lanes<T>::N * Lanes<T>::K; }
   static int64_t tail(int64_t D) { return D - D / Lanes<T>::N * Lanes<T>::N; }
+  // Sets `count` sets of totals (vectors(D) vectors and tail(D) scalars each) to the identity.
+  static void reset(V* vec, acc_t<T>* tail_values, int64_t D, int64_t count) {
+    std::fill(vec, vec + count * vectors(D), V{} + reduce_identity<R, acc_t<T>>());
+    std::fill(tail_values, tail_values + count * tail(D), reduce_identity<R, acc_t<T>>());
+  }
 };
 
-// Adds the sums of rows `block` (each sum from zero, row by row) to vec and tail.
-// Each row is read once across all features, with the same wide tiles as words.
-template <typename T>
-void add_block(const T* x, int64_t D, RowRange block, typename Lanes<T>::V* vec, acc_t<T>* tail) {
+// Combines the result of rows `block` (reduced row by row from the identity) into
+// vec and tail. Each row is read once across all features, with the same wide
+// tiles as words.
+template <typename T, Reduce R>
+void combine_block(const T* x, int64_t D, RowRange block, typename Lanes<T>::V* vec, acc_t<T>* tail) {
   using A = acc_t<T>;
   constexpr int kWideLoads = 16 / Lanes<T>::K;
-  const int64_t vec_end = D - FeatureSums<T>::tail(D);
+  const int64_t vec_end = D - FeatureTotals<T, R>::tail(D);
   int64_t d0 = 0;
-  add_block_sums<T, kWideLoads>(x, D, block, d0, vec);
-  add_block_sums<T, 4>(x, D, block, d0, vec);
-  add_block_sums<T, 1>(x, D, block, d0, vec);
+  combine_block_tiles<T, R, kWideLoads>(x, D, block, d0, vec);
+  combine_block_tiles<T, R, 4>(x, D, block, d0, vec);
+  combine_block_tiles<T, R, 1>(x, D, block, d0, vec);
   for (int64_t d = vec_end; d < D; ++d) {
-    A acc = A(0);
-    for (int64_t t = block.begin; t < block.end; ++t) acc = acc + to_acc(x[t * D + d]);
-    tail[d - vec_end] = tail[d - vec_end] + acc;
+    A acc = reduce_identity<R, A>();
+    for (int64_t t = block.begin; t < block.end; ++t) acc = reduce_combine<R, A>(acc, to_acc(x[t * D + d]));
+    tail[d - vec_end] = reduce_combine<R, A>(tail[d - vec_end], acc);
   }
 }
 
-// The result of a segment of `count` (> 0) rows from its sums.
+// The result of a segment of `count` (> 0) rows from its totals.
 template <typename T, Reduce R, bool kStream>
-void store_sums(const typename Lanes<T>::V* vec, const acc_t<T>* tail, int64_t D, int64_t count, T* out) {
+void store_totals(const typename Lanes<T>::V* vec, const acc_t<T>* tail, int64_t D, int64_t count, T* out) {
   using A = acc_t<T>;
   using L = Lanes<T>;
   using V = typename L::V;
   const A divisor = A(count);
-  const int64_t vec_end = D - FeatureSums<T>::tail(D);
+  const int64_t vec_end = D - FeatureTotals<T, R>::tail(D);
   for (int64_t d0 = 0; d0 < vec_end; d0 += L::N) {
     V result[L::K];
     for (int j = 0; j < L::K; ++j) {
@@ -313,66 +324,80 @@ void store_sums(const typename Lanes<T>::V* vec, const acc_t<T>* tail, int64_t D
   for (int64_t d = vec_end; d < D; ++d) out[d] = from_acc<T>(reduce_finalize<R, A>(tail[d - vec_end], count));
 }
 
-// A sum or mean over more than kReduceBlockRows rows, in the reduce's blocks
-// (tokcore/pooling/segment.h), as the CUDA kernels form it: each block's sums, row
-// by row, added in block order to running totals kept in memory. Block by block,
-// each block's rows are read once across all features. Reading one tile's columns
-// down the whole segment, then the next tile's, took 13.9 ms for bf16 mean with
-// 4096-row segments and 19.6 ms with 8 segments, against 11.3 and 11.5 ms this way
-// and 11.5 ms for 200-row ones (T = 2^20, D = 256, 2-core VM). Words never get
-// here; max/min need no blocks: they come out the same either way.
+// A sum or mean over more than kReduceBlockRows rows on one thread, in the
+// reduce's blocks (tokcore/pooling/segment.h), as the CUDA kernels form it: each
+// block's sums, row by row, added in block order to running totals kept in memory.
+// Block by block, each block's rows are read once across all features. Reading
+// one tile's columns down the whole segment, then the next tile's, took 13.9 ms
+// for bf16 mean with 4096-row segments and 19.6 ms with 8 segments, against 11.3
+// and 11.5 ms this way and 11.5 ms for 200-row ones (T = 2^20, D = 256, 2-core
+// VM). Words never get here; max/min need no blocks on one thread: they come out
+// the same either way.
 template <typename T, Reduce R, bool kStream>
 void reduce_long_segment(const T* x, int64_t D, RowRange rows, T* out) {
   static_assert(R == Reduce::kSum || R == Reduce::kMean, "max/min need no blocks");
-  std::vector<typename Lanes<T>::V> vec(size_t(FeatureSums<T>::vectors(D)));
-  std::vector<acc_t<T>> tail(size_t(FeatureSums<T>::tail(D)));
+  using Totals = FeatureTotals<T, R>;
+  std::vector<typename Lanes<T>::V> vec(size_t(Totals::vectors(D)));
+  std::vector<acc_t<T>> tail(size_t(Totals::tail(D)));
+  Totals::reset(vec.data(), tail.data(), D, 1);
   for (int64_t k = 0; k < reduce_block_count(rows); ++k)
-    add_block(x, D, reduce_block_rows(rows, k), vec.data(), tail.data());
-  store_sums<T, R, kStream>(vec.data(), tail.data(), D, rows.end - rows.begin, out);
+    combine_block<T, R>(x, D, reduce_block_rows(rows, k), vec.data(), tail.data());
+  store_totals<T, R, kStream>(vec.data(), tail.data(), D, rows.end - rows.begin, out);
 }
 
-// Fewer segments than threads (a sum or mean): the threads share out the blocks of
-// all segments, each block's sums go to its own slot, and then each segment adds
-// its blocks' sums in order: the same operations as reduce_long_segment, the GPU's
-// three passes on the CPU. One segment of 2^20 rows (D = 256) then runs on every
-// thread instead of one: on the 2-core VM, where one core nearly saturates memory,
-// bf16 mean 13.3 -> 11.2 ms and f32 unchanged (27 ms); more so with more cores.
+// Segments of at least this many rows are too long for one thread: their blocks
+// are shared out over all threads (reduce_shared_blocks). Half a thread's share of
+// the rows: a segment this long would leave the other threads idle for a while.
+// Never with one thread, nor for segments of fewer than two blocks.
+inline int64_t shared_segment_rows(int64_t threads, int64_t T) {
+  if (threads <= 1) return INT64_MAX;
+  return std::max<int64_t>(2 * kReduceBlockRows, T / (2 * threads));
+}
+
+// The long segments `segments` (each of two blocks or more, in increasing order):
+// the threads share out the blocks of all of them, each block's result goes to its
+// own slot, and then each segment combines its blocks' results in order: the
+// reduce's order of operations (segment.h), as on one thread, and the GPU's three
+// passes on the CPU. One segment of 2^20 rows (D = 256) then runs on every thread
+// instead of one: on the 2-core VM, where one core nearly saturates memory, bf16
+// mean 13.3 -> 11.2 ms and f32 unchanged (27 ms); more so with more cores.
 template <typename T, Reduce R, bool kStream>
-void reduce_few_segments(const Runtime& rt, const T* x, const int64_t* offsets, int64_t S, int64_t T_,
-                         int64_t D, T* y) {
+void reduce_shared_blocks(const Runtime& rt, const T* x, const int64_t* offsets, int64_t T_, int64_t D,
+                          const std::vector<int64_t>& segments, T* y) {
   using V = typename Lanes<T>::V;
-  static_assert(R == Reduce::kSum || R == Reduce::kMean, "max/min need no blocks");
-  std::vector<int64_t> block_begin(size_t(S + 1), 0);
-  for (int64_t s = 0; s < S; ++s) block_begin[size_t(s + 1)] = block_begin[size_t(s)] + segment_block_count(offsets, s, T_);
-  const int64_t blocks = block_begin[size_t(S)];
-  const int64_t nvec = FeatureSums<T>::vectors(D), ntail = FeatureSums<T>::tail(D);
-  std::vector<V> vec(size_t(blocks * nvec));  // zeros
+  using Totals = FeatureTotals<T, R>;
+  const int64_t n = int64_t(segments.size());
+  std::vector<int64_t> block_begin(size_t(n + 1), 0);  // the first slot of each listed segment
+  for (int64_t i = 0; i < n; ++i)
+    block_begin[size_t(i + 1)] = block_begin[size_t(i)] + segment_block_count(offsets, segments[size_t(i)], T_);
+  const int64_t blocks = block_begin[size_t(n)];
+  const int64_t nvec = Totals::vectors(D), ntail = Totals::tail(D);
+  std::vector<V> vec(size_t(blocks * nvec));
   std::vector<acc_t<T>> tail(size_t(blocks * ntail));
   parallel_for(rt, 0, blocks, 1, [&](int64_t q0, int64_t q1) {
-    int64_t s = int64_t(std::upper_bound(block_begin.begin(), block_begin.end(), q0) - block_begin.begin()) - 1;
+    Totals::reset(vec.data() + q0 * nvec, tail.data() + q0 * ntail, D, q1 - q0);
+    int64_t i = int64_t(std::upper_bound(block_begin.begin(), block_begin.end(), q0) - block_begin.begin()) - 1;
     for (int64_t q = q0; q < q1; ++q) {
-      while (block_begin[size_t(s + 1)] <= q) ++s;  // the segment holding block q
-      add_block(x, D, reduce_block_rows(segment_rows(offsets, s, T_), q - block_begin[size_t(s)]),
-                vec.data() + q * nvec, tail.data() + q * ntail);
+      while (block_begin[size_t(i + 1)] <= q) ++i;  // the listed segment holding block q
+      const RowRange rows = segment_rows(offsets, segments[size_t(i)], T_);
+      combine_block<T, R>(x, D, reduce_block_rows(rows, q - block_begin[size_t(i)]), vec.data() + q * nvec,
+                          tail.data() + q * ntail);
     }
   });
-  parallel_for(rt, 0, S, 1, [&](int64_t s0, int64_t s1) {
+  parallel_for(rt, 0, n, 1, [&](int64_t i0, int64_t i1) {
     std::vector<V> total_vec(static_cast<size_t>(nvec));
     std::vector<acc_t<T>> total_tail(static_cast<size_t>(ntail));
-    for (int64_t s = s0; s < s1; ++s) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t s = segments[size_t(i)];
       const RowRange rows = segment_rows(offsets, s, T_);
-      if (rows.end == rows.begin) {
-        std::memset(static_cast<void*>(y + s * D), 0, sizeof(T) * size_t(D));
-        continue;
-      }
-      std::fill(total_vec.begin(), total_vec.end(), V{});
-      std::fill(total_tail.begin(), total_tail.end(), acc_t<T>(0));
-      for (int64_t q = block_begin[size_t(s)]; q < block_begin[size_t(s + 1)]; ++q) {
-        for (int64_t v = 0; v < nvec; ++v) total_vec[size_t(v)] = total_vec[size_t(v)] + vec[size_t(q * nvec + v)];
+      Totals::reset(total_vec.data(), total_tail.data(), D, 1);
+      for (int64_t q = block_begin[size_t(i)]; q < block_begin[size_t(i + 1)]; ++q) {
+        for (int64_t v = 0; v < nvec; ++v)
+          total_vec[size_t(v)] = combine<R>(total_vec[size_t(v)], vec[size_t(q * nvec + v)]);
         for (int64_t d = 0; d < ntail; ++d)
-          total_tail[size_t(d)] = total_tail[size_t(d)] + tail[size_t(q * ntail + d)];
+          total_tail[size_t(d)] = reduce_combine<R, acc_t<T>>(total_tail[size_t(d)], tail[size_t(q * ntail + d)]);
       }
-      store_sums<T, R, kStream>(total_vec.data(), total_tail.data(), D, rows.end - rows.begin, y + s * D);
+      store_totals<T, R, kStream>(total_vec.data(), total_tail.data(), D, rows.end - rows.begin, y + s * D);
     }
     if (kStream) fence_streaming_stores();
   });
@@ -384,10 +409,12 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
   using A = acc_t<T>;
   // Loads per wide tile: 16 accumulator vectors (bf16 fills two per load).
   constexpr int kWideLoads = 16 / Lanes<T>::K;
-  if constexpr (R == Reduce::kSum || R == Reduce::kMean) {
-    if (S > 0 && S < rt.threads && segments_are_long(S, T_))
-      return reduce_few_segments<T, R, kStream>(rt, x, offsets, S, T_, D, y);
-  }
+  // Segments too long for one thread are set aside and reduced afterwards by all
+  // threads: one sequence, or a long segment among many short ones, would otherwise
+  // keep one thread busy while the others wait.
+  const int64_t shared_rows = shared_segment_rows(rt.threads, T_);
+  std::vector<int64_t> shared;  // at most 2 * threads of them
+  std::mutex shared_mutex;
   parallel_for(rt, 0, S, segment_grain(S, T_, D), [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const RowRange rows = segment_rows(offsets, s, T_);
@@ -395,6 +422,11 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
       T* out = y + s * D;
       if (count == 0) {  // every reduce gives 0 (max/min would give their identity)
         std::memset(static_cast<void*>(out), 0, sizeof(T) * size_t(D));
+        continue;
+      }
+      if (count >= shared_rows) {
+        const std::lock_guard<std::mutex> lock(shared_mutex);
+        shared.push_back(s);
         continue;
       }
       const A divisor = A(count);  // used by mean only
@@ -412,6 +444,10 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
     }
     if (kStream) fence_streaming_stores();
   });
+  if (!shared.empty()) {
+    std::sort(shared.begin(), shared.end());
+    reduce_shared_blocks<T, R, kStream>(rt, x, offsets, T_, D, shared, y);
+  }
 }
 
 // Streamed outputs measured in one process on the 2-core VM (T = 2^20, D = 256,

@@ -277,17 +277,23 @@ TEST(CudaThreadsOnHost, LongSegmentsAreSummedInBlocks) {
   EXPECT_TRUE(differs_from_running_sum);  // else this test could not tell the orders apart
 }
 
-// Fewer segments than threads: the CPU shares out all segments' blocks over its
-// threads (reduce_few_segments). Same bits as one thread per segment, and as the
-// GPU's thread bodies. (A serial parallel_for that claims 8 threads takes the path.)
+// Segments too long for one thread (a few sequences, or a long segment among many
+// words): the CPU sets them aside and shares out their blocks over all its threads
+// (reduce_shared_blocks). Same bits as one thread, and as the GPU's thread bodies.
+// (A serial parallel_for that claims 8 threads takes the path.)
 template <typename T, Reduce R>
-void check_few_segments_on_cpu(std::mt19937& rng) {
+void check_long_segments_on_cpu(std::mt19937& rng) {
   constexpr int kVec = 16 / sizeof(T);
+  std::vector<int64_t> mixed = random_offsets(4000, 9, rng);  // words, then one long segment, then words
+  mixed.push_back(mixed.back() + 3000);
+  const int64_t words_after = mixed.back();
+  for (int64_t o : random_offsets(4000, 9, rng)) if (o > 0) mixed.push_back(words_after + o);
+  for (const int64_t length : {3, 9, 1, 0, 7}) mixed.push_back(mixed.back() + length);
   for (int64_t D : {int64_t(kVec) * 5, int64_t(kVec) * 64 + 3, int64_t(3)}) {
-    for (const std::vector<int64_t>& off : {std::vector<int64_t>{0, 3000}, {0, 700, 700, 2000, 2001, 2600}}) {
+    for (const std::vector<int64_t>& off : {std::vector<int64_t>{0, 3000}, {0, 700, 700, 2000, 2001, 2600}, mixed}) {
       SCOPED_TRACE("D=" + std::to_string(D) + " S=" + std::to_string(off.size() - 1));
       const int64_t S = int64_t(off.size()) - 1, rows = off.back();
-      const auto x = random_rows<T>(rows, D, rng, false);
+      const auto x = random_rows<T>(rows, D, rng, R == Reduce::kMax || R == Reduce::kMin);
       Runtime one_thread, eight_threads;
       eight_threads.threads = 8;
       Buffer<T> y1(S * D), y8(S * D), y_gpu(S * D);
@@ -302,13 +308,17 @@ void check_few_segments_on_cpu(std::mt19937& rng) {
   }
 }
 
-TEST(CudaThreadsOnHost, FewSegmentsShareTheirBlocksOverCpuThreads) {
+TEST(CudaThreadsOnHost, LongSegmentsShareTheirBlocksOverCpuThreads) {
   std::mt19937 rng(9);
-  check_few_segments_on_cpu<float, Reduce::kSum>(rng);
-  check_few_segments_on_cpu<float, Reduce::kMean>(rng);
-  check_few_segments_on_cpu<double, Reduce::kMean>(rng);
-  check_few_segments_on_cpu<bf16_t, Reduce::kMean>(rng);
-  check_few_segments_on_cpu<f16_t, Reduce::kSum>(rng);
+  check_long_segments_on_cpu<float, Reduce::kSum>(rng);
+  check_long_segments_on_cpu<float, Reduce::kMean>(rng);
+  check_long_segments_on_cpu<double, Reduce::kMean>(rng);
+  check_long_segments_on_cpu<bf16_t, Reduce::kMean>(rng);
+  check_long_segments_on_cpu<f16_t, Reduce::kSum>(rng);
+  check_long_segments_on_cpu<float, Reduce::kMax>(rng);
+  check_long_segments_on_cpu<bf16_t, Reduce::kMin>(rng);
+  check_long_segments_on_cpu<f16_t, Reduce::kMax>(rng);
+  check_long_segments_on_cpu<double, Reduce::kMin>(rng);
 }
 
 TEST(CudaThreadsOnHost, ReduceInBlocksOnlyForFewLongSegments) {
