@@ -693,6 +693,30 @@ def test_segment_reduce_few_long_segments(device, reduce, dtype, D, layout):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_segment_ops_on_words_and_a_long_segment(device, dtype):
+    # On the CPU a segment too long for one thread (here 14000 of ~32000 rows) is cut
+    # into pieces that all threads share; every op that writes rows per segment
+    # (expand, the sum/mean backward, pack, unpack) must cover each piece exactly.
+    g = torch.Generator().manual_seed(13)
+    offsets = _words_then_a_long_segment()
+    S, T, D = offsets.numel() - 1, int(offsets[-1]), 24
+    y = (torch.randn(S, D, generator=g, dtype=torch.float64) * 3).to(dtype)
+    dev_offsets = offsets.to(device)
+    assert_bitwise_equal(segment_expand(y.to(device), dev_offsets, T).cpu(), ref.segment_expand(y, offsets))
+    x = (torch.randn(T, D, generator=g, dtype=torch.float64) * 3).to(dtype)
+    for reduce in ("sum", "mean"):
+        grad_x = ops().segment_reduce_backward(y.to(device), dev_offsets, T, reduce).cpu()
+        check_reduce_grad(grad_x, y, x, offsets, reduce)
+    # unpack keeps a segment's first max_len rows and zeroes the rest: both inside the long one
+    packed = (torch.randn(S, 5000, 2, generator=g, dtype=torch.float64) * 3).to(dtype)
+    assert_bitwise_equal(segment_unpack(packed.to(device), dev_offsets, T).cpu(), ref.segment_unpack(packed, offsets))
+    # pack with few segments: each segment's max_len packed rows are too many for one thread
+    few = t64([0, 3, 9000, 9005])
+    assert_bitwise_equal(segment_pack(x[:9005].to(device), few.to(device), 9000).cpu(),
+                         ref.segment_pack(x[:9005], few, 9000))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("reduce", REDUCES)
 @given(data=st.data())
 def test_segment_reduce_backward_op_random(device, reduce, dtype, data):

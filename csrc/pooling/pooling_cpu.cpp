@@ -7,6 +7,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "pooling_cpu_segments.h"
 #include "pooling_cpu_words.h"
 #include "pooling_kernels.h"
 #include "tokcore/common/cpu_isa.h"
@@ -93,13 +94,13 @@ void segment_expand_cpu(const Runtime& rt, DType dtype, const void* y, const int
     V* dst = static_cast<V*>(x);
     const int64_t row_bytes = D * int64_t(sizeof(V));
     const RowWriter writer{use_streaming_stores(dst, T * row_bytes, row_bytes)};
-    parallel_for(rt, 0, S, segment_grain(S, T, D), [&](int64_t s0, int64_t s1) {
-      for (int64_t s = s0; s < s1; ++s) {
-        const RowRange rows = segment_rows(offsets, s, T);
-        for (int64_t t = rows.begin; t < rows.end; ++t) writer.copy(dst + t * D, src + s * D, size_t(row_bytes));
-      }
-      writer.finish();
-    });
+    for_each_segment_part(
+        rt, S, segment_grain(S, T, D), shared_segment_rows(rt.threads, T),
+        [&](int64_t s) { return segment_rows(offsets, s, T); },
+        [&](int64_t s, RowRange part, RowRange) {
+          for (int64_t t = part.begin; t < part.end; ++t) writer.copy(dst + t * D, src + s * D, size_t(row_bytes));
+        },
+        [&] { writer.finish(); });
   });
 }
 
@@ -111,16 +112,20 @@ void segment_pack_cpu(const Runtime& rt, DType dtype, const void* x, const int64
     V* dst = static_cast<V*>(packed);
     const size_t row_bytes = sizeof(V) * size_t(D);
     const RowWriter writer{use_streaming_stores(dst, S * max_len * int64_t(row_bytes), int64_t(row_bytes))};
-    parallel_for(rt, 0, S, segment_grain(S, S * max_len, D), [&](int64_t s0, int64_t s1) {
-      for (int64_t s = s0; s < s1; ++s) {
-        const RowRange rows = segment_rows(offsets, s, T);
-        const int64_t kept = std::min(rows.end - rows.begin, max_len);
-        V* out = dst + s * max_len * D;
-        if (kept > 0) writer.copy(out, src + rows.begin * D, row_bytes * size_t(kept));
-        writer.zero(out + kept * D, row_bytes * size_t(max_len - kept));
-      }
-      writer.finish();
-    });
+    // The parts are of packed rows [0, max_len): the first `kept` are copied, the rest zeroed.
+    for_each_segment_part(
+        rt, S, segment_grain(S, S * max_len, D), shared_segment_rows(rt.threads, S * max_len),
+        [&](int64_t) { return RowRange{0, max_len}; },
+        [&](int64_t s, RowRange part, RowRange) {
+          const RowRange rows = segment_rows(offsets, s, T);
+          const int64_t kept = std::min(rows.end - rows.begin, max_len);
+          const int64_t copy_end = std::clamp(kept, part.begin, part.end);
+          V* out = dst + s * max_len * D;
+          if (copy_end > part.begin)
+            writer.copy(out + part.begin * D, src + (rows.begin + part.begin) * D, row_bytes * size_t(copy_end - part.begin));
+          writer.zero(out + copy_end * D, row_bytes * size_t(part.end - copy_end));
+        },
+        [&] { writer.finish(); });
   });
 }
 
@@ -136,16 +141,18 @@ void segment_unpack_cpu(const Runtime& rt, DType dtype, const void* packed, cons
     // T = 2^20, D = 256, max_len 8; bench_pooling's streaming table keeps it as
     // the control).
     const RowWriter writer{false};
-    parallel_for(rt, 0, S, segment_grain(S, T, D), [&](int64_t s0, int64_t s1) {
-      for (int64_t s = s0; s < s1; ++s) {
-        const RowRange rows = segment_rows(offsets, s, T);
-        const int64_t len = rows.end - rows.begin;
-        const int64_t kept = std::min(len, max_len);
-        if (kept > 0) writer.copy(dst + rows.begin * D, src + s * max_len * D, row_bytes * size_t(kept));
-        writer.zero(dst + (rows.begin + kept) * D, row_bytes * size_t(len - kept));
-      }
-      writer.finish();
-    });
+    for_each_segment_part(
+        rt, S, segment_grain(S, T, D), shared_segment_rows(rt.threads, T),
+        [&](int64_t s) { return segment_rows(offsets, s, T); },
+        [&](int64_t s, RowRange part, RowRange rows) {  // the segment's first max_len rows copied, the rest zeroed
+          const int64_t copy_end = std::clamp(rows.begin + std::min(rows.end - rows.begin, max_len), part.begin,
+                                              part.end);
+          if (copy_end > part.begin)
+            writer.copy(dst + part.begin * D, src + (s * max_len + part.begin - rows.begin) * D,
+                        row_bytes * size_t(copy_end - part.begin));
+          writer.zero(dst + copy_end * D, row_bytes * size_t(part.end - copy_end));
+        },
+        [&] { writer.finish(); });
   });
 }
 

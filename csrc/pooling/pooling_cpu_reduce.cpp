@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #endif
 
+#include "pooling_cpu_segments.h"
 #include "pooling_kernels.h"
 #include "tokcore/common/streaming_stores.h"
 
@@ -345,15 +346,6 @@ void reduce_long_segment(const T* x, int64_t D, RowRange rows, T* out) {
   store_totals<T, R, kStream>(vec.data(), tail.data(), D, rows.end - rows.begin, out);
 }
 
-// Segments of at least this many rows are too long for one thread: their blocks
-// are shared out over all threads (reduce_shared_blocks). Half a thread's share of
-// the rows: a segment this long would leave the other threads idle for a while.
-// Never with one thread, nor for segments of fewer than two blocks.
-inline int64_t shared_segment_rows(int64_t threads, int64_t T) {
-  if (threads <= 1) return INT64_MAX;
-  return std::max<int64_t>(2 * kReduceBlockRows, T / (2 * threads));
-}
-
 // The long segments `segments` (each of two blocks or more, in increasing order):
 // the threads share out the blocks of all of them, each block's result goes to its
 // own slot, and then each segment combines its blocks' results in order: the
@@ -480,33 +472,30 @@ void scale_to_rows(const Runtime& rt, const T* grad_y, const int64_t* offsets, i
   static_assert(kTile % L::N == 0, "a tile is whole vectors");
   const int64_t row_bytes = D * int64_t(sizeof(T));
   const RowWriter writer{use_streaming_stores(grad_x, T_ * row_bytes, row_bytes)};
-  parallel_for(rt, 0, S, segment_grain(S, T_, D), [&](int64_t s0, int64_t s1) {
-    alignas(64) T scaled[kTile];
-    for (int64_t s = s0; s < s1; ++s) {
-      const RowRange rows = segment_rows(offsets, s, T_);
-      if (rows.end == rows.begin) continue;
-      const T* g = grad_y + s * D;
-      if (R == Reduce::kSum) {  // the scale is 1: copy grad_y's row as it is
-        for (int64_t t = rows.begin; t < rows.end; ++t) writer.copy(grad_x + t * D, g, size_t(row_bytes));
-        continue;
-      }
-      const A scale = reduce_grad_scale<R, A>(rows.end - rows.begin);
-      for (int64_t d0 = 0; d0 < D; d0 += kTile) {
-        const int64_t nd = std::min(kTile, D - d0);
-        int64_t j = 0;
-        for (; j + L::N <= nd; j += L::N) {
-          V v[L::K];
-          L::load(g + d0 + j, v);
-          for (int k = 0; k < L::K; ++k) v[k] = v[k] * scale;
-          L::template store<false>(scaled + j, v);
-        }
-        for (; j < nd; ++j) scaled[j] = from_acc<T>(to_acc(g[d0 + j]) * scale);
-        for (int64_t t = rows.begin; t < rows.end; ++t)
-          writer.copy(grad_x + t * D + d0, scaled, sizeof(T) * size_t(nd));
-      }
+  const auto rows_of = [&](int64_t s) { return segment_rows(offsets, s, T_); };
+  for_each_segment_part(rt, S, segment_grain(S, T_, D), shared_segment_rows(rt.threads, T_), rows_of,
+                        [&](int64_t s, RowRange part, RowRange rows) {
+    if (part.end == part.begin) return;
+    const T* g = grad_y + s * D;
+    if (R == Reduce::kSum) {  // the scale is 1: copy grad_y's row as it is
+      for (int64_t t = part.begin; t < part.end; ++t) writer.copy(grad_x + t * D, g, size_t(row_bytes));
+      return;
     }
-    writer.finish();
-  });
+    const A scale = reduce_grad_scale<R, A>(rows.end - rows.begin);
+    alignas(64) T scaled[kTile];
+    for (int64_t d0 = 0; d0 < D; d0 += kTile) {
+      const int64_t nd = std::min(kTile, D - d0);
+      int64_t j = 0;
+      for (; j + L::N <= nd; j += L::N) {
+        V v[L::K];
+        L::load(g + d0 + j, v);
+        for (int k = 0; k < L::K; ++k) v[k] = v[k] * scale;
+        L::template store<false>(scaled + j, v);
+      }
+      for (; j < nd; ++j) scaled[j] = from_acc<T>(to_acc(g[d0 + j]) * scale);
+      for (int64_t t = part.begin; t < part.end; ++t) writer.copy(grad_x + t * D + d0, scaled, sizeof(T) * size_t(nd));
+    }
+  }, [&] { writer.finish(); });
 }
 
 // The max/min backward over features [d0, d0 + kLoads * N) of one segment, for

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "pooling/pooling_cpu_segments.h"
 #include "pooling/pooling_cpu_words.h"
 #include "pooling/pooling_kernels.h"
 
@@ -192,6 +193,44 @@ TEST(SegmentPack, PackUnpackRoundTripAndTruncation) {
   std::vector<double> y = {1, 2, 3, 4, 5, 6}, expanded(14);
   segment_expand_cpu(rt, DType::kFloat64, y.data(), off.data(), 3, 7, 2, expanded.data());
   EXPECT_EQ(expanded, (std::vector<double>{1, 2, 1, 2, 5, 6, 5, 6, 5, 6, 5, 6, 5, 6}));
+}
+
+TEST(SegmentParts, LongSegmentsCutIntoPiecesGiveTheSameRows) {
+  // A runtime that claims 8 threads (its parallel_for is serial) cuts segments of
+  // at least shared_segment_rows rows into pieces of kSharedPieceRows; every op that
+  // writes rows per segment must give what one thread gives, piece edges included.
+  std::mt19937 rng(21);
+  std::vector<int64_t> off = {0};
+  for (int64_t length : {3, 0, 5000, 7, 1, 2049, 4, 0, 1024, 9}) off.push_back(off.back() + length);
+  const int64_t S = int64_t(off.size()) - 1, T = off.back(), D = 5, L = 3000;
+  ASSERT_GE(5000, shared_segment_rows(8, T));  // the long ones are shared
+  ASSERT_LT(9, shared_segment_rows(8, T));     // the words are not
+  std::normal_distribution<double> normal;
+  std::vector<double> x(size_t(T * D)), y(size_t(S * D)), packed(size_t(S * L * D));
+  for (auto* v : {&x, &y, &packed})
+    for (double& e : *v) e = normal(rng);
+  Runtime one, eight;
+  eight.threads = 8;
+  const auto both = [&](size_t n, auto&& run) {
+    std::vector<double> a(n, -1.0), b(n, -2.0);  // different fills: an unwritten element shows
+    run(one, a.data());
+    run(eight, b.data());
+    EXPECT_EQ(a, b);
+  };
+  both(size_t(T * D), [&](const Runtime& rt, double* out) {
+    segment_expand_cpu(rt, DType::kFloat64, y.data(), off.data(), S, T, D, out);
+  });
+  both(size_t(S * L * D), [&](const Runtime& rt, double* out) {
+    segment_pack_cpu(rt, DType::kFloat64, x.data(), off.data(), S, T, D, L, out);
+  });
+  both(size_t(T * D), [&](const Runtime& rt, double* out) {
+    segment_unpack_cpu(rt, DType::kFloat64, packed.data(), off.data(), S, T, D, L, out);
+  });
+  for (Reduce r : {Reduce::kSum, Reduce::kMean}) {
+    both(size_t(T * D), [&](const Runtime& rt, double* out) {
+      segment_reduce_backward_cpu(rt, DType::kFloat64, y.data(), nullptr, nullptr, off.data(), S, T, D, r, out);
+    });
+  }
 }
 
 TEST(SegmentReduce, VectorPathMatchesScalarRulesForEveryDtype) {
