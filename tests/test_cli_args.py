@@ -72,6 +72,8 @@ def train_argv(files, *extra):
 @pytest.mark.parametrize("extra, option", [
     (["--max-word-bytes", "3"], "--max-word-bytes"),
     (["--max-word-bytes", "-1"], "--max-word-bytes"),
+    (["--max-word-bytes", "257"], "--max-word-bytes"),  # memory grows with it: bounded
+    (["--device", "cpu:1"], "--device"),                 # torch has one CPU device
     (["--d-model", "7", "--n-heads", "3"], "--n-heads"),
     (["--d-model", "6", "--n-heads", "2"], "--n-heads"),   # 3 per head: rotary needs even
     (["--d-local", "30"], "--d-local"),                    # tiny preset: 2 byte-level heads -> 15, odd
@@ -133,6 +135,7 @@ def test_compare_rejects_unwritable_out(files, capsys):
     (["--top-k", "-3"], "--top-k"),
     (["--device", "tpu"], "--device"),
     (["-n", "0"], "-n/--max-new-bytes"),
+    (["--device", "cpu:1"], "--device"),
 ])
 def test_generate_rejects_bad_values(files, capsys, extra, option):
     assert_usage_error(["generate", files["text"], *extra], capsys, f"argument {option}")
@@ -183,3 +186,35 @@ def test_cli_subprocess_has_no_traceback(files):
                        text=True, timeout=120)
     assert r.returncode == 2
     assert "tokcore train: error: argument --lr" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_runs_that_fail_end_in_a_message(files, capsys):
+    # a diverging run and a batch that cannot be allocated: the reason and a hint, exit status 1
+    rc, out, err = run_cli(train_argv(files, "--lr", "1e10", "--steps", "3", "--warmup", "0"), capsys)
+    assert rc == 1 and "Traceback" not in err
+    assert "tokcore train: error: loss is" in err and "diverged" in err and "--lr" in err
+    rc, out, err = run_cli(train_argv(files, "--batch-size", str(10**12)), capsys)
+    assert rc == 1 and "Traceback" not in err
+    assert "tokcore train: error: out of memory" in err and "--batch-size" in err
+    rc, out, err = run_cli(train_argv(files, "--seq-len", "100000"), capsys)  # before any model is built
+    assert rc == 2 and "fewer than seq_len=100000" in err and "--seq-len" in err and "model hier" not in out
+
+
+def test_prompts_need_not_be_utf8(files, capsys):
+    # the shell passes bytes; argv holds an undecodable byte as a surrogate escape
+    prompt = b"x\xff".decode("utf-8", "surrogateescape")
+    run = files["tmp"] / "run"
+    rc, out, err = run_cli(train_argv(files, "--out", run, "--sample", "3", "--prompt", prompt), capsys)
+    assert rc == 0 and "Traceback" not in err and "sample:" in out
+    rc, out, err = run_cli(["generate", run, "-n", "3", "--prompt", prompt, "--device", "cpu"], capsys)
+    assert rc == 0 and "Traceback" not in err and out.startswith("x\ufffd")
+
+
+def test_resume_warns_about_model_options(files, capsys):
+    run = files["tmp"] / "run"
+    assert run_cli(train_argv(files, "--out", run), capsys)[0] == 0
+    rc, out, err = run_cli(train_argv(files, "--out", run, "--resume", "--steps", "2", "--size", "small",
+                                      "--pool", "max"), capsys)
+    assert rc == 0 and "Traceback" not in err
+    assert "tokcore train: warning: ignoring" in err and "--size" in err and "--pool" in err
+    assert "checkpoint's model" in err

@@ -29,7 +29,7 @@ from tokcore.pooling.lm import (
     count_parameters,
     matched_byte_config,
 )
-from tokcore.pooling.modules import BytePoolingEncoder
+from tokcore.pooling.modules import BytePoolingEncoder, SegmentTransformer
 from tokcore.pooling.ops import segment_reduce, word_boundaries
 from reference.pooling import split_words as ref_split_words
 from tokcore.pooling.train import (
@@ -455,6 +455,22 @@ def test_generation_checks_no_offsets(kind, recorded_pooling_ops):
     assert segment_calls and not any(check for _, _, check in segment_calls)
 
 
+def test_segment_transformer_max_len_shorter_than_a_segment_raises():
+    # attention packs each segment into max_len positions: a shorter max_len would
+    # drop rows silently, so it is refused (unless the caller vouches for it)
+    st = SegmentTransformer(16, 1, 2, causal=True).eval()
+    x, off = torch.randn(20, 16), torch.tensor([0, 11, 20])
+    with pytest.raises(ValueError, match="max_len=3 is shorter than the longest segment \\(11 rows\\)"):
+        st(x, off, 3)
+    torch.testing.assert_close(st(x, off, 11), st(x, off))
+    torch.testing.assert_close(st(x, off, 16), st(x, off))  # longer is fine (padding)
+    st(x, off, 3, check_offsets=False)  # vouched for: no check, no sync on CUDA
+    model = ByteLM(ByteLMConfig(**TINY_BYTE))
+    b, cu = _batch([TEXT[:40], TEXT[40:60]])
+    with pytest.raises(ValueError, match="max_len=8"):
+        model.logits(b, cu, 8)
+
+
 def test_words_longer_than_max_word_bytes_raise():
     model = HierarchicalByteLM(HierConfig(**TINY_HIER))  # max_word_bytes 8
     b = torch.tensor(list(b"abcdefghijklmnop"), dtype=torch.uint8)
@@ -527,6 +543,7 @@ def test_compare_writes_table(corpus_dir, tmp_path):
     assert "held-out bits/byte" in format_compare(res["reports"])
     # learning curves: one line per model (one point per step), one held-out dot each
     assert [len(r["curve"]) for r in data["reports"]] == [2, 2]
+    assert "same steps" in (tmp_path / "cmp" / "compare.svg").read_text()  # the budget was steps
     svg = ET.fromstring((tmp_path / "cmp" / "compare.svg").read_text())
     ns = "{http://www.w3.org/2000/svg}"
     assert len(svg.findall(f"{ns}polyline")) == 2

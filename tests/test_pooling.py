@@ -1360,6 +1360,25 @@ def test_wrappers_name_arguments_of_the_wrong_type():
         segment_expand([[1.0]], off)
     with pytest.raises(TypeError, match=names("packed")):
         segment_unpack(None, off)
+    x = torch.ones(5, 3)
+    with pytest.raises(TypeError, match=names("offsets")):
+        segment_reduce(x, [0, 2, 5], "sum")
+    with pytest.raises(TypeError, match=names("reduce")):
+        segment_reduce(x, off, None)
+    with pytest.raises(TypeError, match=names("max_len")):
+        segment_pack(x, off, 2.5)
+    with pytest.raises(TypeError, match=names("max_len")):
+        segment_pack(x, off, True)
+    with pytest.raises(TypeError, match=names("total")):
+        segment_expand(x[:2], off, "5")
+    with pytest.raises(TypeError, match=names("total")):
+        segment_unpack(x[:2, None], off, 5.0)
+    with pytest.raises(TypeError, match=names("cu_seqlens")):
+        word_boundaries(b"ab", [0, 2])
+    with pytest.raises(TypeError, match=names("mode")):
+        word_boundaries(b"ab", mode=1)
+    # numpy integers are ints
+    assert segment_pack(x, off, np.int64(2)).shape == (2, 2, 3)
 
 
 def test_bad_inputs_raise():
@@ -1882,11 +1901,11 @@ def test_cpu_isa_reports_the_variant_in_use(monkeypatch):
     # what benchmark reports print; TOKCORE_CPU_ISA caps it, the CPU's support too
     monkeypatch.delenv("TOKCORE_CPU_ISA", raising=False)
     best = tokcore.cpu_isa()
-    assert best in ("baseline", "avx2", "avx512")
+    assert best in ("base", "avx2", "avx512")  # the names TOKCORE_CPU_ISA takes
     monkeypatch.setenv("TOKCORE_CPU_ISA", "base")
-    assert tokcore.cpu_isa() == "baseline"
+    assert tokcore.cpu_isa() == "base"
     monkeypatch.setenv("TOKCORE_CPU_ISA", "avx2")
-    assert tokcore.cpu_isa() == ("baseline" if best == "baseline" else "avx2")
+    assert tokcore.cpu_isa() == ("base" if best == "base" else "avx2")
 
 
 def test_tokcore_library_names_the_library_to_load(tmp_path):

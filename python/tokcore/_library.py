@@ -46,12 +46,13 @@ def has_cuda_kernels() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("tokcore::segment_reduce", "CUDA")
 
 
-_CPU_ISA_NAMES = {0: "baseline", 1: "avx2", 2: "avx512"}
+_CPU_ISA_NAMES = {0: "base", 1: "avx2", 2: "avx512"}  # the values TOKCORE_CPU_ISA takes
 
 
 def cpu_isa() -> str:
-    """The instruction set of the CPU kernels built for several ("baseline", "avx2" or
-    "avx512"): the best this CPU runs, capped by TOKCORE_CPU_ISA=base|avx2."""
+    """The instruction set of the CPU kernels built for several ("base": baseline
+    x86-64, "avx2" or "avx512"): the best this CPU runs, capped by
+    TOKCORE_CPU_ISA=base|avx2|avx512."""
     return _CPU_ISA_NAMES[int(torch.ops.tokcore._cpu_isa_level())]
 
 

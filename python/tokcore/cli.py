@@ -99,7 +99,19 @@ def _int_at_least(lo: int) -> Callable[[str], int]:
 
 
 _positive_int = _int_at_least(1)
+# The largest --max-word-bytes: the model packs every word into max_word_bytes slots,
+# so memory grows with it; past this, words are cut anyway in any text we train on.
+MAX_WORD_BYTES_OPTION = 256
 _nonnegative_int = _int_at_least(0)
+
+
+def _int_in_range(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(s: str) -> int:
+        v = _parse_int(s)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {s}")
+        return v
+    return parse
 
 
 def _seed(s: str) -> int:
@@ -107,6 +119,12 @@ def _seed(s: str) -> int:
     if not 0 <= v < 2**64:  # numpy's default_rng needs >= 0; torch.manual_seed takes 64 bits
         raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {s}")
     return v
+
+
+def _prompt_bytes(prompt: str) -> bytes:
+    """--prompt as the bytes the shell passed: undecodable bytes (argv's surrogate
+    escapes) come back as they were, so a prompt need not be valid UTF-8."""
+    return os.fsencode(prompt)
 
 
 def _warn(command: str, message: str) -> None:
@@ -125,6 +143,8 @@ def _check_device(parser: argparse.ArgumentParser, device: str, allow_auto: bool
     except RuntimeError:
         parser.error(f"argument --device: unknown device {device!r}; use {choices}")
     if dev.type == "cpu":
+        if dev.index not in (None, 0):
+            parser.error(f"argument --device: {device!r}: torch has one CPU device (cpu or cpu:0)")
         return
     if dev.type != "cuda":
         parser.error(f"argument --device: {device!r} is not supported; use {choices}")
@@ -195,28 +215,33 @@ def _demo_run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- train / compare
 def _common_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("budget")
-    g.add_argument("--steps", type=_positive_int, help="optimizer steps (total, across resumes)")
+    g.add_argument("--steps", type=_positive_int, help="optimizer steps per model (with train --resume: in total, across resumes)")
     g.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
-                   help="seconds of training (total, across resumes); default 300 when --steps is not given")
+                   help="seconds of training per model (with train --resume: in total, across resumes); "
+                        "default 300 when --steps is not given")
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="PATH",
                    help="a folder or a file (default: the Python standard library's *.py files)")
     g.add_argument("--pattern", help="file name pattern under --data (default: * ; *.py for the stdlib)")
     g.add_argument("--holdout-every", type=_int_at_least(2), default=20, help="hold out every N-th file (default: 20)")
-    g.add_argument("--max-data-bytes", type=_positive_int, help="read at most about this many bytes of files")
+    g.add_argument("--max-data-bytes", type=_positive_int,
+                   help="stop reading files once this many bytes are read (whole files: a little more is read; "
+                        "a single --data file is cut to this)")
     g.add_argument("--seq-len", type=_positive_int, default=512, help="bytes per training window (default: 512)")
     g.add_argument("--batch-size", type=_positive_int, default=16, help="windows per step (default: 16)")
     g.add_argument("--eval-windows", type=_positive_int, default=64,
                    help="fixed held-out windows for the final bits/byte (default: 64)")
     g = p.add_argument_group("model")
-    g.add_argument("--size", default="small", help="size preset: tiny | small | base (default: small)")
+    g.add_argument("--size", help="size preset: tiny | small | base (default: small)")
     g.add_argument("--d-model", type=_positive_int, help="backbone width")
     g.add_argument("--n-layers", type=_positive_int, help="backbone layers")
     g.add_argument("--n-heads", type=_positive_int, help="backbone heads")
     g.add_argument("--d-local", type=_positive_int, help="hier: byte encoder/decoder width")
     g.add_argument("--n-enc-layers", type=_nonnegative_int, help="hier: byte encoder layers")
     g.add_argument("--n-dec-layers", type=_nonnegative_int, help="hier: byte decoder layers")
-    g.add_argument("--max-word-bytes", type=_int_at_least(4), help="hier: longest word in bytes, >= 4 (default 16)")
+    g.add_argument("--max-word-bytes", type=_int_in_range(4, MAX_WORD_BYTES_OPTION),
+                   help=f"hier: longest word in bytes, 4..{MAX_WORD_BYTES_OPTION}; longer words are cut (default 16; "
+                        "the encoder and decoder hold words x max_word_bytes byte slots)")
     g.add_argument("--pool", choices=["mean", "max", "attention"], help="hier: byte->word pooling (default mean)")
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate (default: 2e-3)")
@@ -235,6 +260,7 @@ def _common_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+DEFAULT_SIZE = "small"
 _MODEL_OPTS = ("d_model", "n_layers", "n_heads", "d_local", "n_enc_layers", "n_dec_layers", "max_word_bytes", "pool")
 _HIER_ONLY_OPTS = ("d_local", "n_enc_layers", "n_dec_layers", "max_word_bytes", "pool")
 
@@ -260,14 +286,15 @@ def _check_common_train_args(parser: argparse.ArgumentParser, args: argparse.Nam
     from .pooling.lm import SIZES
 
     _check_device(parser, args.device)
-    if args.size not in SIZES:
-        parser.error(f"argument --size: unknown size {args.size!r}; choose from {', '.join(SIZES)}")
-    preset = SIZES[args.size]
+    size = args.size or DEFAULT_SIZE
+    if size not in SIZES:
+        parser.error(f"argument --size: unknown size {size!r}; choose from {', '.join(SIZES)}")
+    preset = SIZES[size]
     _check_heads(parser, "--d-model/--n-heads", f"d_model {args.d_model or preset['d_model']}",
                  f"n_heads {args.n_heads or preset['n_heads']}")
     if hier:
         _check_heads(parser, "--d-local", f"d_local {args.d_local or preset['d_local']}",
-                     f"the {args.size} preset's n_local_heads {preset['n_local_heads']}")
+                     f"the {size} preset's n_local_heads {preset['n_local_heads']}")
     if args.data is not None and Path(args.data).is_file():
         try:
             with open(args.data, "rb") as f:
@@ -290,7 +317,7 @@ def _train_config(args: argparse.Namespace, model: str):
     if not steps and not budget:
         budget = 300.0
     return TrainConfig(
-        model=model, size=args.size,
+        model=model, size=args.size or DEFAULT_SIZE,
         model_config={k: getattr(args, k) for k in _MODEL_OPTS if getattr(args, k) is not None},
         data=args.data, data_pattern=args.pattern, max_data_bytes=args.max_data_bytes,
         holdout_every=args.holdout_every, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -304,7 +331,8 @@ def _train_config(args: argparse.Namespace, model: str):
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=["hier", "byte"], default="hier",
                    help="hier: HierarchicalByteLM; byte: plain byte transformer (default: hier)")
-    p.add_argument("--out", metavar="DIR", help="run folder: checkpoint.pt (periodic and final) and report.json")
+    p.add_argument("--out", metavar="DIR",
+                   help="run folder: checkpoint.pt (periodic and final) and report.json (without it nothing is saved)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
                    help="resume from --out's checkpoint, or from the given checkpoint file / run folder")
     p.add_argument("--sample", type=_nonnegative_int, default=0, metavar="N", help="generate N bytes at the end")
@@ -320,6 +348,10 @@ def _train_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         ignored = [_opt(k) for k in _HIER_ONLY_OPTS if getattr(args, k) is not None]
         if ignored:
             _warn("train", f"ignoring {', '.join(ignored)}: options of the hier model, not of --model byte")
+    if args.resume:
+        given = [_opt(k) for k in ("size",) + _MODEL_OPTS if getattr(args, k) is not None]
+        if given:
+            _warn("train", f"ignoring {', '.join(given)}: a resumed run keeps its checkpoint's model")
     if args.resume is True and not args.out:
         parser.error("argument --resume: --resume without a path needs --out")
     if args.resume:
@@ -346,8 +378,9 @@ def _train_run(args: argparse.Namespace) -> int:
         print(f"checkpoint and report in {cfg.out}")
     if args.sample:
         gen = torch.Generator().manual_seed(args.seed)
-        text = model.generate(args.prompt.encode(), args.sample, temperature=0.8, top_k=40, generator=gen)
-        print("\nsample:\n" + (args.prompt.encode() + text).decode("utf-8", errors="replace"))
+        prompt = _prompt_bytes(args.prompt)
+        text = model.generate(prompt, args.sample, temperature=0.8, top_k=40, generator=gen)
+        print("\nsample:\n" + (prompt + text).decode("utf-8", errors="replace"))
     return 0
 
 
@@ -374,11 +407,11 @@ def _compare_run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- generate
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint file or run folder (from train --out)")
-    p.add_argument("--prompt", default="def ")
-    p.add_argument("-n", "--max-new-bytes", type=_positive_int, default=200)
+    p.add_argument("--prompt", default="def ", help="text to continue (default: 'def ')")
+    p.add_argument("-n", "--max-new-bytes", type=_positive_int, default=200, help="bytes to generate (default: 200)")
     p.add_argument("--temperature", type=_nonnegative_float, default=0.8, help="0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=_positive_int, help="sample among the K most likely symbols (default: all)")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
 
 
@@ -394,8 +427,9 @@ def _generate_run(args: argparse.Namespace) -> int:
 
     model = load_model(args.checkpoint, args.device)
     gen = torch.Generator().manual_seed(args.seed)
-    out = model.generate(args.prompt.encode(), args.max_new_bytes, args.temperature, args.top_k, generator=gen)
-    sys.stdout.write((args.prompt.encode() + out).decode("utf-8", errors="replace") + "\n")
+    prompt = _prompt_bytes(args.prompt)
+    out = model.generate(prompt, args.max_new_bytes, args.temperature, args.top_k, generator=gen)
+    sys.stdout.write((prompt + out).decode("utf-8", errors="replace") + "\n")
     return 0
 
 
@@ -468,6 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_out_of_memory(e: BaseException) -> bool:
+    """numpy's and Python's MemoryError, torch's OutOfMemoryError (CUDA) and a tokcore
+    op that could not allocate its output."""
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or "could not allocate" in str(e))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -481,6 +522,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:  # a bad path or option: the message, not a traceback
         print(f"tokcore {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the training loss became NaN or infinite
+        print(f"tokcore {args.command}: error: {e}: the run diverged; try a lower --lr", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:
+        if not _is_out_of_memory(e):
+            raise
+        print(f"tokcore {args.command}: error: out of memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+              "try a smaller --batch-size, --seq-len or --size", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -201,8 +201,10 @@ class HierarchicalByteLM(nn.Module):
     def word_states(self, bytes: Tensor, word_offsets: Tensor, word_cu_seqlens: Tensor,
                     max_words: int | None = None, *, check_offsets: bool = True) -> Tensor:
         """Backbone output [W, d_model]: state of word w has seen words <= w of its sequence.
-        ``check_offsets=False`` skips the CUDA checks of word_offsets and word_cu_seqlens
-        (host syncs), for offsets known to be valid, such as `segment`'s."""
+        ``max_words`` (default: read from word_cu_seqlens) must be at least the longest
+        sequence's word count. ``check_offsets=False`` skips the CUDA checks of
+        word_offsets and word_cu_seqlens (host syncs) and of max_words, for arguments
+        known to be valid, such as `segment`'s."""
         words = self.encoder.encode(bytes, word_offsets, check_offsets=check_offsets)
         return self.backbone(words, word_cu_seqlens, max_words, check_offsets=check_offsets)
 
@@ -386,7 +388,9 @@ class ByteLM(nn.Module):
     def logits(self, bytes: Tensor, cu_seqlens: Tensor, max_len: int | None = None, *,
                check_offsets: bool = True) -> Tensor:
         """[T, 256]: row t predicts bytes[t] from the bytes before it in its sequence.
-        ``check_offsets=False`` skips the CUDA check of cu_seqlens (a host sync)."""
+        ``max_len`` (default: read from cu_seqlens) must be at least the longest
+        sequence. ``check_offsets=False`` skips the CUDA check of cu_seqlens (a host
+        sync) and of max_len."""
         t = bytes.numel()
         inp = torch.cat([bytes.new_full((1,), 0).long(), bytes[:-1].long()]) if t else bytes.long()
         starts = cu_seqlens[:-1]

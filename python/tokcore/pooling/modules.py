@@ -157,6 +157,10 @@ class SegmentTransformer(nn.Module):
 
     The first block checks the offsets (on CUDA a host sync; none with
     ``check_offsets=False``, for offsets known to be valid); the others reuse them.
+    ``max_len`` (default: the longest segment, read from the offsets) must be at least
+    the longest segment: attention packs each segment into ``max_len`` positions. A
+    shorter one raises ValueError, unless ``check_offsets=False`` (then the rows past
+    ``max_len`` would come back with no attention output).
     """
 
     def __init__(self, d_model: int, n_layers: int, n_heads: int, causal: bool, mlp_ratio: int = 4,
@@ -171,6 +175,11 @@ class SegmentTransformer(nn.Module):
                 check_offsets: bool = True) -> Tensor:
         if max_len is None:
             max_len = max_segment_length(offsets)
+        elif check_offsets and not torch.compiler.is_compiling():  # (reading the longest: a sync on CUDA)
+            longest = max_segment_length(offsets)
+            if longest > max_len:
+                raise ValueError(f"max_len={max_len} is shorter than the longest segment ({longest} rows): "
+                                 "attention would drop the rows past max_len; pass max_len=None to read it")
         for block in self.blocks:
             x = block(x, offsets, max_len, check_offsets=check_offsets)
             check_offsets = False  # the same offsets, checked by the first block

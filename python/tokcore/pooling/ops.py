@@ -19,6 +19,7 @@ check costs no sync.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch.autograd import forward_ad
@@ -72,7 +73,25 @@ def word_boundaries(
         data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     if cu_seqlens is None:
         cu_seqlens = torch.tensor([0, data.numel()], dtype=torch.int64, device=data.device)
+    _check_arg_types("word_boundaries", cu_seqlens=cu_seqlens, max_word_bytes=max_word_bytes, mode=mode)
     return _ops.word_boundaries(data, cu_seqlens, max_word_bytes, mode)
+
+
+def _check_arg_types(op: str, **args) -> None:
+    """TypeError naming the argument for a Python value of the wrong kind (the
+    dispatcher's own message is a RuntimeError about the schema): offsets-like
+    arguments must be tensors, reduce/mode strings, sizes ints (or SymInts under
+    torch.compile), `total` an int or None."""
+    kinds = {"offsets": torch.Tensor, "cu_seqlens": torch.Tensor, "reduce": str, "mode": str,
+             "max_len": (numbers.Integral, torch.SymInt), "max_word_bytes": (numbers.Integral, torch.SymInt),
+             "total": (numbers.Integral, torch.SymInt, type(None))}
+    for name, value in args.items():
+        kind = kinds[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            wanted = {"offsets": "an int64 torch.Tensor", "cu_seqlens": "an int64 torch.Tensor", "reduce": "a str",
+                      "mode": "a str", "max_len": "an int", "max_word_bytes": "an int",
+                      "total": "an int or None"}[name]
+            raise TypeError(f"tokcore.{op}: {name} must be {wanted}, got {type(value).__name__}")
 
 
 def _as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -115,6 +134,7 @@ def segment_reduce(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean",
     offsets known to be valid (see the module docstring).
     """
     _reject_forward_ad("segment_reduce", x=x)
+    _check_arg_types("segment_reduce", offsets=offsets, reduce=reduce)
     y = _ops.segment_reduce(_as_rows(x, "x"), offsets, reduce, check_offsets=check_offsets)
     return _unflatten(y, 1, tuple(x.shape[1:]))
 
@@ -130,6 +150,7 @@ def segment_expand(y: torch.Tensor, offsets: torch.Tensor, total: int | None = N
     ``check_offsets=False`` skips the CUDA offsets check (see the module docstring).
     """
     _reject_forward_ad("segment_expand", y=y)
+    _check_arg_types("segment_expand", offsets=offsets, total=total)
     x = _ops.segment_expand(_as_rows(y, "y"), offsets, total, check_offsets=check_offsets)
     return _unflatten(x, 1, tuple(y.shape[1:]))
 
@@ -143,6 +164,7 @@ def segment_pack(x: torch.Tensor, offsets: torch.Tensor, max_len: int, *,
     ``check_offsets=False`` skips the CUDA offsets check (see the module docstring).
     """
     _reject_forward_ad("segment_pack", x=x)
+    _check_arg_types("segment_pack", offsets=offsets, max_len=max_len)
     packed = _ops.segment_pack(_as_rows(x, "x"), offsets, max_len, check_offsets=check_offsets)
     return _unflatten(packed, 2, tuple(x.shape[1:]))
 
@@ -156,6 +178,7 @@ def segment_unpack(packed: torch.Tensor, offsets: torch.Tensor, total: int | Non
     ``check_offsets=False`` skips the CUDA offsets check (see the module docstring).
     """
     _reject_forward_ad("segment_unpack", packed=packed)
+    _check_arg_types("segment_unpack", offsets=offsets, total=total)
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"tokcore: packed must be a torch.Tensor, got {type(packed).__name__}")
     if packed.dim() < 2:

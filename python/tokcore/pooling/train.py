@@ -290,6 +290,9 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
     if len(corpus.heldout) == 0:  # else the report's held-out bits/byte would mean nothing
         raise UsageError(f"the held-out split of {corpus.source} is empty: give more data "
                          f"(a single file holds out its last 1/holdout_every = 1/{cfg.holdout_every})")
+    if len(corpus.train) < cfg.seq_len:  # checked before a model is built
+        raise UsageError(f"the training split of {corpus.source} has {len(corpus.train)} bytes, fewer than "
+                         f"seq_len={cfg.seq_len} (one window): give more data or a shorter --seq-len")
 
     ckpt = None
     if resume:
@@ -463,12 +466,12 @@ def format_compare(reports: list[dict[str, Any]], markdown: bool = False) -> str
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
 
 
-def compare_chart(reports: list[dict[str, Any]]) -> str:
+def compare_chart(reports: list[dict[str, Any]], budget: str = "same wall time") -> str:
     """SVG learning curves: each model's training bits/byte (EMA) against seconds trained,
-    and its held-out bits/byte as a dot at the end."""
+    and its held-out bits/byte as a dot at the end. `budget` names what the runs shared."""
     series = {f"{r['model']} (train, EMA)": r.get("curve", []) for r in reports}
     points = {f"{r['model']} held-out": (r["train_time_s"], r["heldout_bpb"]) for r in reports}
-    return line_chart_svg(series, points=points, title="hierarchical vs byte-level LM, same wall time",
+    return line_chart_svg(series, points=points, title=f"hierarchical vs byte-level LM, {budget}",
                           x_label="seconds trained", y_label="bits per byte")
 
 
@@ -503,7 +506,9 @@ def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callab
         md = [f"# tokcore compare ({base.time_budget or '-'}s budget, {base.steps or '-'} steps, "
               f"{base.batch_size} x {base.seq_len} bytes/step, device {reports[0]['device']})", "",
               format_compare(reports, markdown=True), "", f"corpus: {corpus.describe()}", ""]
-        (out / "compare.svg").write_text(compare_chart(reports))
+        budget = ("same wall time" if not base.steps else "same steps" if not base.time_budget
+                  else "same budget (steps or wall time)")
+        (out / "compare.svg").write_text(compare_chart(reports, budget))
         md[2:2] = ["![held-out and training bits/byte against training time](compare.svg)", ""]
         (out / "compare.md").write_text("\n".join(md))
         log(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and {out / 'compare.svg'} (learning curves)")
