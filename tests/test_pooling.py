@@ -696,7 +696,7 @@ def test_segment_reduce_few_long_segments(device, reduce, dtype, D, layout):
 def test_segment_ops_on_words_and_a_long_segment(device, dtype):
     # On the CPU a segment too long for one thread (here 14000 of ~32000 rows) is cut
     # into pieces that all threads share; every op that writes rows per segment
-    # (expand, the sum/mean backward, pack, unpack) must cover each piece exactly.
+    # (expand, the backward, pack, unpack) must cover each piece exactly.
     g = torch.Generator().manual_seed(13)
     offsets = _words_then_a_long_segment()
     S, T, D = offsets.numel() - 1, int(offsets[-1]), 24
@@ -707,6 +707,15 @@ def test_segment_ops_on_words_and_a_long_segment(device, dtype):
     for reduce in ("sum", "mean"):
         grad_x = ops().segment_reduce_backward(y.to(device), dev_offsets, T, reduce).cpu()
         check_reduce_grad(grad_x, y, x, offsets, reduce)
+    # max/min: values from a small set tie across the pieces of the long segment (the
+    # first attaining row must win), and a NaN sits in its middle
+    ties = torch.randint(-1, 3, (T, D), generator=g).to(dtype)
+    ties[int(offsets[2000]) + 7000, 5] = float("nan")
+    for reduce in ("max", "min"):
+        result = ref.segment_reduce(ties, offsets, reduce)
+        grad_x = ops().segment_reduce_backward(y.to(device), dev_offsets, T, reduce, ties.to(device),
+                                               result.to(device)).cpu()
+        check_reduce_grad(grad_x, y, ties, offsets, reduce)
     # unpack keeps a segment's first max_len rows and zeroes the rest: both inside the long one
     packed = (torch.randn(S, 5000, 2, generator=g, dtype=torch.float64) * 3).to(dtype)
     assert_bitwise_equal(segment_unpack(packed.to(device), dev_offsets, T).cpu(), ref.segment_unpack(packed, offsets))

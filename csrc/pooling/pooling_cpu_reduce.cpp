@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -404,42 +403,31 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
   // Segments too long for one thread are set aside and reduced afterwards by all
   // threads: one sequence, or a long segment among many short ones, would otherwise
   // keep one thread busy while the others wait.
-  const int64_t shared_rows = shared_segment_rows(rt.threads, T_);
-  std::vector<int64_t> shared;  // at most 2 * threads of them
-  std::mutex shared_mutex;
-  parallel_for(rt, 0, S, segment_grain(S, T_, D), [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {
-      const RowRange rows = segment_rows(offsets, s, T_);
-      const int64_t count = rows.end - rows.begin;
-      T* out = y + s * D;
-      if (count == 0) {  // every reduce gives 0 (max/min would give their identity)
-        std::memset(static_cast<void*>(out), 0, sizeof(T) * size_t(D));
-        continue;
-      }
-      if (count >= shared_rows) {
-        const std::lock_guard<std::mutex> lock(shared_mutex);
-        shared.push_back(s);
-        continue;
-      }
-      const A divisor = A(count);  // used by mean only
-      int64_t d0 = 0;
-      if constexpr (R == Reduce::kSum || R == Reduce::kMean) {
-        if (count > kReduceBlockRows) {  // a long segment: the reduce's blocks
-          reduce_long_segment<T, R, kStream>(x, D, rows, out);
-          continue;
+  const auto rows_of = [&](int64_t s) { return segment_rows(offsets, s, T_); };
+  const std::vector<int64_t> shared = for_each_short_segment(
+      rt, S, segment_grain(S, T_, D), shared_segment_rows(rt.threads, T_), rows_of,
+      [&](int64_t s, RowRange rows) {
+        const int64_t count = rows.end - rows.begin;
+        T* out = y + s * D;
+        if (count == 0) {  // every reduce gives 0 (max/min would give their identity)
+          std::memset(static_cast<void*>(out), 0, sizeof(T) * size_t(D));
+          return;
         }
-      }
-      reduce_tiles<T, R, kWideLoads, kStream>(x, D, rows, divisor, d0, out);
-      reduce_tiles<T, R, 4, kStream>(x, D, rows, divisor, d0, out);  // what is left of whole
-      reduce_tiles<T, R, 1, kStream>(x, D, rows, divisor, d0, out);  // vectors: 4 chains, then 1
-      for (; d0 < D; ++d0) reduce_tile<T, R, 1>(x, D, rows.begin, rows.end, d0, out);
-    }
-    if (kStream) fence_streaming_stores();
-  });
-  if (!shared.empty()) {
-    std::sort(shared.begin(), shared.end());
-    reduce_shared_blocks<T, R, kStream>(rt, x, offsets, T_, D, shared, y);
-  }
+        const A divisor = A(count);  // used by mean only
+        int64_t d0 = 0;
+        if constexpr (R == Reduce::kSum || R == Reduce::kMean) {
+          if (count > kReduceBlockRows) {  // a long segment: the reduce's blocks
+            reduce_long_segment<T, R, kStream>(x, D, rows, out);
+            return;
+          }
+        }
+        reduce_tiles<T, R, kWideLoads, kStream>(x, D, rows, divisor, d0, out);
+        reduce_tiles<T, R, 4, kStream>(x, D, rows, divisor, d0, out);  // what is left of whole
+        reduce_tiles<T, R, 1, kStream>(x, D, rows, divisor, d0, out);  // vectors: 4 chains, then 1
+        for (; d0 < D; ++d0) reduce_tile<T, R, 1>(x, D, rows.begin, rows.end, d0, out);
+      },
+      [] { if (kStream) fence_streaming_stores(); });
+  if (!shared.empty()) reduce_shared_blocks<T, R, kStream>(rt, x, offsets, T_, D, shared, y);
 }
 
 // Streamed outputs measured in one process on the 2-core VM (T = 2^20, D = 256,
@@ -532,29 +520,124 @@ inline void first_attaining_tiles(const T* g, const T* x, const T* result, int64
   }
 }
 
+// The max/min backward of segments too long for one thread, in pieces
+// (SegmentPieces) that all threads share, reading x once: (1) each piece finds,
+// per feature, the first of its rows that attains the result (that row's index in
+// the piece, or -1); (2) each segment keeps, per feature, its first piece's find
+// only; (3) each piece writes its rows: grad_y at the row found, 0 elsewhere. The
+// indices are kept as floats in the layout of the accumulator vectors (Lanes),
+// exact since a piece has kSharedPieceRows rows.
+template <typename T, bool kStream>
+void max_min_backward_shared(const Runtime& rt, const T* grad_y, const T* x, const T* y,
+                             const int64_t* offsets, int64_t T_, int64_t D, std::vector<int64_t> long_segments,
+                             T* grad_x) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  using M = decltype(V{} == V{});
+  using A = acc_t<T>;
+  static_assert(kSharedPieceRows < (int64_t(1) << 24), "row indices in a piece are exact floats");
+  const auto rows_of = [&](int64_t s) { return segment_rows(offsets, s, T_); };
+  const SegmentPieces pieces(std::move(long_segments), rows_of);
+  const int64_t nvec = D / L::N * L::K, vec_end = D / L::N * L::N, ntail = D - vec_end;
+  std::vector<V> found(size_t(pieces.count() * nvec));  // (1)'s indices, then (2)'s
+  std::vector<A> found_tail(size_t(pieces.count() * ntail));
+  parallel_for(rt, 0, pieces.count(), 1, [&](int64_t p0, int64_t p1) {  // (1)
+    std::vector<V> result(static_cast<size_t>(nvec));
+    int64_t p = p0;
+    pieces.for_each(p0, p1, rows_of, [&](int64_t s, const SegmentPieces::Piece& piece) {
+      for (int64_t d0 = 0; d0 < vec_end; d0 += L::N) L::load(y + s * D + d0, &result[size_t(d0 / L::N * L::K)]);
+      V* index = found.data() + p * nvec;
+      A* index_tail = found_tail.data() + p * ntail;
+      std::fill(index, index + nvec, V{} - A(1));
+      std::fill(index_tail, index_tail + ntail, A(-1));
+      for (int64_t t = piece.rows.begin; t < piece.rows.end; ++t) {
+        const A row = A(t - piece.rows.begin);
+        for (int64_t d0 = 0; d0 < vec_end; d0 += L::N) {
+          V v[L::K];
+          L::load(x + t * D + d0, v);
+          for (int j = 0; j < L::K; ++j) {
+            const int64_t k = d0 / L::N * L::K + j;
+            const V r = result[size_t(k)];
+            const M take = ((v[j] == r) | ((v[j] != v[j]) & (r != r))) & (index[k] < A(0));
+            index[k] = take ? V{} + row : index[k];
+          }
+        }
+        for (int64_t d = vec_end; d < D; ++d)
+          if (index_tail[d - vec_end] < A(0) && attains(to_acc(x[t * D + d]), to_acc(y[s * D + d])))
+            index_tail[d - vec_end] = row;
+      }
+      ++p;
+    });
+  });
+  parallel_for(rt, 0, int64_t(pieces.segments.size()), 1, [&](int64_t i0, int64_t i1) {  // (2)
+    std::vector<M> seen(static_cast<size_t>(nvec));
+    std::vector<bool> seen_tail(static_cast<size_t>(ntail));
+    for (int64_t i = i0; i < i1; ++i) {
+      std::fill(seen.begin(), seen.end(), M{});
+      std::fill(seen_tail.begin(), seen_tail.end(), false);
+      for (int64_t p = pieces.first_piece[size_t(i)]; p < pieces.first_piece[size_t(i + 1)]; ++p) {
+        for (int64_t k = 0; k < nvec; ++k) {
+          V& index = found[size_t(p * nvec + k)];
+          const M here = index >= A(0);
+          index = seen[size_t(k)] ? V{} - A(1) : index;
+          seen[size_t(k)] |= here;
+        }
+        for (int64_t d = 0; d < ntail; ++d) {
+          A& index = found_tail[size_t(p * ntail + d)];
+          const bool here = index >= A(0);
+          if (seen_tail[size_t(d)]) index = A(-1);
+          seen_tail[size_t(d)] = seen_tail[size_t(d)] || here;
+        }
+      }
+    }
+  });
+  parallel_for(rt, 0, pieces.count(), 1, [&](int64_t p0, int64_t p1) {  // (3)
+    int64_t p = p0;
+    pieces.for_each(p0, p1, rows_of, [&](int64_t s, const SegmentPieces::Piece& piece) {
+      const V* index = found.data() + p * nvec;
+      const A* index_tail = found_tail.data() + p * ntail;
+      const T* g = grad_y + s * D;
+      for (int64_t t = piece.rows.begin; t < piece.rows.end; ++t) {
+        const A row = A(t - piece.rows.begin);
+        for (int64_t d0 = 0; d0 < vec_end; d0 += L::N) {
+          M take[L::K];
+          for (int j = 0; j < L::K; ++j) take[j] = index[d0 / L::N * L::K + j] == row;
+          L::template select<kStream>(g + d0, take, grad_x + t * D + d0);
+        }
+        for (int64_t d = vec_end; d < D; ++d)
+          grad_x[t * D + d] = index_tail[d - vec_end] == row ? g[d] : from_acc<T>(A(0));
+      }
+      ++p;
+    });
+    if (kStream) fence_streaming_stores();
+  });
+}
+
 template <typename T, bool kStream>
 void max_min_backward_rows(const Runtime& rt, const T* grad_y, const T* x, const T* y,
                            const int64_t* offsets, int64_t S, int64_t T_, int64_t D, T* grad_x) {
   using A = acc_t<T>;
-  parallel_for(rt, 0, S, segment_grain(S, T_, D), [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {
-      const RowRange rows = segment_rows(offsets, s, T_);
-      const T* g = grad_y + s * D;
-      const T* result = y + s * D;
-      int64_t d0 = 0;
-      first_attaining_tiles<T, 4, kStream>(g, x, result, D, rows, d0, grad_x);
-      first_attaining_tiles<T, 1, kStream>(g, x, result, D, rows, d0, grad_x);
-      for (; d0 < D; ++d0) {  // the last D % N features, one at a time
-        bool found = false;
-        for (int64_t t = rows.begin; t < rows.end; ++t) {
-          const bool take = !found && attains(to_acc(x[t * D + d0]), to_acc(result[d0]));
-          found = found || take;
-          grad_x[t * D + d0] = take ? g[d0] : from_acc<T>(A(0));
+  std::vector<int64_t> long_segments = for_each_short_segment(
+      rt, S, segment_grain(S, T_, D), shared_segment_rows(rt.threads, T_),
+      [&](int64_t s) { return segment_rows(offsets, s, T_); },
+      [&](int64_t s, RowRange rows) {
+        const T* g = grad_y + s * D;
+        const T* result = y + s * D;
+        int64_t d0 = 0;
+        first_attaining_tiles<T, 4, kStream>(g, x, result, D, rows, d0, grad_x);
+        first_attaining_tiles<T, 1, kStream>(g, x, result, D, rows, d0, grad_x);
+        for (; d0 < D; ++d0) {  // the last D % N features, one at a time
+          bool found = false;
+          for (int64_t t = rows.begin; t < rows.end; ++t) {
+            const bool take = !found && attains(to_acc(x[t * D + d0]), to_acc(result[d0]));
+            found = found || take;
+            grad_x[t * D + d0] = take ? g[d0] : from_acc<T>(A(0));
+          }
         }
-      }
-    }
-    if (kStream) fence_streaming_stores();
-  });
+      },
+      [] { if (kStream) fence_streaming_stores(); });
+  if (!long_segments.empty())
+    max_min_backward_shared<T, kStream>(rt, grad_y, x, y, offsets, T_, D, std::move(long_segments), grad_x);
 }
 
 }  // namespace

@@ -26,14 +26,14 @@ inline int64_t shared_segment_rows(int64_t threads, int64_t T) {
 // the pieces of one segment spread over every thread.
 constexpr int64_t kSharedPieceRows = 4 * kReduceBlockRows;
 
-// Calls body(s, part, rows) for every segment s in [0, S), with rows = rows_of(s) (a
-// RowRange) and part = rows for a segment shorter than `shared_rows`, or each of the
-// pieces of kSharedPieceRows rows that cover a longer one. Segments go to tasks
-// segment_grain at a time; finish() ends each task (a streaming-store fence, say).
-// The pieces of all long segments are shared out after the short segments are done.
-template <typename RowsOf, typename Body, typename Finish>
-void for_each_segment_part(const Runtime& rt, int64_t S, int64_t grain, int64_t shared_rows, const RowsOf& rows_of,
-                           const Body& body, const Finish& finish) {
+// Runs short(s, rows) for every segment s in [0, S) shorter than `shared_rows`,
+// segment_grain segments per task, finish() ending each task (a streaming-store
+// fence, say); returns the longer ones, in increasing order, for the caller to
+// share out. rows_of(s) gives a segment's RowRange.
+template <typename RowsOf, typename Short, typename Finish>
+std::vector<int64_t> for_each_short_segment(const Runtime& rt, int64_t S, int64_t grain, int64_t shared_rows,
+                                            const RowsOf& rows_of, const Short& short_segment,
+                                            const Finish& finish) {
   std::vector<int64_t> long_segments;  // at most 2 * threads of them
   std::mutex long_mutex;
   parallel_for(rt, 0, S, grain, [&](int64_t s0, int64_t s1) {
@@ -44,24 +44,70 @@ void for_each_segment_part(const Runtime& rt, int64_t S, int64_t grain, int64_t 
         long_segments.push_back(s);
         continue;
       }
-      body(s, rows, rows);
+      short_segment(s, rows);
     }
     finish();
   });
-  if (long_segments.empty()) return;
-  std::vector<int64_t> piece_begin(long_segments.size() + 1, 0);  // the first piece of each long segment
-  for (size_t i = 0; i < long_segments.size(); ++i) {
-    const RowRange rows = rows_of(long_segments[i]);
-    piece_begin[i + 1] = piece_begin[i] + (rows.end - rows.begin + kSharedPieceRows - 1) / kSharedPieceRows;
-  }
-  parallel_for(rt, 0, piece_begin.back(), 1, [&](int64_t p0, int64_t p1) {
-    size_t i = size_t(std::upper_bound(piece_begin.begin(), piece_begin.end(), p0) - piece_begin.begin()) - 1;
-    for (int64_t p = p0; p < p1; ++p) {
-      while (piece_begin[i + 1] <= p) ++i;  // the long segment holding piece p
-      const RowRange rows = rows_of(long_segments[i]);
-      const int64_t begin = rows.begin + (p - piece_begin[i]) * kSharedPieceRows;
-      body(long_segments[i], RowRange{begin, std::min(rows.end, begin + kSharedPieceRows)}, rows);
+  std::sort(long_segments.begin(), long_segments.end());
+  return long_segments;
+}
+
+// The long segments cut into pieces of kSharedPieceRows rows, numbered in order:
+// the pieces of segments[0] first.
+struct SegmentPieces {
+  struct Piece {
+    int64_t index;  // into segments
+    RowRange rows;  // of the piece
+    RowRange segment_rows;
+  };
+  std::vector<int64_t> segments;
+  std::vector<int64_t> first_piece;  // of each segment, and the total at the end
+
+  template <typename RowsOf>
+  SegmentPieces(std::vector<int64_t> long_segments, const RowsOf& rows_of)
+      : segments(std::move(long_segments)), first_piece(segments.size() + 1, 0) {
+    for (size_t i = 0; i < segments.size(); ++i) {
+      const RowRange rows = rows_of(segments[i]);
+      first_piece[i + 1] = first_piece[i] + (rows.end - rows.begin + kSharedPieceRows - 1) / kSharedPieceRows;
     }
+  }
+  int64_t count() const { return first_piece.back(); }
+  // The segment holding piece p: `index` is a hint (a previous answer at or below p).
+  template <typename RowsOf>
+  Piece piece(int64_t p, int64_t index, const RowsOf& rows_of) const {
+    while (first_piece[size_t(index) + 1] <= p) ++index;
+    const RowRange rows = rows_of(segments[size_t(index)]);
+    const int64_t begin = rows.begin + (p - first_piece[size_t(index)]) * kSharedPieceRows;
+    return Piece{index, RowRange{begin, std::min(rows.end, begin + kSharedPieceRows)}, rows};
+  }
+  // Calls f(segment, piece) for pieces [p0, p1), in order.
+  template <typename RowsOf, typename F>
+  void for_each(int64_t p0, int64_t p1, const RowsOf& rows_of, const F& f) const {
+    int64_t index = int64_t(std::upper_bound(first_piece.begin(), first_piece.end(), p0) - first_piece.begin()) - 1;
+    for (int64_t p = p0; p < p1; ++p) {
+      const Piece piece_p = piece(p, index, rows_of);
+      index = piece_p.index;
+      f(segments[size_t(index)], piece_p);
+    }
+  }
+};
+
+// Calls body(s, part, rows) for every segment s in [0, S), with rows = rows_of(s) (a
+// RowRange) and part = rows for a segment shorter than `shared_rows`, or each of the
+// pieces of kSharedPieceRows rows that cover a longer one. Segments go to tasks
+// segment_grain at a time; finish() ends each task (a streaming-store fence, say).
+// The pieces of all long segments are shared out after the short segments are done.
+template <typename RowsOf, typename Body, typename Finish>
+void for_each_segment_part(const Runtime& rt, int64_t S, int64_t grain, int64_t shared_rows, const RowsOf& rows_of,
+                           const Body& body, const Finish& finish) {
+  const SegmentPieces pieces(for_each_short_segment(rt, S, grain, shared_rows, rows_of,
+                                                    [&](int64_t s, RowRange rows) { body(s, rows, rows); }, finish),
+                             rows_of);
+  if (pieces.count() == 0) return;
+  parallel_for(rt, 0, pieces.count(), 1, [&](int64_t p0, int64_t p1) {
+    pieces.for_each(p0, p1, rows_of, [&](int64_t s, const SegmentPieces::Piece& piece) {
+      body(s, piece.rows, piece.segment_rows);
+    });
     finish();
   });
 }

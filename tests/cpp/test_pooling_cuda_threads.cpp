@@ -321,6 +321,49 @@ TEST(CudaThreadsOnHost, LongSegmentsShareTheirBlocksOverCpuThreads) {
   check_long_segments_on_cpu<double, Reduce::kMin>(rng);
 }
 
+// The max/min backward of segments too long for one thread: pieces shared over
+// threads find each feature's first attaining row (SegmentPieces). Values from a
+// small set tie across pieces, so the first piece's row must win; a NaN sits in
+// the middle of the long segment. Same bits as one thread and the GPU's threads.
+template <typename T, Reduce R>
+void check_long_max_min_backward_on_cpu(std::mt19937& rng) {
+  constexpr int kVec = 16 / sizeof(T);
+  std::vector<int64_t> mixed = random_offsets(2000, 9, rng);
+  mixed.push_back(mixed.back() + 5000);
+  for (const int64_t length : {3, 9, 1, 0, 7}) mixed.push_back(mixed.back() + length);
+  for (int64_t D : {int64_t(kVec) * 5, int64_t(kVec) * 64 + 3, int64_t(3)}) {
+    for (const std::vector<int64_t>& off : {std::vector<int64_t>{0, 3000}, mixed}) {
+      SCOPED_TRACE("D=" + std::to_string(D) + " S=" + std::to_string(off.size() - 1));
+      const int64_t S = int64_t(off.size()) - 1, rows = off.back();
+      Buffer<T> x(rows * D), grad_y = random_rows<T>(S, D, rng, false);
+      for (int64_t i = 0; i < rows * D; ++i) x.data()[i] = from_acc<T>(acc_t<T>(int(rng() % 4) - 1));
+      x.data()[(rows - 1500) * D + D / 2] = from_acc<T>(std::numeric_limits<acc_t<T>>::quiet_NaN());
+      Runtime one_thread, eight_threads;
+      eight_threads.threads = 8;
+      Buffer<T> y(S * D), g1(rows * D), g8(rows * D), g_gpu(rows * D);
+      segment_reduce_cpu(one_thread, dtype_of<T>(), x.data(), off.data(), S, rows, D, R, y.data());
+      segment_reduce_backward_cpu(one_thread, dtype_of<T>(), grad_y.data(), x.data(), y.data(), off.data(), S,
+                                  rows, D, R, g1.data());
+      segment_reduce_backward_cpu(eight_threads, dtype_of<T>(), grad_y.data(), x.data(), y.data(), off.data(), S,
+                                  rows, D, R, g8.data());
+      run_threads<1>(S, D, [&](int64_t i) {
+        segment_reduce_backward_thread<T, 1, R>(i, 0, 1, grad_y.data(), x.data(), y.data(), off.data(), rows, D,
+                                                g_gpu.data());
+      });
+      EXPECT_EQ(g8.bytes(), g1.bytes());
+      EXPECT_EQ(g8.bytes(), g_gpu.bytes());
+    }
+  }
+}
+
+TEST(CudaThreadsOnHost, LongSegmentsMaxMinBackwardShareTheirPiecesOverCpuThreads) {
+  std::mt19937 rng(10);
+  check_long_max_min_backward_on_cpu<float, Reduce::kMax>(rng);
+  check_long_max_min_backward_on_cpu<bf16_t, Reduce::kMin>(rng);
+  check_long_max_min_backward_on_cpu<f16_t, Reduce::kMax>(rng);
+  check_long_max_min_backward_on_cpu<double, Reduce::kMin>(rng);
+}
+
 TEST(CudaThreadsOnHost, ReduceInBlocksOnlyForFewLongSegments) {
   EXPECT_FALSE(reduce_in_blocks(0, 0, 0));
   EXPECT_TRUE(reduce_in_blocks(8 * 64, 8, int64_t(1) << 21));         // 8 sequences of 2^18 rows
