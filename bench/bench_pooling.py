@@ -122,6 +122,23 @@ def bench_segment_reduce(T: int, D: int, dtype: torch.dtype, device: torch.devic
             "index_select into a reused buffer": lambda: torch.index_select(y, 0, segment_ids, out=expanded),
         })
 
+    # One segment (a whole sequence): on the CPU its rows are shared out over all
+    # threads in pieces; torch's own broadcast copy and max over dim 0 are the peers.
+    whole = torch.tensor([0, T], device=device)
+    with torch.no_grad():
+        add_rows("segment_expand fwd, 1 segment", lambda: segment_expand(y[:1], whole, T), {
+            "y.expand(T, D).contiguous()": lambda: y[:1].expand(T, D).contiguous()},
+            nbytes=(T + 1) * D * x.element_size())
+    if device.type == "cpu":  # (on CUDA a max backward walks a segment with one thread per vector)
+        grad_one = grad[:1]
+
+        def backward_one(y_graph: torch.Tensor) -> Callable[[], object]:
+            return lambda: torch.autograd.grad(y_graph, x, grad_one, retain_graph=True)
+
+        add_rows("segment_reduce max bwd, 1 segment", backward_one(segment_reduce(x, whole, "max")),
+                 {"x.max(0) backward": backward_one(x.max(0, keepdim=True).values)},
+                 nbytes=2 * (T + 1) * D * x.element_size())
+
 
 def pooling_workloads(T: int, D: int, dtype: torch.dtype, device: torch.device) -> dict[str, tuple]:
     """Each pooling op once, for the on/off tables: name -> (call, bytes read + written)."""
