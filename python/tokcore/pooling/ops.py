@@ -128,7 +128,11 @@ def segment_reduce(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean",
     one segment for 16 bytes of features, which fills the GPU when segments are
     many (words); a few long segments (one per sequence) get a thread per block
     of 256 rows instead, then one per segment to combine the blocks. The sum/mean
-    backward splits long segments' rows over more threads.
+    backward splits long segments' rows over more threads. On the CPU each thread
+    takes whole segments, and a segment too long for one thread (over half a
+    thread's share of the rows) is shared out over all threads, forward and
+    backward. Known CUDA limits: a long segment among many short ones, and the
+    max/min backward of any long segment, are walked by one thread per vector.
 
     ``check_offsets=False`` skips the CUDA offsets check and its host sync, for
     offsets known to be valid (see the module docstring).
