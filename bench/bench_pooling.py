@@ -123,21 +123,22 @@ def bench_segment_reduce(T: int, D: int, dtype: torch.dtype, device: torch.devic
         })
 
     # One segment (a whole sequence): on the CPU its rows are shared out over all
-    # threads in pieces; torch's own broadcast copy and max over dim 0 are the peers.
+    # threads in pieces, on CUDA over row parts; torch's own broadcast copy and max
+    # over dim 0 are the peers.
     whole = torch.tensor([0, T], device=device)
     with torch.no_grad():
         add_rows("segment_expand fwd, 1 segment", lambda: segment_expand(y[:1], whole, T), {
             "y.expand(T, D).contiguous()": lambda: y[:1].expand(T, D).contiguous()},
             nbytes=(T + 1) * D * x.element_size())
-    if device.type == "cpu":  # (on CUDA a max backward walks a segment with one thread per vector)
-        grad_one = grad[:1]
+    # (on CUDA the max backward of a few long segments runs in two passes over row parts)
+    grad_one = grad[:1]
 
-        def backward_one(y_graph: torch.Tensor) -> Callable[[], object]:
-            return lambda: torch.autograd.grad(y_graph, x, grad_one, retain_graph=True)
+    def backward_one(y_graph: torch.Tensor) -> Callable[[], object]:
+        return lambda: torch.autograd.grad(y_graph, x, grad_one, retain_graph=True)
 
-        add_rows("segment_reduce max bwd, 1 segment", backward_one(segment_reduce(x, whole, "max")),
-                 {"x.max(0) backward": backward_one(x.max(0, keepdim=True).values)},
-                 nbytes=2 * (T + 1) * D * x.element_size())
+    add_rows("segment_reduce max bwd, 1 segment", backward_one(segment_reduce(x, whole, "max")),
+             {"x.max(0) backward": backward_one(x.max(0, keepdim=True).values)},
+             nbytes=2 * (T + 1) * D * x.element_size())
 
 
 def pooling_workloads(T: int, D: int, dtype: torch.dtype, device: torch.device) -> dict[str, tuple]:

@@ -686,10 +686,18 @@ def test_segment_reduce_few_long_segments(device, reduce, dtype, D, layout):
     offsets = t64([0, 300, 300, 3000, 3001, 20000]) if layout == "few" else _words_then_a_long_segment()
     x = (torch.randn(int(offsets[-1]), D, generator=g, dtype=torch.float64) * 3).to(dtype)
     x[5, 0], x[4000, D - 1] = float("nan"), float("inf")
+    if reduce in ("max", "min"):  # ties across the rows of a long segment: the first one gets the gradient
+        x[7000:7010] = x[9000:9010] = x[15000:15010] = 100.0 if reduce == "max" else -100.0
     y = segment_reduce(x.to(device), offsets.to(device), reduce).cpu()
     check_reduce(y, x, offsets, reduce)
+    # the backward (on CUDA, max/min over a few long segments runs in two passes)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
+    grad_x = ops().segment_reduce_backward(grad_y.to(device), offsets.to(device), x.shape[0], reduce, x.to(device),
+                                           y.to(device)).cpu()
+    check_reduce_grad(grad_x, grad_y, x, offsets, reduce)
     if device != "cpu":
         assert_bitwise_equal(y, segment_reduce(x, offsets, reduce))
+        assert_bitwise_equal(grad_x, ops().segment_reduce_backward(grad_y, offsets, x.shape[0], reduce, x, y))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)

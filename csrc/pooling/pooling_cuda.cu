@@ -4,9 +4,10 @@
 // Segment kernels use one thread per (segment, vector of features), and the
 // row-writing ones one per row part of that too when segments are long; the reduce
 // forward takes a few long segments in blocks of rows (a thread per block, then one
-// per segment). The thread bodies are in tokcore/pooling/segment_threads.h, where
-// the host tests run them too. No atomics and no host sync: results are
-// deterministic.
+// per segment), and their max/min backward runs in two passes over row parts. The thread bodies are in tokcore/pooling/segment_threads.h, where
+// the host tests run them too. No host sync, and no atomics but a min of row
+// indices in the max/min backward's two passes, which does not depend on the
+// order: results are deterministic.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -152,6 +153,29 @@ __global__ void segment_reduce_backward_kernel(const T* __restrict__ grad_y, con
   if (!launch_part_thread<N>(S, D, parts, th)) return;
   segment_reduce_backward_thread<T, N, R>(th.i, th.part, parts, grad_y, x, y, offsets, rows_total, D,
                                           grad_x);
+}
+
+// The max/min backward in two passes (segment_threads.h), over the same threads.
+template <typename T, int N>
+__global__ void max_min_first_rows_kernel(const T* __restrict__ x, const T* __restrict__ y,
+                                          const int64_t* __restrict__ offsets, int64_t S, int64_t rows_total,
+                                          int64_t D, int64_t parts, int64_t* __restrict__ first_row) {
+  PartThread th;
+  if (!launch_part_thread<N>(S, D, parts, th)) return;
+  // rows are >= 0 and kNoRow is positive: the unsigned min is the signed one
+  max_min_first_rows_thread<T, N>(th.i, th.part, parts, x, y, offsets, rows_total, D,
+                                  [&](int64_t index, int64_t row) {
+    atomicMin(reinterpret_cast<unsigned long long*>(first_row + index), static_cast<unsigned long long>(row));
+  });
+}
+
+template <typename T, int N>
+__global__ void max_min_write_rows_kernel(const T* __restrict__ grad_y, const int64_t* __restrict__ first_row,
+                                          const int64_t* __restrict__ offsets, int64_t S, int64_t rows_total,
+                                          int64_t D, int64_t parts, T* __restrict__ grad_x) {
+  PartThread th;
+  if (!launch_part_thread<N>(S, D, parts, th)) return;
+  max_min_write_rows_thread<T, N>(th.i, th.part, parts, grad_y, first_row, offsets, rows_total, D, grad_x);
 }
 
 template <typename T, int N>
@@ -307,22 +331,43 @@ int segment_reduce_cuda(DType dtype, const void* x, const int64_t* offsets, int6
   return err;
 }
 
+size_t segment_reduce_backward_workspace_cuda(DType dtype, int64_t S, int64_t T, int64_t D, Reduce reduce) {
+  if (reduce != Reduce::kMax && reduce != Reduce::kMin) return 0;
+  // decided with the 16-byte vector width, as the forward's workspace: a narrower
+  // one gives more segment threads, hence no more row parts
+  const int64_t vec = 16 / dtype_size(dtype);
+  if (!max_min_backward_in_parts(S * ((D + vec - 1) / vec), mean_rows(T, S))) return 0;
+  return sizeof(int64_t) * size_t(S) * size_t(D);  // first_row
+}
+
 int segment_reduce_backward_cuda(DType dtype, const void* grad_y, const void* x, const void* y,
                                  const int64_t* offsets, int64_t S, int64_t T, int64_t D,
-                                 Reduce reduce, void* grad_x, void* stream) {
+                                 Reduce reduce, void* workspace, size_t workspace_bytes, void* grad_x,
+                                 void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const bool in_order = reduce == Reduce::kMax || reduce == Reduce::kMin;  // the first attaining row
+  const size_t first_row_bytes = segment_reduce_backward_workspace_cuda(dtype, S, T, D, reduce);
+  if (first_row_bytes > workspace_bytes) return cudaErrorInvalidValue;
+  // max/min split into row parts only with the two passes' workspace
+  const int64_t part_rows = in_order && first_row_bytes == 0 ? 0 : mean_rows(T, S);
+  auto* first_row = static_cast<int64_t*>(workspace);
   int err = cudaSuccess;
   dispatch_float_types(dtype, [&](auto* tag) {
     using V = std::remove_pointer_t<decltype(tag)>;
     dispatch_reduce(reduce, [&](auto r) {
-      // max/min find the first attaining row in order: no row parts
-      const bool in_order = reduce == Reduce::kMax || reduce == Reduce::kMin;
-      err = launch_segments<V>(S, D, in_order ? 0 : mean_rows(T, S), {grad_y, x, y, grad_x},
-                               [&](auto n, unsigned blocks, int64_t parts) {
-        segment_reduce_backward_kernel<V, decltype(n)::value, decltype(r)::value>
-            <<<blocks, kThreads, 0, st>>>(static_cast<const V*>(grad_y), static_cast<const V*>(x),
-                                          static_cast<const V*>(y), offsets, S, T, D, parts,
-                                          static_cast<V*>(grad_x));
+      err = launch_segments<V>(S, D, part_rows, {grad_y, x, y, grad_x}, [&](auto n, unsigned blocks, int64_t parts) {
+        constexpr int N = decltype(n)::value;
+        if (in_order && parts > 1) {  // two passes over the row parts
+          cudaMemsetAsync(first_row, 0x7f, first_row_bytes, st);  // kNoRow
+          max_min_first_rows_kernel<V, N><<<blocks, kThreads, 0, st>>>(
+              static_cast<const V*>(x), static_cast<const V*>(y), offsets, S, T, D, parts, first_row);
+          max_min_write_rows_kernel<V, N><<<blocks, kThreads, 0, st>>>(
+              static_cast<const V*>(grad_y), first_row, offsets, S, T, D, parts, static_cast<V*>(grad_x));
+          return;
+        }
+        segment_reduce_backward_kernel<V, N, decltype(r)::value><<<blocks, kThreads, 0, st>>>(
+            static_cast<const V*>(grad_y), static_cast<const V*>(x), static_cast<const V*>(y), offsets, S, T, D,
+            parts, static_cast<V*>(grad_x));
       });
     });
   });

@@ -87,9 +87,13 @@ size_t segment_reduce_workspace_cuda(DType dtype, int64_t S, int64_t T, int64_t 
 int segment_reduce_cuda(DType dtype, const void* x, const int64_t* offsets, int64_t S, int64_t T,
                         int64_t D, Reduce reduce, void* workspace, size_t workspace_bytes, void* y,
                         void* stream);
+// Workspace bytes that segment_reduce_backward_cuda needs: 0 unless a max/min
+// backward runs in two passes (max_min_backward_in_parts, segment_threads.h).
+size_t segment_reduce_backward_workspace_cuda(DType dtype, int64_t S, int64_t T, int64_t D, Reduce reduce);
 int segment_reduce_backward_cuda(DType dtype, const void* grad_y, const void* x, const void* y,
                                  const int64_t* offsets, int64_t S, int64_t T, int64_t D,
-                                 Reduce reduce, void* grad_x, void* stream);
+                                 Reduce reduce, void* workspace, size_t workspace_bytes, void* grad_x,
+                                 void* stream);
 int segment_expand_cuda(DType dtype, const void* y, const int64_t* offsets, int64_t S, int64_t T,
                         int64_t D, void* x, void* stream);
 int segment_pack_cuda(DType dtype, const void* x, const int64_t* offsets, int64_t S, int64_t T,

@@ -185,8 +185,13 @@ Tensor segment_reduce_backward(Tensor grad_y, Tensor offsets, int64_t total, std
     return grad_x;
   }
   CudaContext ctx(grad_y);
+  // a workspace only for a max/min backward over a few long segments (in two passes)
+  const size_t ws_bytes = segment_reduce_backward_workspace_cuda(dtype, S, total, D, r);
+  std::optional<Tensor> workspace;
+  if (ws_bytes > 0) workspace = adapter::new_output(op, grad_y, {int64_t(ws_bytes)}, ScalarType::Byte);
   check_cuda(segment_reduce_backward_cuda(dtype, grad_y.const_data_ptr(), x_ptr, y_ptr,
                                           offsets.const_data_ptr<int64_t>(), S, total, D, r,
+                                          workspace ? workspace->mutable_data_ptr() : nullptr, ws_bytes,
                                           grad_x.mutable_data_ptr(), ctx.stream),
              op);
   return grad_x;

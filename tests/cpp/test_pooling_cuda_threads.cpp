@@ -4,6 +4,7 @@
 // sum each element's rows in order, in the same accumulator type.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -81,6 +82,23 @@ void run_part_threads(int64_t S, int64_t D, int64_t parts, Body&& body) {
   }
 }
 
+// The GPU's max/min backward in two passes over `parts` row parts (launch order
+// reversed by run_part_threads; atomicMin as std::min).
+template <typename T, int N>
+void max_min_backward_in_parts_on_host(int64_t parts, const T* grad_y, const T* x, const T* y,
+                                       const std::vector<int64_t>& off, int64_t T_, int64_t D, T* grad_x) {
+  const int64_t S = int64_t(off.size()) - 1;
+  std::vector<int64_t> first_row(size_t(S * D), kNoRow);
+  run_part_threads<N>(S, D, parts, [&](int64_t i, int64_t part) {
+    max_min_first_rows_thread<T, N>(i, part, parts, x, y, off.data(), T_, D, [&](int64_t index, int64_t row) {
+      first_row[size_t(index)] = std::min(first_row[size_t(index)], row);
+    });
+  });
+  run_part_threads<N>(S, D, parts, [&](int64_t i, int64_t part) {
+    max_min_write_rows_thread<T, N>(i, part, parts, grad_y, first_row.data(), off.data(), T_, D, grad_x);
+  });
+}
+
 // Row parts tried for the row-writing kernels: none, and splits that divide the
 // segments' lengths evenly or not, or exceed them.
 const int64_t kParts[] = {1, 2, 3, 7};
@@ -135,15 +153,19 @@ void check_reduce_and_backward(const Case& c, std::mt19937& rng) {
   Buffer<T> gx_cpu(c.T * c.D);
   segment_reduce_backward_cpu(rt, dtype_of<T>(), grad_y.data(), x.data(), y_cpu.data(), off.data(), S,
                               c.T, c.D, R, gx_cpu.data());
-  const bool in_order = R == Reduce::kMax || R == Reduce::kMin;  // the launcher never splits these
+  const bool in_order = R == Reduce::kMax || R == Reduce::kMin;  // split only in two passes
   for (int64_t parts : kParts) {
-    if (in_order && parts > 1) break;
     SCOPED_TRACE("parts=" + std::to_string(parts));
     Buffer<T> gx_gpu(c.T * c.D);
-    run_part_threads<N>(S, c.D, parts, [&](int64_t i, int64_t part) {
-      segment_reduce_backward_thread<T, N, R>(i, part, parts, grad_y.data(), x.data(), y_cpu.data(),
-                                              off.data(), c.T, c.D, gx_gpu.data());
-    });
+    if (in_order && parts > 1) {  // the launcher's two passes
+      max_min_backward_in_parts_on_host<T, N>(parts, grad_y.data(), x.data(), y_cpu.data(), off, c.T, c.D,
+                                              gx_gpu.data());
+    } else {
+      run_part_threads<N>(S, c.D, parts, [&](int64_t i, int64_t part) {
+        segment_reduce_backward_thread<T, N, R>(i, part, parts, grad_y.data(), x.data(), y_cpu.data(),
+                                                off.data(), c.T, c.D, gx_gpu.data());
+      });
+    }
     EXPECT_EQ(gx_gpu.bytes(), gx_cpu.bytes());
   }
 }
@@ -352,6 +374,12 @@ void check_long_max_min_backward_on_cpu(std::mt19937& rng) {
       });
       EXPECT_EQ(g8.bytes(), g1.bytes());
       EXPECT_EQ(g8.bytes(), g_gpu.bytes());
+      for (int64_t parts : {2, 5}) {  // the GPU's two passes, ties across parts
+        Buffer<T> g_parts(rows * D);
+        max_min_backward_in_parts_on_host<T, 1>(parts, grad_y.data(), x.data(), y.data(), off, rows, D,
+                                                g_parts.data());
+        EXPECT_EQ(g_parts.bytes(), g1.bytes()) << "parts=" << parts;
+      }
     }
   }
 }

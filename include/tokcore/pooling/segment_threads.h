@@ -16,8 +16,8 @@
 // handles rows (or packed slots) j, j + parts, j + 2 * parts, ... Each row is
 // still written once, with the same values, so the result does not depend on
 // parts; the split only keeps the GPU busy when a few long segments would give it
-// too few threads (row_parts). The reduce forward and the max/min backward walk
-// rows in order and run with parts = 1.
+// too few threads (row_parts). The reduce forward walks rows in order and runs
+// with parts = 1; so does the max/min backward, unless split in two passes (below).
 #pragma once
 
 #include <cstdint>
@@ -265,6 +265,70 @@ TOKCORE_HD void segment_reduce_backward_thread(int64_t i, int64_t part, int64_t 
       found[j] = found[j] || take;
       out.v[j] = take ? g.v[j] : from_acc<T>(A(0));
     }
+    store_vec<T, N>(grad_x + t * D + th.col, out);
+  }
+}
+
+// ---- The max/min backward in two passes, for row parts: a few long segments
+// (max pooling over sequences) would leave one thread per vector to walk each of
+// them. first_row [S, D] starts at kNoRow. Pass 1 has each (segment thread, part)
+// find, per feature, the first row of its part that attains the result, and fold
+// it into first_row with min (atomicMin on the GPU: min does not depend on the
+// order, so the result is deterministic). Pass 2 writes every row: grad_y where the
+// row is first_row, 0 elsewhere. The same rows get grad_y as in
+// segment_reduce_backward_thread, so the bits are the same.
+constexpr int64_t kNoRow = 0x7f7f7f7f7f7f7f7fLL;  // past any row; bytes 0x7f, a memset fills it
+
+// Whether the max/min backward runs in two passes: when its launch is split into
+// row parts (row_parts > 1), as the sum/mean backward would be.
+inline bool max_min_backward_in_parts(int64_t segment_threads, int64_t mean_rows) {
+  return row_parts(segment_threads, mean_rows) > 1;
+}
+
+// Pass 1, thread (i, part); min_row(index, row) folds row into first_row[index].
+template <typename T, int N, typename MinRow>
+TOKCORE_HD void max_min_first_rows_thread(int64_t i, int64_t part, int64_t parts, const T* __restrict__ x,
+                                          const T* __restrict__ y, const int64_t* __restrict__ offsets,
+                                          int64_t rows_total, int64_t D, MinRow&& min_row) {
+  const SegmentThread th = segment_thread<N>(i, D);
+  const RowRange rows = segment_rows(offsets, th.s, rows_total);
+  const Vec<T, N> result = load_vec<T, N>(y + th.s * D + th.col);
+  int64_t first[N];
+  TOKCORE_UNROLL
+  for (int j = 0; j < N; ++j) first[j] = kNoRow;
+  int missing = N;  // features not found yet: done when none is left
+  for (int64_t t = rows.begin + part; t < rows.end && missing > 0; t += parts) {
+    const Vec<T, N> v = load_vec<T, N>(x + t * D + th.col);
+    TOKCORE_UNROLL
+    for (int j = 0; j < N; ++j) {
+      if (first[j] == kNoRow && attains(to_acc(v.v[j]), to_acc(result.v[j]))) {
+        first[j] = t;
+        --missing;
+      }
+    }
+  }
+  TOKCORE_UNROLL
+  for (int j = 0; j < N; ++j)
+    if (first[j] != kNoRow) min_row(th.s * D + th.col + j, first[j]);
+}
+
+// Pass 2, thread (i, part).
+template <typename T, int N>
+TOKCORE_HD void max_min_write_rows_thread(int64_t i, int64_t part, int64_t parts, const T* __restrict__ grad_y,
+                                          const int64_t* __restrict__ first_row,
+                                          const int64_t* __restrict__ offsets, int64_t rows_total, int64_t D,
+                                          T* __restrict__ grad_x) {
+  using A = acc_t<T>;
+  const SegmentThread th = segment_thread<N>(i, D);
+  const RowRange rows = segment_rows(offsets, th.s, rows_total);
+  const Vec<T, N> g = load_vec<T, N>(grad_y + th.s * D + th.col);
+  int64_t first[N];
+  TOKCORE_UNROLL
+  for (int j = 0; j < N; ++j) first[j] = first_row[th.s * D + th.col + j];
+  for (int64_t t = rows.begin + part; t < rows.end; t += parts) {
+    Vec<T, N> out;
+    TOKCORE_UNROLL
+    for (int j = 0; j < N; ++j) out.v[j] = t == first[j] ? g.v[j] : from_acc<T>(A(0));
     store_vec<T, N>(grad_x + t * D + th.col, out);
   }
 }

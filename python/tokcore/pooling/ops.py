@@ -4,7 +4,7 @@ The kernels are ``torch.ops.tokcore.<name>`` (C++/CUDA, csrc/pooling/). Offsets 
 CSR-style int64 tensors: ``offsets[0] == 0``, non-decreasing, ``offsets[-1] == T``.
 Features may be float32, float64, bfloat16 or float16; results keep the input
 dtype and are accumulated in float32 (float64 for float64). Every op is
-deterministic (no atomics). Every op validates its offsets fully and raises
+deterministic (no float atomics). Every op validates its offsets fully and raises
 an error that names them. On CUDA that check is a small kernel and a host sync;
 it is skipped while a CUDA graph is being captured (no sync is allowed there) and
 when the environment variable ``TOKCORE_CUDA_CHECK_OFFSETS=0`` is set, for
@@ -131,8 +131,8 @@ def segment_reduce(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean",
     backward splits long segments' rows over more threads. On the CPU each thread
     takes whole segments, and a segment too long for one thread (over half a
     thread's share of the rows) is shared out over all threads, forward and
-    backward. Known CUDA limits: a long segment among many short ones, and the
-    max/min backward of any long segment, are walked by one thread per vector.
+    backward. Known CUDA limit: a long segment among many short ones is walked by
+    one thread per vector (a few long ones are split, forward and backward).
 
     ``check_offsets=False`` skips the CUDA offsets check and its host sync, for
     offsets known to be valid (see the module docstring).
