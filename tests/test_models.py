@@ -471,6 +471,24 @@ def test_segment_transformer_max_len_shorter_than_a_segment_raises():
         model.logits(b, cu, 8)
 
 
+@pytest.mark.parametrize("entry", ["forward", "forward_words"])
+def test_models_read_the_longest_segment_once_per_offsets(entry, monkeypatch):
+    # each read of the longest segment is a host sync on CUDA: forward reads the
+    # backbone's longest sequence of words; forward_words also checks the caller's
+    # words (check_word_lengths), and the encoder's local layers trust that check
+    import tokcore.pooling.modules as modules
+    reads = []
+    real = modules.max_segment_length
+    monkeypatch.setattr(modules, "max_segment_length", lambda off: (reads.append(off.numel()), real(off))[1])
+    model = HierarchicalByteLM(HierConfig(**TINY_HIER))
+    b, cu = _batch([TEXT[:60], TEXT[60:100]])
+    if entry == "forward":
+        model(b, cu)
+    else:
+        model.forward_words(b, *word_boundaries(b, cu, model.config.max_word_bytes, "space"))
+    assert len(reads) == {"forward": 1, "forward_words": 2}[entry]
+
+
 def test_words_longer_than_max_word_bytes_raise():
     model = HierarchicalByteLM(HierConfig(**TINY_HIER))  # max_word_bytes 8
     b = torch.tensor(list(b"abcdefghijklmnop"), dtype=torch.uint8)

@@ -99,10 +99,10 @@ def _int_at_least(lo: int) -> Callable[[str], int]:
 
 
 _positive_int = _int_at_least(1)
+_nonnegative_int = _int_at_least(0)
 # The largest --max-word-bytes: the model packs every word into max_word_bytes slots,
 # so memory grows with it; past this, words are cut anyway in any text we train on.
 MAX_WORD_BYTES_OPTION = 256
-_nonnegative_int = _int_at_least(0)
 
 
 def _int_in_range(lo: int, hi: int) -> Callable[[str], int]:
@@ -215,7 +215,8 @@ def _demo_run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- train / compare
 def _common_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("budget")
-    g.add_argument("--steps", type=_positive_int, help="optimizer steps per model (with train --resume: in total, across resumes)")
+    g.add_argument("--steps", type=_positive_int,
+                   help="optimizer steps per model (with train --resume: in total, across resumes)")
     g.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
                    help="seconds of training per model (with train --resume: in total, across resumes); "
                         "default 300 when --steps is not given")

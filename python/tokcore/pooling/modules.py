@@ -159,8 +159,9 @@ class SegmentTransformer(nn.Module):
     ``check_offsets=False``, for offsets known to be valid); the others reuse them.
     ``max_len`` (default: the longest segment, read from the offsets) must be at least
     the longest segment: attention packs each segment into ``max_len`` positions. A
-    shorter one raises ValueError, unless ``check_offsets=False`` (then the rows past
-    ``max_len`` would come back with no attention output).
+    shorter one raises ValueError (reading the longest segment: on CUDA a host sync),
+    unless ``check_offsets=False`` or ``check_max_len=False`` say it is known to fit
+    (then rows past ``max_len`` would come back with no attention output).
     """
 
     def __init__(self, d_model: int, n_layers: int, n_heads: int, causal: bool, mlp_ratio: int = 4,
@@ -172,10 +173,10 @@ class SegmentTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(d_model)
 
     def forward(self, x: Tensor, offsets: Tensor, max_len: int | None = None, *,
-                check_offsets: bool = True) -> Tensor:
+                check_offsets: bool = True, check_max_len: bool = True) -> Tensor:
         if max_len is None:
             max_len = max_segment_length(offsets)
-        elif check_offsets and not torch.compiler.is_compiling():  # (reading the longest: a sync on CUDA)
+        elif check_offsets and check_max_len and not torch.compiler.is_compiling():
             longest = max_segment_length(offsets)
             if longest > max_len:
                 raise ValueError(f"max_len={max_len} is shorter than the longest segment ({longest} rows): "
@@ -229,10 +230,13 @@ class BytePoolingEncoder(nn.Module):
         return word_boundaries(bytes, cu_seqlens, self.max_word_bytes, "space")
 
     def byte_states(self, bytes: Tensor, word_offsets: Tensor, *, check_offsets: bool = True) -> Tensor:
-        """Contextual byte states [T, d_model] (context = the byte's own word).
+        """Contextual byte states [T, d_model] (context = the byte's own word); words
+        must be at most max_word_bytes long (not checked here: `forward` checks).
         ``check_offsets=False`` skips the CUDA check of word_offsets (a host sync)."""
         x = self.embed(bytes.long())
-        return self.local(x, word_offsets, self.max_word_bytes, check_offsets=check_offsets)
+        # words of at most max_word_bytes are the encoder's contract (forward checks it,
+        # encode trusts it): the local layers need not read the longest word again
+        return self.local(x, word_offsets, self.max_word_bytes, check_offsets=check_offsets, check_max_len=False)
 
     def pool_words(self, x: Tensor, word_offsets: Tensor, *, check_offsets: bool = True) -> Tensor:
         """Byte states [T, D] -> word vectors [W, D] (before the output projection).
