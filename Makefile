@@ -23,7 +23,7 @@ test-cpu-variants: setup
 	@for isa in avx512 avx2 base; do \
 	  echo "== TOKCORE_CPU_ISA=$$isa TOKCORE_CPU_STREAM_MIN_MB=0"; \
 	  TOKCORE_CPU_ISA=$$isa TOKCORE_CPU_STREAM_MIN_MB=0 $(VENV)/bin/python -m pytest -q tests/test_pooling.py \
-	    -k "random or fixed or gradcheck or ties" || exit 1; \
+	    -k "random or fixed or gradcheck or ties or few_long or a_long_segment" || exit 1; \
 	done
 
 # The torch-free core's GoogleTest suite and a short Google Benchmark run
