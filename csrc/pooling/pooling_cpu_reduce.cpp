@@ -356,35 +356,28 @@ void reduce_long_segment(const T* x, int64_t D, RowRange rows, T* out) {
 // mean 13.3 -> 11.2 ms and f32 unchanged (27 ms); more so with more cores.
 template <typename T, Reduce R, bool kStream>
 void reduce_shared_blocks(const Runtime& rt, const T* x, const int64_t* offsets, int64_t T_, int64_t D,
-                          const std::vector<int64_t>& segments, T* y) {
+                          std::vector<int64_t> segments, T* y) {
   using V = typename Lanes<T>::V;
   using Totals = FeatureTotals<T, R>;
-  const int64_t n = int64_t(segments.size());
-  std::vector<int64_t> block_begin(size_t(n + 1), 0);  // the first slot of each listed segment
-  for (int64_t i = 0; i < n; ++i)
-    block_begin[size_t(i + 1)] = block_begin[size_t(i)] + segment_block_count(offsets, segments[size_t(i)], T_);
-  const int64_t blocks = block_begin[size_t(n)];
+  const auto rows_of = [&](int64_t s) { return segment_rows(offsets, s, T_); };
+  const SegmentPieces blocks(std::move(segments), rows_of, kReduceBlockRows);  // a slot per block
   const int64_t nvec = Totals::vectors(D), ntail = Totals::tail(D);
-  std::vector<V> vec(size_t(blocks * nvec));
-  std::vector<acc_t<T>> tail(size_t(blocks * ntail));
-  parallel_for(rt, 0, blocks, 1, [&](int64_t q0, int64_t q1) {
+  std::vector<V> vec(size_t(blocks.count() * nvec));
+  std::vector<acc_t<T>> tail(size_t(blocks.count() * ntail));
+  parallel_for(rt, 0, blocks.count(), 1, [&](int64_t q0, int64_t q1) {
     Totals::reset(vec.data() + q0 * nvec, tail.data() + q0 * ntail, D, q1 - q0);
-    int64_t i = int64_t(std::upper_bound(block_begin.begin(), block_begin.end(), q0) - block_begin.begin()) - 1;
-    for (int64_t q = q0; q < q1; ++q) {
-      while (block_begin[size_t(i + 1)] <= q) ++i;  // the listed segment holding block q
-      const RowRange rows = segment_rows(offsets, segments[size_t(i)], T_);
-      combine_block<T, R>(x, D, reduce_block_rows(rows, q - block_begin[size_t(i)]), vec.data() + q * nvec,
-                          tail.data() + q * ntail);
-    }
+    blocks.for_each(q0, q1, rows_of, [&](int64_t, const SegmentPieces::Piece& block) {
+      combine_block<T, R>(x, D, block.rows, vec.data() + block.number * nvec, tail.data() + block.number * ntail);
+    });
   });
-  parallel_for(rt, 0, n, 1, [&](int64_t i0, int64_t i1) {
+  parallel_for(rt, 0, int64_t(blocks.segments.size()), 1, [&](int64_t i0, int64_t i1) {
     std::vector<V> total_vec(static_cast<size_t>(nvec));
     std::vector<acc_t<T>> total_tail(static_cast<size_t>(ntail));
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t s = segments[size_t(i)];
-      const RowRange rows = segment_rows(offsets, s, T_);
+      const int64_t s = blocks.segments[size_t(i)];
+      const RowRange rows = rows_of(s);
       Totals::reset(total_vec.data(), total_tail.data(), D, 1);
-      for (int64_t q = block_begin[size_t(i)]; q < block_begin[size_t(i + 1)]; ++q) {
+      for (int64_t q = blocks.first_piece[size_t(i)]; q < blocks.first_piece[size_t(i + 1)]; ++q) {
         for (int64_t v = 0; v < nvec; ++v)
           total_vec[size_t(v)] = combine<R>(total_vec[size_t(v)], vec[size_t(q * nvec + v)]);
         for (int64_t d = 0; d < ntail; ++d)
@@ -406,7 +399,7 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
   // threads: one sequence, or a long segment among many short ones, would otherwise
   // keep one thread busy while the others wait.
   const auto rows_of = [&](int64_t s) { return segment_rows(offsets, s, T_); };
-  const std::vector<int64_t> shared = for_each_short_segment(
+  std::vector<int64_t> shared = for_each_short_segment(
       rt, S, segment_grain(S, T_, D), shared_segment_rows(rt.threads, T_), rows_of,
       [&](int64_t s, RowRange rows) {
         const int64_t count = rows.end - rows.begin;
@@ -429,7 +422,7 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
         for (; d0 < D; ++d0) reduce_tile<T, R, 1>(x, D, rows.begin, rows.end, d0, out);
       },
       [] { if (kStream) fence_streaming_stores(); });
-  if (!shared.empty()) reduce_shared_blocks<T, R, kStream>(rt, x, offsets, T_, D, shared, y);
+  if (!shared.empty()) reduce_shared_blocks<T, R, kStream>(rt, x, offsets, T_, D, std::move(shared), y);
 }
 
 // Streamed outputs measured in one process on the 2-core VM (T = 2^20, D = 256,
@@ -545,11 +538,10 @@ void max_min_backward_shared(const Runtime& rt, const T* grad_y, const T* x, con
   std::vector<A> found_tail(size_t(pieces.count() * ntail));
   parallel_for(rt, 0, pieces.count(), 1, [&](int64_t p0, int64_t p1) {  // (1)
     std::vector<V> result(static_cast<size_t>(nvec));
-    int64_t p = p0;
     pieces.for_each(p0, p1, rows_of, [&](int64_t s, const SegmentPieces::Piece& piece) {
       for (int64_t d0 = 0; d0 < vec_end; d0 += L::N) L::load(y + s * D + d0, &result[size_t(d0 / L::N * L::K)]);
-      V* index = found.data() + p * nvec;
-      A* index_tail = found_tail.data() + p * ntail;
+      V* index = found.data() + piece.number * nvec;
+      A* index_tail = found_tail.data() + piece.number * ntail;
       std::fill(index, index + nvec, V{} - A(1));
       std::fill(index_tail, index_tail + ntail, A(-1));
       for (int64_t t = piece.rows.begin; t < piece.rows.end; ++t) {
@@ -568,7 +560,6 @@ void max_min_backward_shared(const Runtime& rt, const T* grad_y, const T* x, con
           if (index_tail[d - vec_end] < A(0) && attains(to_acc(x[t * D + d]), to_acc(y[s * D + d])))
             index_tail[d - vec_end] = row;
       }
-      ++p;
     });
   });
   parallel_for(rt, 0, int64_t(pieces.segments.size()), 1, [&](int64_t i0, int64_t i1) {  // (2)
@@ -594,10 +585,9 @@ void max_min_backward_shared(const Runtime& rt, const T* grad_y, const T* x, con
     }
   });
   parallel_for(rt, 0, pieces.count(), 1, [&](int64_t p0, int64_t p1) {  // (3)
-    int64_t p = p0;
     pieces.for_each(p0, p1, rows_of, [&](int64_t s, const SegmentPieces::Piece& piece) {
-      const V* index = found.data() + p * nvec;
-      const A* index_tail = found_tail.data() + p * ntail;
+      const V* index = found.data() + piece.number * nvec;
+      const A* index_tail = found_tail.data() + piece.number * ntail;
       const T* g = grad_y + s * D;
       for (int64_t t = piece.rows.begin; t < piece.rows.end; ++t) {
         const A row = A(t - piece.rows.begin);
@@ -609,7 +599,6 @@ void max_min_backward_shared(const Runtime& rt, const T* grad_y, const T* x, con
         for (int64_t d = vec_end; d < D; ++d)
           grad_x[t * D + d] = index_tail[d - vec_end] == row ? g[d] : from_acc<T>(A(0));
       }
-      ++p;
     });
     if (kStream) fence_streaming_stores();
   });

@@ -52,33 +52,36 @@ std::vector<int64_t> for_each_short_segment(const Runtime& rt, int64_t S, int64_
   return long_segments;
 }
 
-// The long segments cut into pieces of kSharedPieceRows rows, numbered in order:
-// the pieces of segments[0] first.
+// The long segments cut into pieces of piece_rows rows (the last one of a segment
+// shorter), numbered in order: the pieces of segments[0] first. With piece_rows =
+// kReduceBlockRows the pieces are the reduce's blocks (segment.h).
 struct SegmentPieces {
   struct Piece {
-    int64_t index;  // into segments
-    RowRange rows;  // of the piece
+    int64_t number;  // in [0, count())
+    int64_t index;   // into segments
+    RowRange rows;   // of the piece
     RowRange segment_rows;
   };
   std::vector<int64_t> segments;
   std::vector<int64_t> first_piece;  // of each segment, and the total at the end
+  int64_t piece_rows;
 
   template <typename RowsOf>
-  SegmentPieces(std::vector<int64_t> long_segments, const RowsOf& rows_of)
-      : segments(std::move(long_segments)), first_piece(segments.size() + 1, 0) {
+  SegmentPieces(std::vector<int64_t> long_segments, const RowsOf& rows_of, int64_t rows_per_piece = kSharedPieceRows)
+      : segments(std::move(long_segments)), first_piece(segments.size() + 1, 0), piece_rows(rows_per_piece) {
     for (size_t i = 0; i < segments.size(); ++i) {
       const RowRange rows = rows_of(segments[i]);
-      first_piece[i + 1] = first_piece[i] + (rows.end - rows.begin + kSharedPieceRows - 1) / kSharedPieceRows;
+      first_piece[i + 1] = first_piece[i] + (rows.end - rows.begin + piece_rows - 1) / piece_rows;
     }
   }
   int64_t count() const { return first_piece.back(); }
-  // The segment holding piece p: `index` is a hint (a previous answer at or below p).
+  // Piece p; `index` is a hint (the segment of an earlier piece).
   template <typename RowsOf>
   Piece piece(int64_t p, int64_t index, const RowsOf& rows_of) const {
     while (first_piece[size_t(index) + 1] <= p) ++index;
     const RowRange rows = rows_of(segments[size_t(index)]);
-    const int64_t begin = rows.begin + (p - first_piece[size_t(index)]) * kSharedPieceRows;
-    return Piece{index, RowRange{begin, std::min(rows.end, begin + kSharedPieceRows)}, rows};
+    const int64_t begin = rows.begin + (p - first_piece[size_t(index)]) * piece_rows;
+    return Piece{p, index, RowRange{begin, std::min(rows.end, begin + piece_rows)}, rows};
   }
   // Calls f(segment, piece) for pieces [p0, p1), in order.
   template <typename RowsOf, typename F>

@@ -4,10 +4,11 @@
 // Segment kernels use one thread per (segment, vector of features), and the
 // row-writing ones one per row part of that too when segments are long; the reduce
 // forward takes a few long segments in blocks of rows (a thread per block, then one
-// per segment), and their max/min backward runs in two passes over row parts. The thread bodies are in tokcore/pooling/segment_threads.h, where
-// the host tests run them too. No host sync, and no atomics but a min of row
-// indices in the max/min backward's two passes, which does not depend on the
-// order: results are deterministic.
+// per segment), and their max/min backward runs in two passes over row parts. The
+// thread bodies are in tokcore/pooling/segment_threads.h, where the host tests run
+// them too. No host sync, and no atomics but a min of row indices in the max/min
+// backward's two passes, which does not depend on the order: results are
+// deterministic.
 #include <cuda_runtime.h>
 
 #include <cstdint>
