@@ -89,9 +89,21 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, warmup_seconds: float = 3.0) -> tuple[float, str]:
-    """Measured ceiling: bytes read + written per second by the fastest large copy at
-    hand, and how it was made.
+@dataclass
+class CopyProbe:
+    """A large copy (`how`), timed again next to each workload: calls made seconds
+    apart see the same memory bandwidth, which on the CPU VMs here changes by up to
+    1.7x from one minute to the next, so a share of the copy bandwidth measured once
+    at the start (shares above 100% in older results) says less than this one."""
+    how: str
+    nbytes: int  # bytes read + written by one call
+    call: Callable[[], object]
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30,
+                   warmup_seconds: float = 3.0) -> tuple[float, CopyProbe]:
+    """Measured ceiling: bytes read + written per second by the fastest copy of
+    nbytes at hand, and that copy, to time again next to each workload.
 
     On a GPU that is torch's copy_. On a CPU, torch's copy_ reads each destination line
     into cache before writing it (46 GB/s on the 2-core VM, against 58 GB/s for a copy
@@ -100,17 +112,19 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, warmup_seconds: 
     """
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    seconds = time_fn(lambda: dst.copy_(src), device, min_runs=5, warmup_seconds=warmup_seconds)
-    best, how = 2 * nbytes / seconds, "torch copy_"
+    probe = CopyProbe("torch copy_", 2 * nbytes, lambda: dst.copy_(src))
+    best = probe.nbytes / time_fn(probe.call, device, min_runs=5, warmup_seconds=warmup_seconds)
     if device.type == "cpu":
         from tokcore.pooling import segment_expand
 
         rows = src.view(-1, 256)  # 1 KB rows: whole cache lines, streamed when >= 64 MB
         offsets = torch.arange(rows.shape[0] + 1, device=device)
-        seconds = time_fn(lambda: segment_expand(rows, offsets), device, min_runs=5, warmup_seconds=warmup_seconds)
-        if 2 * nbytes / seconds > best:
-            best, how = 2 * nbytes / seconds, "streaming-store copy (segment_expand, one-row segments)"
-    return best, how
+        streamed = CopyProbe("streaming-store copy (segment_expand, one-row segments)", 2 * nbytes,
+                             lambda: segment_expand(rows, offsets))
+        rate = streamed.nbytes / time_fn(streamed.call, device, min_runs=5, warmup_seconds=warmup_seconds)
+        if rate > best:
+            best, probe = rate, streamed
+    return best, probe
 
 
 def read_bandwidth_cpu(nbytes: int = 1 << 30, warmup_seconds: float = 3.0) -> float:

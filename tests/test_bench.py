@@ -53,11 +53,12 @@ def test_gpu_target_notes_judge_each_workload():
     import bench_pooling
     import harness
 
-    table = harness.Table("t", ["workload", "peer", "a", "b", "c", "d", "of copy ceiling"])
-    table.add("segment_reduce mean fwd bfloat16", "torch.segment_reduce", 1.0, 2.0, 2.0, 3.0, "86%")
-    table.add("segment_reduce mean bwd bfloat16", "torch.segment_reduce", 1.0, 2.0, 2.0, 3.0, "79%")
+    table = harness.Table("t", ["workload", "peer", "a", "b", "c", "d", "copy GB/s", bench_pooling.SHARE_COLUMN])
+    table.add("segment_reduce mean fwd bfloat16", "torch.segment_reduce", 1.0, 2.0, 2.0, 3.0, 4.0, "86%")
+    table.add("segment_reduce mean bwd bfloat16", "torch.segment_reduce", 1.0, 2.0, 2.0, 3.0, 4.0, "79%")
     # a workload the targets do not name, though its name starts alike
-    table.add("segment_reduce mean fwd, 8 segments bfloat16", "torch.segment_reduce", 1.0, 2.0, 2.0, 3.0, "20%")
+    table.add("segment_reduce mean fwd, 8 segments bfloat16", "torch.segment_reduce", 1.0, 2.0, 2.0, 3.0, 4.0,
+              "20%")
     notes = bench_pooling.target_notes(table, bench_pooling.GPU_TARGETS)
     assert notes[0].endswith("86% met")
     assert notes[1].endswith("79% NOT MET")
