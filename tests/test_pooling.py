@@ -159,29 +159,44 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor):
         raise AssertionError(f"not bitwise equal at {bad}:\nactual={actual}\nexpected={expected}")
 
 
-def sum_tolerance(x: torch.Tensor, offsets: torch.Tensor, expected: torch.Tensor, mean: bool):
-    """Per-element tolerance for a segment sum/mean of x against the reference.
+REDUCE_BLOCK_ROWS = 256  # kReduceBlockRows (tokcore/pooling/segment.h)
 
-    Both the kernel and the reference accumulate in `acc` (float32, float64 for float64)
-    but possibly in different orders. Recursive summation of n terms in any order has
-    error <= (n - 1) * eps_acc * sum|x|, so two orders differ by at most
-    2 * n * eps_acc * sum|x| (divided by n for the mean). Both then round to the output
-    dtype; two values within that bound may round to neighbouring output values, one ulp
-    apart, i.e. <= eps_out * |value| (we allow 2 ulps, which also covers sum / n versus
-    sum * (1 / n) in the mean), or one subnormal step (tiny * eps) near zero.
+
+def exact_reference(x: torch.Tensor, offsets: torch.Tensor, reduce: str) -> torch.Tensor:
+    """The reference segment sum/mean, formed in float64 and rounded to x's dtype;
+    except where a sum overflows the accumulator type (float32 for every dtype but
+    float64), as the kernels' sums do: there it is the reference summed in that type."""
+    exact = ref.segment_reduce(x.detach().cpu().to(torch.float64), offsets.cpu(), reduce).to(x.dtype)
+    in_acc = ref.segment_reduce(x.detach().cpu(), offsets.cpu(), reduce)
+    return torch.where(in_acc.isinf() & exact.isfinite(), in_acc, exact)
+
+
+def sum_tolerance(x: torch.Tensor, offsets: torch.Tensor, expected: torch.Tensor, mean: bool):
+    """Per-element tolerance for a segment sum/mean of x against `expected`, the
+    exact_reference (float64, rounded to x's dtype).
+
+    Every device forms a segment's sum in acc (float32, float64 for float64) in one
+    order: its rows in blocks of REDUCE_BLOCK_ROWS, each block row by row from zero,
+    then the blocks' sums in block order. Recursive summation of k terms errs by at most
+    (k - 1) * u * sum|x| (u = eps / 2, to first order), so a segment of n rows, in m
+    blocks of at most b = min(n, 256) rows, errs by at most (b - 1 + m - 1) * u * sum|x|;
+    we allow (b + m) * eps_acc * sum|x|. The float64 reference errs by at most
+    n * eps64 * sum|x| (torch's order). The mean's division rounds once more in acc
+    (eps_acc * |value|). Both round to the output dtype: 2 output ulps
+    (eps_out * |value| each), or one subnormal step (tiny * eps) near zero.
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    eps_acc = torch.finfo(acc).eps
+    eps_acc, eps64 = torch.finfo(acc).eps, torch.finfo(torch.float64).eps
     finfo_out = torch.finfo(x.dtype)
-    abs_sum = ref.segment_reduce(x.detach().cpu().to(acc).abs(), offsets.cpu(), "sum")
-    lengths = (offsets[1:] - offsets[:-1]).cpu().to(acc).clamp(min=1)
-    lengths = lengths.reshape((-1,) + (1,) * (x.dim() - 1))
-    accum_err = 2 * lengths * eps_acc * abs_sum
-    if mean:
-        accum_err = accum_err / lengths
+    abs_sum = ref.segment_reduce(x.detach().cpu().to(torch.float64).abs(), offsets.cpu(), "sum")
+    n = (offsets[1:] - offsets[:-1]).cpu().to(torch.float64).clamp(min=1)
+    b, m = n.clamp(max=REDUCE_BLOCK_ROWS), torch.ceil(n / REDUCE_BLOCK_ROWS)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    accum_err = ((b + m) * eps_acc + n * eps64).reshape(shape) * abs_sum
     exp = expected.detach().cpu().to(torch.float64).abs()
-    return (accum_err.to(torch.float64) + 2 * finfo_out.eps * exp
-            + finfo_out.tiny * finfo_out.eps)
+    if mean:
+        accum_err = accum_err / n.reshape(shape) + eps_acc * exp
+    return accum_err + 2 * finfo_out.eps * exp + finfo_out.tiny * finfo_out.eps
 
 
 def assert_within(actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor):
@@ -205,12 +220,12 @@ def assert_within(actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tenso
 
 def check_reduce(actual, x, offsets, reduce, expected=None):
     """The compiled result against the reference (computed from the same inputs)."""
-    if expected is None:
-        expected = ref.segment_reduce(x.cpu(), offsets.cpu(), reduce)
     if reduce in ("max", "min"):
         # a selection, no arithmetic: exact in every dtype
-        assert_bitwise_equal(actual, expected)
+        assert_bitwise_equal(actual, ref.segment_reduce(x.cpu(), offsets.cpu(), reduce) if expected is None
+                             else expected)
     else:
+        expected = exact_reference(x, offsets, reduce) if expected is None else expected
         assert_within(actual, expected, sum_tolerance(x, offsets, expected, reduce == "mean"))
 
 
@@ -759,7 +774,7 @@ def test_segment_expand_random(device, dtype, data):
     assert_bitwise_equal(x.detach().cpu(), ref.segment_expand(y, offsets))  # a copy: exact
     grad_x = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
     x.backward(grad_x.to(device))
-    expected = ref.segment_expand_backward(grad_x, offsets)
+    expected = ref.segment_expand_backward(grad_x.to(torch.float64), offsets).to(dtype)  # exact_reference
     assert_within(yd.grad.cpu(), expected, sum_tolerance(grad_x, offsets, expected, False))
 
 
@@ -803,6 +818,34 @@ def test_wrappers_accept_extra_feature_dims(device, reduce):
     assert packed.shape == (3, 5, 2, 3)
     assert_bitwise_equal(packed.cpu(), ref.segment_pack(x, offsets, 5))
     assert_bitwise_equal(segment_unpack(packed, offsets.to(device)).cpu(), x)
+
+
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_wrappers_accept_rows_without_features(device, reduce):
+    # x [T] -> [S], y [S] -> [T], x [T] -> packed [S, L] and back: one scalar per row,
+    # the same values as with a feature dimension of 1, gradients included
+    g = torch.Generator().manual_seed(1)
+    offsets, dev_offsets = t64([0, 3, 3, 7]), t64([0, 3, 3, 7]).to(device)
+    x = torch.randn(7, generator=g, dtype=torch.float64)
+    xd = x.clone().to(device).requires_grad_(True)
+    y = segment_reduce(xd, dev_offsets, reduce)
+    assert y.shape == (3,)
+    check_reduce(y.detach().cpu()[:, None], x[:, None], offsets, reduce)
+    y.backward(torch.arange(1.0, 4.0, dtype=torch.float64, device=device))
+    x_col = x[:, None].clone().to(device).requires_grad_(True)
+    segment_reduce(x_col, dev_offsets, reduce).backward(torch.arange(1.0, 4.0, dtype=torch.float64,
+                                                                     device=device)[:, None])
+    assert_bitwise_equal(xd.grad.cpu(), x_col.grad.cpu()[:, 0])
+    rows = y.detach()
+    expanded = segment_expand(rows, dev_offsets)
+    assert expanded.shape == (7,)
+    assert_bitwise_equal(expanded.cpu(), ref.segment_expand(rows.cpu()[:, None], offsets)[:, 0])
+    packed = segment_pack(x.to(device), dev_offsets, 5)
+    assert packed.shape == (3, 5)
+    assert_bitwise_equal(packed.cpu(), ref.segment_pack(x[:, None], offsets, 5)[..., 0])
+    unpacked = segment_unpack(packed, dev_offsets)
+    assert unpacked.shape == (7,)
+    assert_bitwise_equal(unpacked.cpu(), x)
 
 
 def test_default_arguments():
@@ -963,40 +1006,43 @@ def test_gradcheck_segment_reduce(device, via, reduce, check):
     assert getattr(torch.autograd, check)(lambda x: op(x, off, reduce), (x,))
 
 
+@pytest.mark.parametrize("check", ["gradcheck", "gradgradcheck"])
 @pytest.mark.parametrize("via", ["wrapper", "raw"])
 @pytest.mark.parametrize("total", [None, 8])
-def test_gradcheck_segment_expand(device, via, total):
+def test_gradcheck_segment_expand(device, via, total, check):
     off = t64(GRAD_OFFSETS).to(device)
     y = torch.randn(4, 3, dtype=torch.float64).to(device).requires_grad_(True)
     if via == "wrapper":
         fn = lambda y: segment_expand(y, off, total)  # noqa: E731
     else:
         fn = lambda y: ops().segment_expand(y, off, total)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (y,))
+    assert getattr(torch.autograd, check)(fn, (y,))
 
 
+@pytest.mark.parametrize("check", ["gradcheck", "gradgradcheck"])
 @pytest.mark.parametrize("via", ["wrapper", "raw"])
 @pytest.mark.parametrize("max_len", [0, 2, 5])  # 2 drops rows of the longer segments
-def test_gradcheck_segment_pack(device, via, max_len):
+def test_gradcheck_segment_pack(device, via, max_len, check):
     off = t64(GRAD_OFFSETS).to(device)
     x = torch.randn(8, 3, dtype=torch.float64).to(device).requires_grad_(True)
     if via == "wrapper":
         fn = lambda x: segment_pack(x, off, max_len)  # noqa: E731
     else:
         fn = lambda x: ops().segment_pack(x, off, max_len)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x,))
+    assert getattr(torch.autograd, check)(fn, (x,))
 
 
+@pytest.mark.parametrize("check", ["gradcheck", "gradgradcheck"])
 @pytest.mark.parametrize("via", ["wrapper", "raw"])
 @pytest.mark.parametrize("L", [2, 5])  # 2: positions i >= 2 of longer segments get zeros
-def test_gradcheck_segment_unpack(device, via, L):
+def test_gradcheck_segment_unpack(device, via, L, check):
     off = t64(GRAD_OFFSETS).to(device)
     p = torch.randn(4, L, 3, dtype=torch.float64).to(device).requires_grad_(True)
     if via == "wrapper":
         fn = lambda p: segment_unpack(p, off, 8)  # noqa: E731
     else:
         fn = lambda p: ops().segment_unpack(p, off, None)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (p,))
+    assert getattr(torch.autograd, check)(fn, (p,))
 
 
 def test_double_backward_known_values():
@@ -1266,6 +1312,22 @@ def _bad_input_cases():
         for bad, why in _bad_offsets_cases(11):
             cases.append((f"{via}-wb-cu-{why}", lambda wb=wb, bad=bad: wb(b, bad, 16, "space"),
                           "cu_seqlens"))
+    # the backward helper op (raw only: the wrappers reach it through autograd)
+    rb = o.segment_reduce_backward
+    cases += [
+        ("raw-srb-x-dtype", lambda: rb(y, off, 6, "max", x.double(), y), "x"),
+        ("raw-srb-y-dtype", lambda: rb(y, off, 6, "max", x, y.to(torch.bfloat16)), "y"),
+        ("raw-srb-x-rows", lambda: rb(y, off, 6, "max", x[:5], y), "x"),
+        ("raw-srb-y-columns", lambda: rb(y, off, 6, "min", x, y[:, :1]), "y"),
+        ("raw-srb-no-y", lambda: rb(y, off, 6, "min", x, None), "x and y"),
+        ("raw-srb-grad-rows", lambda: rb(y[:1], off, 6, "sum"), "grad_y"),
+        ("raw-srb-grad-int", lambda: rb(y.long(), off, 6, "sum"), "grad_y"),
+        ("raw-srb-total", lambda: rb(y, off, -1, "mean"), "total"),
+        ("raw-srb-reduce", lambda: rb(y, off, 6, "avg"), "reduce"),
+    ]
+    for bad, why in _bad_offsets_cases(6):
+        if bad.numel() == 3:
+            cases.append((f"raw-srb-offsets-{why}", lambda bad=bad: rb(y, bad, 6, "mean"), "offsets"))
     # raw ops take [T, D] / [S, L, D] exactly
     cases += [
         ("raw-sr-x-ndim", lambda: o.segment_reduce(torch.randn(6), off, "sum"), "x"),
@@ -1294,6 +1356,15 @@ def _shape_level_bad_calls():
         ("x columns", "segment_reduce_backward", (y, off, 6, "max", x[:, :1], y)),
         ("x rows", "segment_reduce_backward", (y, off, 5, "max", x, y)),
         ("y rows", "segment_reduce_backward", (y, off, 6, "max", x, y[:1])),
+        ("y columns", "segment_reduce_backward", (y, off, 6, "max", x, y[:, :1])),
+        # x and y are read as grad_y's dtype: a mismatch would read past their end
+        ("x dtype", "segment_reduce_backward", (y, off, 6, "max", x.double(), y)),
+        ("y dtype", "segment_reduce_backward", (y, off, 6, "min", x, y.half())),
+        ("x 1-D", "segment_reduce_backward", (y, off, 6, "max", x[:, 0], y)),
+        ("grad_y 1-D", "segment_reduce_backward", (y[:, 0], off, 6, "sum", None, None)),
+        ("grad_y int", "segment_reduce_backward", (y.long(), off, 6, "sum", None, None)),
+        ("backward total < 0", "segment_reduce_backward", (y, off, -1, "sum", None, None)),
+        ("backward reduce", "segment_reduce_backward", (y, off, 6, "prod", None, None)),
         ("max_len overflows", "segment_pack", (x, off, 2**62)),
         ("y 3-D", "segment_expand", (p, off, 6)),
         ("y rows", "segment_expand", (x, off, 6)),
@@ -1305,6 +1376,9 @@ def _shape_level_bad_calls():
         ("cu_seqlens int32", "word_boundaries", (b, cu.int(), 8, "space")),
         ("max_word_bytes", "word_boundaries", (b, cu, 3, "space")),
         ("mode", "word_boundaries", (b, cu, 8, "words")),
+        ("bytes 2-D", "word_boundaries", (b[None], cu, 8, "space")),
+        ("cu_seqlens 2-D", "word_boundaries", (b, cu[None], 8, "space")),
+        ("cu_seqlens empty", "word_boundaries", (b, t64([]), 8, "space")),
     ]
 
 
@@ -1333,6 +1407,15 @@ def test_cpu_tensor_with_meta_offsets_raises():
                     (lambda: segment_unpack(x[:2, None].expand(2, 3, 2), off, 6), "packed")):
         with pytest.raises(ERR, match=f"offsets must be on the same device as {arg}"):
             fn()
+
+
+def test_backward_on_another_device_than_grad_y_raises():
+    # x or y on the meta device sends the call to the fake kernel, which must name the
+    # argument on the wrong device rather than hand back a tensor
+    grad_y, off, x, y = torch.randn(2, 2), t64([0, 2, 6]), torch.randn(6, 2), torch.randn(2, 2)
+    for args, arg in (((x.to("meta"), y), "x"), ((x, y.to("meta")), "y")):
+        with pytest.raises(ERR, match=f"{arg} must be on the same device as grad_y"):
+            ops().segment_reduce_backward(grad_y, off, 6, "max", *args)
 
 
 def test_huge_sizes_raise_not_crash():
