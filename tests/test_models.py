@@ -5,7 +5,10 @@ Everything runs on CPU with tiny models and a tiny synthetic corpus (a few secon
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import types
 import xml.etree.ElementTree as ET
 import subprocess
 import sys
@@ -14,6 +17,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import tokcore  # noqa: F401  (loads the ops)
 from tokcore import cli
@@ -29,7 +33,7 @@ from tokcore.pooling.lm import (
     count_parameters,
     matched_byte_config,
 )
-from tokcore.pooling.modules import BytePoolingEncoder, SegmentTransformer
+from tokcore.pooling.modules import BytePoolingEncoder, SegmentAttention, SegmentTransformer
 from tokcore.pooling.ops import segment_reduce, word_boundaries
 from reference.pooling import split_words as ref_split_words
 from tokcore.pooling.train import (
@@ -97,6 +101,98 @@ def test_encoder_mean_pool_is_segment_mean():
     bounds = wo.tolist()
     ref = torch.stack([states[a:e].mean(0) for a, e in zip(bounds[:-1], bounds[1:])])
     torch.testing.assert_close(enc(b, wo), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_max_pool_is_segment_max():
+    # byte_states does not depend on the pooling mode: the word vectors are the per-word max
+    b, cu = _batch([TEXT])
+    enc = BytePoolingEncoder(d_model=16, n_layers=1, n_heads=2, max_word_bytes=8, pool="max")
+    wo, _ = enc.segment(b, cu)
+    states = enc.byte_states(b, wo)
+    bounds = wo.tolist()
+    ref = torch.stack([states[a:e].max(0).values for a, e in zip(bounds[:-1], bounds[1:])])
+    torch.testing.assert_close(enc(b, wo), ref)
+    mean = torch.stack([states[a:e].mean(0) for a, e in zip(bounds[:-1], bounds[1:])])
+    assert not torch.allclose(ref, mean, atol=1e-3)  # the max is not some other reduction
+
+
+# Dense per-segment references: each segment's rows alone, plain softmax attention, no
+# padding and no mask, with the module's own weights.
+def _pairs(offsets):
+    bounds = offsets.tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _ref_rotary(x):
+    """Rotary embedding of x [H, L, Dh] at positions 0..L-1 (halves rotated as pairs)."""
+    length, dh = x.shape[-2], x.shape[-1]
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, dh, 2, dtype=torch.float64) / dh)
+    angle = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def _ref_segment_attention(attn, x, offsets):
+    h, dh = attn.n_heads, attn.head_dim
+    out = []
+    for a, e in _pairs(offsets):
+        n = e - a
+        q, k, v = attn.qkv(x[a:e]).view(n, 3, h, dh).permute(1, 2, 0, 3)  # each [H, n, Dh]
+        q, k = _ref_rotary(q), _ref_rotary(k)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(dh)  # [H, n, n]
+        if attn.causal:
+            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        o = scores.softmax(-1) @ v  # [H, n, Dh]
+        out.append(attn.proj(o.transpose(0, 1).reshape(n, h * dh)))
+    return torch.cat(out)
+
+
+def _ref_segment_transformer(tr, x, offsets):
+    for blk in tr.blocks:
+        x = x + _ref_segment_attention(blk.attn, blk.ln1(x), offsets)
+        x = x + blk.mlp(blk.ln2(x))
+    return tr.ln_f(x)
+
+
+def _ref_attention_pool(enc, x, offsets):
+    h = enc.n_heads
+    dh = enc.d_model // h
+    out = []
+    for a, e in _pairs(offsets):
+        k, v = enc.kv(x[a:e]).view(e - a, 2, h, dh).permute(1, 2, 0, 3)  # each [H, n, Dh]
+        weights = ((k @ enc.query[:, :, None]).squeeze(-1) / math.sqrt(dh)).softmax(-1)  # [H, n]
+        out.append(enc.pool_proj((weights[:, :, None] * v).sum(1).reshape(h * dh)))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_segment_attention_matches_dense_per_segment_reference(causal):
+    # segments of 3, 5, 1 and 6 rows packed into 8 slots: every segment has padding
+    attn = SegmentAttention(16, 2, causal=causal).eval()
+    x = torch.randn(15, 16)
+    offsets = torch.tensor([0, 3, 8, 9, 15])
+    with torch.no_grad():
+        ref = _ref_segment_attention(attn, x, offsets)
+        torch.testing.assert_close(attn(x, offsets, 8), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(attn(x, offsets, 6), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_attention_pool_matches_dense_per_word_reference():
+    # the local layers attend within each word only, the pooling query over the word's
+    # bytes only: words shorter than max_word_bytes are padded, the padding masked
+    b, cu = _batch([TEXT, b"x", b"hello world"])
+    enc = BytePoolingEncoder(d_model=16, n_layers=2, n_heads=2, max_word_bytes=8, pool="attention", d_out=24).eval()
+    wo, _ = enc.segment(b, cu)
+    lengths = (wo[1:] - wo[:-1]).tolist()
+    assert min(lengths) == 1 and max(lengths) == 8  # short words (padded) and full ones
+    with torch.no_grad():
+        states = _ref_segment_transformer(enc.local, enc.embed(b.long()), wo)
+        torch.testing.assert_close(enc.byte_states(b, wo), states, rtol=1e-5, atol=1e-5)
+        ref = enc.out(_ref_attention_pool(enc, states, wo))
+        torch.testing.assert_close(enc(b, wo), ref, rtol=1e-5, atol=1e-5)
+        x = torch.randn(b.numel(), 16)  # the pooling alone, on any byte states
+        torch.testing.assert_close(enc.pool_words(x, wo), _ref_attention_pool(enc, x, wo), rtol=1e-5, atol=1e-5)
 
 
 def test_encoder_words_are_independent():
@@ -217,6 +313,27 @@ def test_byte_lm_is_causal_and_counts():
     assert out["n_bytes"] == out["n_symbols"] == 12 and out["backbone_tokens"] == 12
 
 
+def test_byte_lm_sequences_are_independent_and_start_at_bos():
+    # packed sequences do not see each other: the first row of each (sequence 0 too)
+    # predicts from BOS (input symbol 256) alone, never from the previous sequence's end
+    model = ByteLM(ByteLMConfig(**TINY_BYTE)).eval()
+    seqs = [b"abcdef", b"ghijkl", b"mnop"]
+    b1, cu = _batch(seqs)
+    with torch.no_grad():
+        l1 = model.logits(b1, cu)
+        b2 = b1.clone()
+        b2[5], b2[11] = ord("X"), ord("Y")  # the last bytes of sequences 0 and 1: no row predicts from them
+        torch.testing.assert_close(model.logits(b2, cu), l1, rtol=1e-5, atol=1e-5)
+        for s, (a, e) in zip(seqs, _pairs(cu)):
+            torch.testing.assert_close(l1[a:e], model.logits(*_batch([s])), rtol=1e-5, atol=1e-5)
+        # a row that sees nothing but BOS: one position, attention returns its own value
+        bos_row = model.head(model.blocks(model.embed(torch.tensor([256])), torch.tensor([0, 1])))[0]
+        for a in cu[:-1].tolist():
+            torch.testing.assert_close(l1[a], bos_row, rtol=1e-5, atol=1e-5)
+        zero_row = model.head(model.blocks(model.embed(torch.tensor([0])), torch.tensor([0, 1])))[0]
+        assert not torch.allclose(bos_row, zero_row, atol=1e-4)  # BOS is not byte 0
+
+
 @pytest.mark.parametrize("kind,cfg", [("hier", TINY_HIER), ("byte", TINY_BYTE)])
 def test_generate_returns_bytes(kind, cfg):
     model = build_model(kind, cfg)
@@ -261,6 +378,20 @@ def test_stdlib_corpus_default():
     assert c.source == "python stdlib" and len(c.train) > 100_000 and len(c.heldout) > 0
 
 
+def test_load_corpus_stops_reading_once_max_bytes_are_read(corpus_dir):
+    # whole files in sorted order (the binary file skipped, not counted) until max_bytes
+    # are read: at most max_bytes plus the rest of the file that reached it
+    sizes = [p.stat().st_size for p in list_files(corpus_dir, "*.py")]
+    for max_bytes, n_files in ((sizes[0] + sizes[1], 2), (sizes[0] + sizes[1] + 1, 3), (1, 1)):
+        c = load_corpus(corpus_dir, max_bytes=max_bytes)
+        got = len(c.train) + len(c.heldout)
+        assert got == sum(sizes[:n_files]) and got < max_bytes + max(sizes), (max_bytes, got)
+    c = load_corpus(corpus_dir, holdout_every=2, max_bytes=sizes[0] + sizes[1] + 1)
+    assert (c.n_train_files, c.n_heldout_files) == (2, 1) and len(c.heldout) == sizes[1]
+    c = load_corpus(corpus_dir / "f00.py", max_bytes=100)  # a single file is cut to max_bytes
+    assert len(c.train) + len(c.heldout) == 100
+
+
 # ------------------------------------------------------------------------------ training
 def _cfg(corpus_dir, **kw):
     base = dict(model="hier", model_config=dict(TINY_HIER), data=str(corpus_dir), seq_len=64, batch_size=4,
@@ -275,6 +406,83 @@ def test_lr_schedule():
     assert lr_at(cfg, 50, 0.0) == pytest.approx(1.0)
     assert lr_at(cfg, 99, 1.0) == pytest.approx(0.1)
     assert lr_at(TrainConfig(lr=1.0, schedule="linear", min_lr_ratio=0.0, warmup_steps=1), 5, 0.5) == pytest.approx(0.5)
+
+
+def test_lr_schedule_constant():
+    cfg = TrainConfig(lr=2.0, steps=100, warmup_steps=10, min_lr_ratio=0.1, schedule="constant")
+    assert lr_at(cfg, 0, 0.0) == pytest.approx(0.2)  # the warmup still applies
+    for step, progress in ((9, 0.09), (50, 0.5), (99, 0.99), (100, 1.0)):
+        assert lr_at(cfg, step, progress) == pytest.approx(2.0)
+    budget = TrainConfig(lr=2.0, time_budget=10.0, warmup_steps=1, min_lr_ratio=0.1, schedule="constant")
+    assert lr_at(budget, 5, 0.9) == pytest.approx(2.0)
+
+
+def _record_optimizer(monkeypatch, on_step=None):
+    """Makes train() record its optimizer (a list, one per run) and call
+    on_step(optimizer) just before each optimizer step (after gradient clipping)."""
+    import tokcore.pooling.train as train_module
+
+    made = []
+    real = train_module._make_optimizer
+
+    def make(model, cfg):
+        opt = real(model, cfg)
+        if on_step is not None:
+            opt.register_step_pre_hook(lambda o, args, kwargs: on_step(o))
+        made.append(opt)
+        return opt
+
+    monkeypatch.setattr(train_module, "_make_optimizer", make)
+    return made
+
+
+def test_time_budget_run_decays_the_learning_rate(corpus_dir, monkeypatch):
+    # a fake clock: each perf_counter call is 1 s later, so each step takes 1 s of training
+    # and a 4 s budget is 4 steps; the LR follows train_time / time_budget
+    import tokcore.pooling.train as train_module
+
+    clock = itertools.count()
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    lrs = []
+    _record_optimizer(monkeypatch, lambda o: lrs.append([g["lr"] for g in o.param_groups]))
+    r = train(_cfg(corpus_dir, steps=None, time_budget=4.0, warmup_steps=1, lr=1e-3, min_lr_ratio=0.1,
+                   schedule="linear"), log=lambda s: None)
+    assert r["steps"] == 4 and r["train_time_s"] == pytest.approx(4.0)
+    expected = [1e-3 * (1 - 0.9 * step / 4) for step in range(4)]  # linear from 1e-3 towards 1e-4
+    assert len(lrs) == 4
+    for row, lr in zip(lrs, expected):
+        assert row == pytest.approx([lr] * len(row))
+
+
+def test_grad_clip_clips_the_gradient_norm(corpus_dir, monkeypatch):
+    def total_norm(opt):
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+    norms = {}
+    runs = []
+    _record_optimizer(monkeypatch, lambda o: runs[-1].append(total_norm(o)))
+    for clip in (0.0, 1e-3):  # 0: no clipping
+        runs.append([])
+        train(_cfg(corpus_dir, steps=2, grad_clip=clip), log=lambda s: None)
+        norms[clip] = runs[-1]
+    assert len(norms[0.0]) == len(norms[1e-3]) == 2
+    assert min(norms[0.0]) > 0.01  # unclipped, the norm is far above the clip
+    assert norms[1e-3] == pytest.approx([1e-3, 1e-3], rel=1e-3)
+
+
+@pytest.mark.parametrize("kind,mc", [("hier", TINY_HIER), ("byte", TINY_BYTE)])
+def test_weight_decay_applies_to_linear_weights_only(corpus_dir, monkeypatch, kind, mc):
+    # decayed: the weight matrices of linear layers; not decayed: embeddings, norms,
+    # biases and the learned start state
+    made = _record_optimizer(monkeypatch)
+    r = train(_cfg(corpus_dir, model=kind, model_config=dict(mc), steps=1, weight_decay=0.05), log=lambda s: None)
+    model, (opt,) = r["_model"], made
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    decay_of = [(name_of[id(p)], g["weight_decay"]) for g in opt.param_groups for p in g["params"]]
+    linear_weights = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    assert sorted(n for n, _ in decay_of) == sorted(name_of.values())  # each parameter in one group
+    assert dict(decay_of) == {n: 0.05 if n in linear_weights else 0.0 for n in name_of.values()}
 
 
 def test_train_report_and_resume(corpus_dir, tmp_path):
