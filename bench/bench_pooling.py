@@ -302,10 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         T, D, text_bytes = 1 << 12, 32, 1 << 16
 
-    # 256 MB copies: far past the caches, and small enough that the CPU output cache
-    # keeps both the copy's output and the largest of tokcore's (1 GB) for reuse
-    ceiling, copy = harness.copy_bandwidth(device, nbytes=(1 << 28) if not args.quick else (1 << 22),
-                                           warmup_seconds=0.0 if args.quick else 3.0)
+    # The copy: 1 GB on a GPU; 256 MB on a CPU, far past the caches, and small enough
+    # that the CPU output cache keeps both its output and tokcore's largest (1 GB).
+    copy_bytes = (1 << 22) if args.quick else (1 << 30) if device.type == "cuda" else (1 << 28)
+    ceiling, copy = harness.copy_bandwidth(device, nbytes=copy_bytes, warmup_seconds=0.0 if args.quick else 3.0)
     table = harness.Table(
         f"pooling on {harness.machine_kind(device)} (T={T}, D={D}, word lengths 1..9)",
         ["workload", "peer", "tokcore ms", "peer ms", "speedup (peer/tokcore)", "tokcore GB/s or MB/s",
