@@ -940,7 +940,7 @@ def _opcheck_samples(device):
         ("word_boundaries", (torch.zeros(0, dtype=torch.uint8, device=device),
                              t64([0, 0]).to(device), 16, "space")),
     ]
-    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         for reduce in REDUCES:
             samples.append(("segment_reduce", (feat((9, 3), dtype), off, reduce)))
         x = feat((9, 3), dtype, grad=False)
@@ -1268,6 +1268,7 @@ def _bad_input_cases():
             (f"{via}-wb-max3", lambda wb=wb: wb(b, cu, 3, "space"), "max_word_bytes"),
             (f"{via}-wb-max0", lambda wb=wb: wb(b, cu, 0, "space"), "max_word_bytes"),
             (f"{via}-wb-max-neg", lambda wb=wb: wb(b, cu, -5, "space"), "max_word_bytes"),
+            (f"{via}-wb-max3-bytes-mode", lambda wb=wb: wb(b, cu, 3, "bytes"), "max_word_bytes"),
             (f"{via}-wb-mode", lambda wb=wb: wb(b, cu, 16, "words"), "mode"),
             (f"{via}-wb-mode-empty", lambda wb=wb: wb(b, cu, 16, ""), "mode"),
             # segment_reduce
@@ -1450,10 +1451,26 @@ def test_unusable_settings_warn():
     assert result.returncode == 0 and "TOKCORE_CPU_ISA='garbage'" in result.stderr
 
 
+@pytest.mark.parametrize("name", ["word_boundaries", "segment_reduce", "segment_expand", "segment_pack",
+                                  "segment_unpack"])
+def test_wrappers_take_the_schemas_argument_names(name):
+    # DESIGN.md: names match across the core, the adapter and the wrapper; the wrapper
+    # takes the schema's arguments in order, keyword-only where the schema's are
+    import inspect
+
+    import tokcore.pooling
+
+    schema = getattr(ops(), name).default._schema
+    params = inspect.signature(getattr(tokcore.pooling, name)).parameters.values()
+    assert [(a.name, a.kwarg_only) for a in schema.arguments] == [
+        (p.name, p.kind == inspect.Parameter.KEYWORD_ONLY) for p in params]
+
+
 def test_wrappers_name_arguments_of_the_wrong_type():
     off = t64([0, 2, 5])
-    with pytest.raises(TypeError, match=names("data")):
+    with pytest.raises(TypeError, match="bytes must be a uint8 tensor"):
         word_boundaries([104, 105])
+    assert word_boundaries(bytes=b"a b")[0].tolist() == [0, 1, 3]  # the op's name, as a keyword too
     with pytest.raises(TypeError, match=names("x")):
         segment_reduce(np.ones((5, 3), dtype=np.float32), off, "sum")
     with pytest.raises(TypeError, match=names("y")):

@@ -60,12 +60,12 @@ def split_words(data: bytes, max_word_bytes: int = 16, mode: str = "space") -> l
     Returns the sorted list of start positions; an empty sequence has no words.
     """
     n = len(data)
+    if max_word_bytes < 4:  # in either mode, as the op checks it
+        raise ValueError("max_word_bytes must be >= 4")
     if mode == "bytes":
         return list(range(n))
     if mode != "space":
         raise ValueError(f"unknown mode {mode!r}")
-    if max_word_bytes < 4:
-        raise ValueError("max_word_bytes must be >= 4")
 
     # 1. word starts from the byte classes
     starts = []

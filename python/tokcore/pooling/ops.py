@@ -18,6 +18,7 @@ check costs no sync.
 
 from __future__ import annotations
 
+import builtins
 import math
 import numbers
 
@@ -42,7 +43,7 @@ def _reject_forward_ad(op: str, **tensors: torch.Tensor) -> None:
 
 
 def word_boundaries(
-    data: torch.Tensor | bytes | bytearray | str,
+    bytes: torch.Tensor | builtins.bytes | bytearray | str,  # noqa: A002 (the op's own name, DESIGN.md §2)
     cu_seqlens: torch.Tensor | None = None,
     max_word_bytes: int = 16,
     mode: str = "space",
@@ -50,10 +51,10 @@ def word_boundaries(
     """Split UTF-8 byte streams into words.
 
     Args:
-        data: uint8 [T], the sequences concatenated (``bytes``, or ``str`` encoded as
-            UTF-8, are accepted too).
-        cu_seqlens: int64 [B+1] sequence offsets into ``data``; None means one sequence.
-        max_word_bytes: words longer than this (>= 4) are cut greedily from the left
+        bytes: uint8 [T], the sequences concatenated (Python ``bytes``, or ``str``
+            encoded as UTF-8, are accepted too).
+        cu_seqlens: int64 [B+1] sequence offsets into ``bytes``; None means one sequence.
+        max_word_bytes: words longer than this (>= 4, checked in either mode) are cut greedily from the left
             at the last UTF-8 character start within the limit.
         mode: ``"space"``: a word starts at each sequence start, at each whitespace
             byte after a non-whitespace byte and at each word byte (letter, digit,
@@ -61,15 +62,16 @@ def word_boundaries(
             "Hello," + " world!"). ``"bytes"``: every byte is a word.
 
     Returns:
-        (word_offsets int64 [W+1] into ``data``, word_cu_seqlens int64 [B+1]: the
+        (word_offsets int64 [W+1] into ``bytes``, word_cu_seqlens int64 [B+1]: the
         number of words before each sequence). Words never cross sequences.
     """
+    data = bytes
     if isinstance(data, str):
         data = data.encode("utf-8")
-    if not isinstance(data, (torch.Tensor, bytes, bytearray)):
-        raise TypeError(f"tokcore.word_boundaries: data must be a uint8 tensor, bytes or str, got "
+    if not isinstance(data, (torch.Tensor, builtins.bytes, bytearray)):
+        raise TypeError(f"tokcore.word_boundaries: bytes must be a uint8 tensor, Python bytes or str, got "
                         f"{type(data).__name__}")
-    if isinstance(data, (bytes, bytearray)):
+    if isinstance(data, (builtins.bytes, bytearray)):
         data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     if cu_seqlens is None:
         cu_seqlens = torch.tensor([0, data.numel()], dtype=torch.int64, device=data.device)
