@@ -4,6 +4,9 @@
 # Writes its logs and table to $OUT when that is set. Meant to finish well under
 # 8 minutes.
 #   bash bench/gpu_check.sh
+#   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh   # on a machine without a GPU: every
+#     step on the CPU instead (wheel install, smoke test, test collection, a quick
+#     benchmark, the variants' build), so that a broken step costs no GPU time
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -12,6 +15,9 @@ PY=${PYTHON:-python3}
 start=$(date +%s)
 status=0
 stamp() { echo "[gpu_check +$(( $(date +%s) - start ))s] $*"; }
+dry=${GPU_CHECK_DRY_RUN:-0}
+device=cuda
+[ "$dry" = 1 ] && { device=cpu; stamp "DRY RUN: every step on the CPU"; }
 
 stamp "device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -n 1)"
 stamp "torch: $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)')"
@@ -35,6 +41,7 @@ generator=""
 command -v ninja > /dev/null 2>&1 && generator="-G Ninja"
 
 arch=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")' 2>/dev/null)  # e.g. 90
+[ "$dry" = 1 ] && arch=90  # the H200's, for the builds
 if [ -z "$arch" ]; then
   stamp "NO CUDA GPU VISIBLE TO TORCH ($($PY -c 'import torch; print(torch.__version__)' 2>&1)); nothing to check"
   exit 1
@@ -51,7 +58,9 @@ if [ -n "$wheel" ] && [ "$(cat wheelhouse/SOURCE_HASH 2>/dev/null)" != "$(bash s
 fi
 if [ -n "$wheel" ]; then
   stamp "installing the CPU machine's wheel $wheel"
-  if $PY -m pip install --no-deps --no-index "$wheel" > "$OUT/build.log" 2>&1; then
+  # (--force-reinstall: a tokcore of the same version left by an earlier run, say one
+  # built from source, would otherwise stay and be the one tested)
+  if $PY -m pip install --force-reinstall --no-deps --no-index "$wheel" > "$OUT/build.log" 2>&1; then
     installed=1
   else  # e.g. a platform tag this machine's glibc does not accept
     tail -n 5 "$OUT/build.log"; stamp "WHEEL INSTALL FAILED; building from source instead"
@@ -59,16 +68,16 @@ if [ -n "$wheel" ]; then
 fi
 # A one-op CUDA smoke test of the installed wheel, so that a wheel that installs
 # but cannot run here costs a rebuild, not the whole check.
-smoke='
+smoke="
 import torch, tokcore
 from tokcore.pooling import segment_reduce
-x = torch.randn(1000, 64, device="cuda")
-off = torch.tensor([0, 3, 3, 700, 1000], device="cuda")
-y = segment_reduce(x, off, "mean")
-ref = torch.stack([x[0:3].mean(0), torch.zeros(64, device="cuda"), x[3:700].mean(0), x[700:].mean(0)])
+x = torch.randn(1000, 64, device='$device')
+off = torch.tensor([0, 3, 3, 700, 1000], device='$device')
+y = segment_reduce(x, off, 'mean')
+ref = torch.stack([x[0:3].mean(0), torch.zeros(64, device='$device'), x[3:700].mean(0), x[700:].mean(0)])
 assert torch.allclose(y, ref, atol=1e-5), float((y - ref).abs().max())
-print("CUDA smoke test passed")
-'
+print('$device smoke test passed')
+"
 if [ "$installed" = 1 ] && ! (cd /tmp && $PY -c "$smoke") >> "$OUT/build.log" 2>&1; then
   tail -n 15 "$OUT/build.log"; stamp "THE WHEEL FAILED ITS CUDA SMOKE TEST; building from source instead"
   $PY -m pip uninstall -y tokcore >> "$OUT/build.log" 2>&1
@@ -77,7 +86,7 @@ fi
 if [ "$installed" = 0 ]; then
   export TOKCORE_CUDA=ON TOKCORE_CUDA_ARCHS="${arch}-real"
   stamp "building tokcore for sm_${arch}"
-  if ! $PY -m pip install --no-build-isolation --no-deps --no-index . >> "$OUT/build.log" 2>&1; then
+  if ! $PY -m pip install --force-reinstall --no-build-isolation --no-deps --no-index . >> "$OUT/build.log" 2>&1; then
     tail -n 40 "$OUT/build.log"; stamp "BUILD FAILED"; exit 1
   fi
 fi
@@ -88,14 +97,18 @@ $PY -c 'import pytest, hypothesis, numpy, tqdm' 2>/dev/null || stamp "WARNING: p
 
 stamp "built: $($PY -c 'import tokcore; print(tokcore.LIBRARY_PATH, "cuda kernels:", tokcore.has_cuda_kernels())')"
 
-stamp "CUDA tests"
-$PY -m pytest -q tests -k cuda -p no:cacheprovider --maxfail=20 > "$OUT/tests_cuda.log" 2>&1 || status=1
-tail -n 15 "$OUT/tests_cuda.log"
+tests=cuda
+[ "$dry" = 1 ] && tests="not cuda"  # the CUDA cases would all skip: the CPU ones, on this wheel and torch
+stamp "tests: -k '$tests'"
+$PY -m pytest -q tests -k "$tests" -p no:cacheprovider --maxfail=20 > "$OUT/tests_${device}.log" 2>&1 || status=1
+tail -n 15 "$OUT/tests_${device}.log"
 
 stamp "GPU benchmarks"
+bench_args=(--device cuda)
+[ "$dry" = 1 ] && bench_args=(--device cpu --quick --no-save)
 for bench in bench/bench_*.py; do  # every family's benchmark takes --device
   family=$(basename "$bench" .py)
-  $PY "$bench" --device cuda 2>&1 | tee "$OUT/${family}_cuda.log" || status=1
+  $PY "$bench" "${bench_args[@]}" 2>&1 | tee "$OUT/${family}_${device}.log" || status=1
 done
 
 # The forward kernel against variants that keep more loads in flight (torch-free,
@@ -104,7 +117,11 @@ stamp "CUDA kernel variants (bench/cuda, sm_${arch})"
 if cmake -S . -B build/cuda_bench $generator -DTOKCORE_BUILD_EXTENSION=OFF -DTOKCORE_CUDA=ON -DTOKCORE_BUILD_CUDA_BENCH=ON \
      "-DTOKCORE_CUDA_ARCHS=${arch}-real" > "$OUT/cuda_bench_build.log" 2>&1 \
    && cmake --build build/cuda_bench -j >> "$OUT/cuda_bench_build.log" 2>&1; then
-  build/cuda_bench/bench/cuda/tokcore_cuda_bench 2>&1 | tee "$OUT/cuda_variants.md" || status=1
+  if [ "$dry" = 1 ]; then
+    stamp "built (dry run: not run)"
+  else
+    build/cuda_bench/bench/cuda/tokcore_cuda_bench 2>&1 | tee "$OUT/cuda_variants.md" || status=1
+  fi
 else
   tail -n 20 "$OUT/cuda_bench_build.log"; stamp "CUDA VARIANT BENCHMARK DID NOT BUILD"; status=1
 fi
@@ -113,7 +130,9 @@ fi
 # over the small CUDA cases (bad offsets included), with torch's caching allocator off
 # so that every tensor is its own allocation and any out-of-bounds access is seen.
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
-if [ -n "$sanitizer" ]; then
+if [ "$dry" = 1 ]; then
+  stamp "memcheck skipped (dry run)"
+elif [ -n "$sanitizer" ]; then
   # The invalid-offsets cases first, on their own: with the offsets check off (for the
   # process or, with check_offsets=False, for one call), they are where an out-of-bounds
   # access would show.
