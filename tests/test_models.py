@@ -93,27 +93,19 @@ def test_encoder_shapes_and_grad(pool):
     assert enc.embed.weight.grad is not None and torch.isfinite(enc.embed.weight.grad).all()
 
 
-def test_encoder_mean_pool_is_segment_mean():
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_encoder_pool_reduces_each_word(pool):
+    # byte_states does not depend on the pooling mode: each word vector is the mean or
+    # the max of its word's byte states
     b, cu = _batch([TEXT])
-    enc = BytePoolingEncoder(d_model=16, n_layers=1, n_heads=2, max_word_bytes=8, pool="mean")
+    enc = BytePoolingEncoder(d_model=16, n_layers=1, n_heads=2, max_word_bytes=8, pool=pool)
     wo, _ = enc.segment(b, cu)
     states = enc.byte_states(b, wo)
-    bounds = wo.tolist()
-    ref = torch.stack([states[a:e].mean(0) for a, e in zip(bounds[:-1], bounds[1:])])
-    torch.testing.assert_close(enc(b, wo), ref, rtol=1e-5, atol=1e-6)
-
-
-def test_encoder_max_pool_is_segment_max():
-    # byte_states does not depend on the pooling mode: the word vectors are the per-word max
-    b, cu = _batch([TEXT])
-    enc = BytePoolingEncoder(d_model=16, n_layers=1, n_heads=2, max_word_bytes=8, pool="max")
-    wo, _ = enc.segment(b, cu)
-    states = enc.byte_states(b, wo)
-    bounds = wo.tolist()
-    ref = torch.stack([states[a:e].max(0).values for a, e in zip(bounds[:-1], bounds[1:])])
-    torch.testing.assert_close(enc(b, wo), ref)
-    mean = torch.stack([states[a:e].mean(0) for a, e in zip(bounds[:-1], bounds[1:])])
-    assert not torch.allclose(ref, mean, atol=1e-3)  # the max is not some other reduction
+    words = [states[a:e] for a, e in _pairs(wo)]
+    means = torch.stack([w.mean(0) for w in words])
+    maxes = torch.stack([w.max(0).values for w in words])
+    torch.testing.assert_close(enc(b, wo), means if pool == "mean" else maxes, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(means, maxes, atol=1e-3)  # the two reductions differ here
 
 
 # Dense per-segment references: each segment's rows alone, plain softmax attention, no
