@@ -336,7 +336,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="run folder: checkpoint.pt (periodic and final) and report.json (without it nothing is saved)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
                    help="resume from --out's checkpoint, or from the given checkpoint file / run folder")
-    p.add_argument("--sample", type=_nonnegative_int, default=0, metavar="N", help="generate N bytes at the end (temperature 0.8, top-k 40; `tokcore generate` takes both)")
+    p.add_argument("--sample", type=_nonnegative_int, default=0, metavar="N",
+                   help="generate N bytes at the end (temperature 0.8, top-k 40; `tokcore generate` takes both)")
     p.add_argument("--prompt", default="def ", help="prompt for --sample (default: 'def ')")
     _common_train_args(p)
 

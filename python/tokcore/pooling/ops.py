@@ -54,8 +54,8 @@ def word_boundaries(
         bytes: uint8 [T], the sequences concatenated (Python ``bytes``, or ``str``
             encoded as UTF-8, are accepted too).
         cu_seqlens: int64 [B+1] sequence offsets into ``bytes``; None means one sequence.
-        max_word_bytes: words longer than this (>= 4, checked in either mode) are cut greedily from the left
-            at the last UTF-8 character start within the limit.
+        max_word_bytes: words longer than this (>= 4, checked in either mode) are cut
+            greedily from the left at the last UTF-8 character start within the limit.
         mode: ``"space"``: a word starts at each sequence start, at each whitespace
             byte after a non-whitespace byte and at each word byte (letter, digit,
             ``_``, any byte >= 0x80) after a punctuation byte ("Hello, world!" ->
