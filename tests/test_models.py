@@ -855,3 +855,23 @@ def test_word_boundaries_used_by_models_match_op():
     assert torch.equal(wo, wo2) and torch.equal(wcu, wcu2)
     lengths = segment_reduce(torch.ones(b.numel(), 1), wo, "sum").squeeze(1)
     assert int(lengths.max()) <= TINY_HIER["max_word_bytes"]
+
+
+@pytest.mark.parametrize("kind,cfg", [("hier", TINY_HIER), ("byte", TINY_BYTE)])
+def test_training_step_under_torch_compile(kind, cfg):
+    # torch.compile(model) as users call it (graph breaks allowed: word_boundaries'
+    # output size and the longest segment are read from the data): the loss and every
+    # gradient of a training step match eager mode
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(kind, cfg)
+    b, cu = _batch([TEXT, TEXT[:70], b"x = 1\n"])
+    loss = model(b, cu)["loss"]
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled_loss = compiled(b, cu)["loss"]
+    compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+    torch.testing.assert_close(compiled_loss, loss)
+    for (name, _), g, cg in zip(model.named_parameters(), grads, compiled_grads):
+        torch.testing.assert_close(cg, g, msg=lambda m, name=name: f"{name}: {m}")
+    torch._dynamo.reset()
