@@ -15,6 +15,18 @@ PY=${PYTHON:-python3}
 start=$(date +%s)
 status=0
 stamp() { echo "[gpu_check +$(( $(date +%s) - start ))s] $*"; }
+# Every stage runs under a timeout, so that one that hangs (a kernel that never ends)
+# leaves time for the stages after it: at most its own limit, and never past
+# GPU_CHECK_BUDGET seconds from the start (the device tool stops a command at 600 s).
+budget=${GPU_CHECK_BUDGET:-540}
+stage_limit() {  # stage_limit MAX: seconds for the next stage
+  local left=$(( budget - ($(date +%s) - start) ))
+  [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"
+}
+timed_out() {  # timed_out RC WHAT: report a stage that timeout stopped
+  [ "$1" = 124 ] && stamp "$2 STOPPED: out of time (see above for its limit)"
+  return 0
+}
 dry=${GPU_CHECK_DRY_RUN:-0}
 device=cuda
 [ "$dry" = 1 ] && { device=cpu; stamp "DRY RUN: every step on the CPU"; }
@@ -99,8 +111,10 @@ stamp "built: $($PY -c 'import tokcore; print(tokcore.LIBRARY_PATH, "cuda kernel
 
 tests=cuda
 [ "$dry" = 1 ] && tests="not cuda"  # the CUDA cases would all skip: the CPU ones, on this wheel and torch
-stamp "tests: -k '$tests'"
-$PY -m pytest -q tests -k "$tests" -p no:cacheprovider --maxfail=20 > "$OUT/tests_${device}.log" 2>&1 || status=1
+limit=$(stage_limit 240)
+stamp "tests: -k '$tests' (at most $limit s)"
+timeout "$limit" $PY -m pytest -q tests -k "$tests" -p no:cacheprovider --maxfail=20 > "$OUT/tests_${device}.log" 2>&1
+rc=$?; [ "$rc" = 0 ] || status=1; timed_out "$rc" "TESTS"
 tail -n 15 "$OUT/tests_${device}.log"
 
 stamp "GPU benchmarks"
@@ -108,7 +122,10 @@ bench_args=(--device cuda)
 [ "$dry" = 1 ] && bench_args=(--device cpu --quick --no-save)
 for bench in bench/bench_*.py; do  # every family's benchmark takes --device
   family=$(basename "$bench" .py)
-  $PY "$bench" "${bench_args[@]}" 2>&1 | tee "$OUT/${family}_${device}.log" || status=1
+  limit=$(stage_limit 200)
+  stamp "$family (at most $limit s)"
+  timeout "$limit" $PY "$bench" "${bench_args[@]}" 2>&1 | tee "$OUT/${family}_${device}.log"
+  rc=$?; [ "$rc" = 0 ] || status=1; timed_out "$rc" "$family"
 done
 
 # The forward kernel against variants that keep more loads in flight (torch-free,
@@ -120,7 +137,8 @@ if cmake -S . -B build/cuda_bench $generator -DTOKCORE_BUILD_EXTENSION=OFF -DTOK
   if [ "$dry" = 1 ]; then
     stamp "built (dry run: not run)"
   else
-    build/cuda_bench/bench/cuda/tokcore_cuda_bench 2>&1 | tee "$OUT/cuda_variants.md" || status=1
+    timeout "$(stage_limit 90)" build/cuda_bench/bench/cuda/tokcore_cuda_bench 2>&1 | tee "$OUT/cuda_variants.md"
+    rc=$?; [ "$rc" = 0 ] || status=1; timed_out "$rc" "CUDA VARIANT BENCHMARK"
   fi
 else
   tail -n 20 "$OUT/cuda_bench_build.log"; stamp "CUDA VARIANT BENCHMARK DID NOT BUILD"; status=1
@@ -132,6 +150,8 @@ fi
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
 if [ "$dry" = 1 ]; then
   stamp "memcheck skipped (dry run)"
+elif [ "$(stage_limit 150)" -lt 150 ]; then
+  stamp "memcheck skipped: less than 150 s left of GPU_CHECK_BUDGET=$budget"
 elif [ -n "$sanitizer" ]; then
   # The invalid-offsets cases first, on their own: with the offsets check off (for the
   # process or, with check_offsets=False, for one call), they are where an out-of-bounds
