@@ -212,6 +212,13 @@ inline V combine(V acc, V x) {
   }
 }
 
+// attains (tokcore/pooling/segment.h) on every lane: v equals the result, or both
+// are NaN. The mask of the lanes where it holds.
+template <typename V>
+inline auto attains_lanes(V v, V result) {
+  return (v == result) | ((v != v) & (result != result));
+}
+
 // Reduces rows [begin, end) of features [d0, d0 + kLoads * N) for as many whole
 // tiles as fit, advancing d0 (rows non-empty for max/min: see reduce_rows). The
 // row loop is short (a word has a few bytes), so each accumulator's chain is
@@ -505,8 +512,7 @@ inline void first_attaining_tiles(const T* g, const T* x, const T* result, int64
         M take[L::K];
         L::load(x + t * D + d0 + k * L::N, v);
         for (int j = 0; j < L::K; ++j) {
-          const M attains = (v[j] == r[k][j]) | ((v[j] != v[j]) & (r[k][j] != r[k][j]));
-          take[j] = attains & ~found[k][j];
+          take[j] = attains_lanes(v[j], r[k][j]) & ~found[k][j];
           found[k][j] |= take[j];
         }
         L::template select<kStream>(g + d0 + k * L::N, take, grad_x + t * D + d0 + k * L::N);
@@ -552,7 +558,7 @@ void max_min_backward_shared(const Runtime& rt, const T* grad_y, const T* x, con
           for (int j = 0; j < L::K; ++j) {
             const int64_t k = d0 / L::N * L::K + j;
             const V r = result[size_t(k)];
-            const M take = ((v[j] == r) | ((v[j] != v[j]) & (r != r))) & (index[k] < A(0));
+            const M take = attains_lanes(v[j], r) & (index[k] < A(0));
             index[k] = take ? V{} + row : index[k];
           }
         }

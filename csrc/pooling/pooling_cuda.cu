@@ -353,13 +353,15 @@ int segment_reduce_backward_cuda(DType dtype, const void* grad_y, const void* x,
   const int64_t part_rows = in_order && first_row_bytes == 0 ? 0 : mean_rows(T, S);
   auto* first_row = static_cast<int64_t*>(workspace);
   int err = cudaSuccess;
+  cudaError_t memset_err = cudaSuccess;  // (launch_segments reports launch errors only)
   dispatch_float_types(dtype, [&](auto* tag) {
     using V = std::remove_pointer_t<decltype(tag)>;
     dispatch_reduce(reduce, [&](auto r) {
       err = launch_segments<V>(S, D, part_rows, {grad_y, x, y, grad_x}, [&](auto n, unsigned blocks, int64_t parts) {
         constexpr int N = decltype(n)::value;
         if (in_order && parts > 1) {  // two passes over the row parts
-          cudaMemsetAsync(first_row, 0x7f, first_row_bytes, st);  // kNoRow
+          memset_err = cudaMemsetAsync(first_row, 0x7f, first_row_bytes, st);  // kNoRow
+          if (memset_err != cudaSuccess) return;
           max_min_first_rows_kernel<V, N><<<blocks, kThreads, 0, st>>>(
               static_cast<const V*>(x), static_cast<const V*>(y), offsets, S, T, D, parts, first_row);
           max_min_write_rows_kernel<V, N><<<blocks, kThreads, 0, st>>>(
@@ -372,7 +374,7 @@ int segment_reduce_backward_cuda(DType dtype, const void* grad_y, const void* x,
       });
     });
   });
-  return err;
+  return memset_err != cudaSuccess ? int(memset_err) : err;
 }
 
 int segment_expand_cuda(DType dtype, const void* y, const int64_t* offsets, int64_t S, int64_t T,

@@ -107,9 +107,5 @@ TOKCORE_HD int64_t segment_block_count(const int64_t* offsets, int64_t s, int64_
   return reduce_block_count(segment_rows(offsets, s, T));
 }
 
-// Whether S segments over T rows are long on average (two blocks or more): what
-// makes reducing them block by block on many threads worth it, on either device.
-inline bool segments_are_long(int64_t S, int64_t T) { return T >= 2 * kReduceBlockRows * S; }
-
 }  // namespace pooling
 }  // namespace tokcore

@@ -173,7 +173,7 @@ TOKCORE_HD void segment_reduce_thread(int64_t i, const T* __restrict__ x,
 // Whether to reduce in blocks: the segment threads would leave most of an H200
 // idle, and segments are long enough on average (two blocks or more) to split.
 inline bool reduce_in_blocks(int64_t segment_threads, int64_t S, int64_t T) {
-  return segment_threads > 0 && segment_threads < kFillThreads / 4 && segments_are_long(S, T);
+  return segment_threads > 0 && segment_threads < kFillThreads / 4 && T >= 2 * kReduceBlockRows * S;
 }
 
 // The blocks of all segments: sum of ceil(rows / kReduceBlockRows) <= T / kReduceBlockRows + S
