@@ -87,14 +87,17 @@ def _fraction(s: str) -> float:
     return v
 
 
-def _int_at_least(lo: int) -> Callable[[str], int]:
+def _int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int >= lo (and <= hi, if given)."""
     def parse(s: str) -> int:
         v = _parse_int(s)
-        if v < lo:
+        if hi is None and v < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {s}")
+        if hi is not None and not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {s}")
         return v
 
-    parse.__name__ = f"int_at_least_{lo}"
+    parse.__name__ = f"int_at_least_{lo}" if hi is None else f"int_in_{lo}_to_{hi}"
     return parse
 
 
@@ -103,15 +106,6 @@ _nonnegative_int = _int_at_least(0)
 # The largest --max-word-bytes: the model packs every word into max_word_bytes slots,
 # so memory grows with it; past this, words are cut anyway in any text we train on.
 MAX_WORD_BYTES_OPTION = 256
-
-
-def _int_in_range(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(s: str) -> int:
-        v = _parse_int(s)
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {s}")
-        return v
-    return parse
 
 
 def _seed(s: str) -> int:
@@ -240,7 +234,7 @@ def _common_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--d-local", type=_positive_int, help="hier: byte encoder/decoder width")
     g.add_argument("--n-enc-layers", type=_nonnegative_int, help="hier: byte encoder layers")
     g.add_argument("--n-dec-layers", type=_nonnegative_int, help="hier: byte decoder layers")
-    g.add_argument("--max-word-bytes", type=_int_in_range(4, MAX_WORD_BYTES_OPTION),
+    g.add_argument("--max-word-bytes", type=_int_at_least(4, MAX_WORD_BYTES_OPTION),
                    help=f"hier: longest word in bytes, 4..{MAX_WORD_BYTES_OPTION}; longer words are cut (default 16; "
                         "the encoder and decoder hold words x max_word_bytes byte slots)")
     g.add_argument("--pool", choices=["mean", "max", "attention"], help="hier: byte->word pooling (default mean)")
