@@ -36,12 +36,30 @@ from tokcore.pooling.train import resolve_model_config  # noqa: E402
 from tokcore.pooling import segment_expand, segment_pack, segment_reduce, segment_unpack, word_boundaries  # noqa: E402,E501
 
 
-def random_offsets(total: int, low: int, high: int, device: torch.device, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(low, high + 1, (total // low + 1,), generator=g)
+def offsets_of_lengths(lengths: torch.Tensor, total: int, device: torch.device) -> torch.Tensor:
+    """Offsets of segments of these lengths, the last one cut (or the list ended) at total."""
     cum = torch.cumsum(lengths, 0)
     cum = cum[cum < total]
     return torch.cat([torch.zeros(1, dtype=torch.int64), cum, torch.tensor([total])]).to(device)
+
+
+def random_offsets(total: int, low: int, high: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return offsets_of_lengths(torch.randint(low, high + 1, (total // low + 1,), generator=g), total, device)
+
+
+LONG_ROWS, LONG_EVERY = 2048, 1000
+WORDS_AND_LONG = f"words + every {LONG_EVERY}th segment {LONG_ROWS} rows"
+
+
+def words_and_long_offsets(total: int, device: torch.device) -> torch.Tensor:
+    """Words of 1..9 rows, every LONG_EVERY-th segment (the first included) LONG_ROWS
+    rows instead: long segments (sentences, documents) among many short ones, which
+    CUDA reduces in blocks and the words with a thread each."""
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(1, 10, (total // 5 + 1,), generator=g)
+    lengths[::LONG_EVERY] = LONG_ROWS
+    return offsets_of_lengths(lengths, total, device)
 
 
 def bench_segment_reduce(T: int, D: int, dtype: torch.dtype, device: torch.device, copy: harness.CopyProbe,
@@ -102,6 +120,15 @@ def bench_segment_reduce(T: int, D: int, dtype: torch.dtype, device: torch.devic
             "x.view(8, T / 8, D).mean(1)": lambda: x.view(seqs, T // seqs, D).mean(1),
         }, nbytes=(T + seqs) * D * x.element_size())
 
+    # Long segments among words: on CUDA the offsets check measures the longest
+    # segment, and only the segments longer than a block go to the blocks.
+    mixed = words_and_long_offsets(T, device)
+    mixed_lengths = mixed.diff()
+    with torch.no_grad():
+        add_rows(f"segment_reduce mean fwd, {WORDS_AND_LONG}", lambda: segment_reduce(x, mixed, "mean"), {
+            "torch.segment_reduce": lambda: torch.segment_reduce(x, "mean", lengths=mixed_lengths, axis=0),
+        }, nbytes=(T + mixed.numel() - 1) * D * x.element_size())
+
     # backward: the gradient through each op's own autograd graph, built once
     grad = torch.randn(S, D, dtype=dtype, device=device)
 
@@ -150,10 +177,13 @@ def pooling_workloads(T: int, D: int, dtype: torch.dtype, device: torch.device) 
     x = torch.randn(T, D, dtype=dtype, device=device)
     y = torch.randn(S, D, dtype=dtype, device=device)
     packed = segment_pack(x, offsets, 8)
+    mixed = words_and_long_offsets(T, device)
     name, size = str(dtype).replace("torch.", ""), x.element_size()
     ops = torch.ops.tokcore
     return {
         f"segment_reduce mean fwd {name}": (lambda: ops.segment_reduce(x, offsets, "mean"), (T + S) * D * size),
+        f"segment_reduce mean fwd, {WORDS_AND_LONG} {name}": (
+            lambda: ops.segment_reduce(x, mixed, "mean"), (T + mixed.numel() - 1) * D * size),
         f"segment_reduce mean bwd {name}": (
             lambda: ops.segment_reduce_backward(y, offsets, T, "mean", x, y), (T + S) * D * size),
         f"segment_expand fwd {name}": (lambda: segment_expand(y, offsets, T), (T + S) * D * size),
@@ -253,7 +283,8 @@ ON_OFF_TABLES = {
             "(plain stores: no output is that large), calls alternating; unpack never streams (a control)"),
     "cuda": (("TOKCORE_CUDA_CHECK_OFFSETS", "1", "0"), "CUDA offsets check (a small kernel and a host sync per call)",
              ("checked", "unchecked"), "same op, same inputs; the default (offsets validated) against "
-             "TOKCORE_CUDA_CHECK_OFFSETS=0, calls alternating"),
+             "TOKCORE_CUDA_CHECK_OFFSETS=0, calls alternating; unchecked, the reduce does not know the longest "
+             "segment, so a thread walks each long one among the words"),
 }
 
 

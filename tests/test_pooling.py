@@ -695,8 +695,10 @@ def _words_then_a_long_segment() -> torch.Tensor:
 def test_segment_reduce_few_long_segments(device, reduce, dtype, D, layout):
     # Few long segments (sequence pooling), or one long segment among many words: the
     # reduce takes their rows in blocks of 256, CPU and CUDA alike (the CPU shares out
-    # the blocks of segments too long for one thread; CUDA, for "few", runs a thread
-    # per block), so the results match the reference and each other bit for bit.
+    # the blocks of segments too long for one thread; CUDA runs a thread per block, for
+    # "mixed" only over the segments longer than one block, which its offsets check
+    # finds; without the check a thread walks each such segment), so the results match
+    # the reference and each other bit for bit.
     g = torch.Generator().manual_seed(11)
     offsets = t64([0, 300, 300, 3000, 3001, 20000]) if layout == "few" else _words_then_a_long_segment()
     x = (torch.randn(int(offsets[-1]), D, generator=g, dtype=torch.float64) * 3).to(dtype)
@@ -713,6 +715,8 @@ def test_segment_reduce_few_long_segments(device, reduce, dtype, D, layout):
     if device != "cpu":
         assert_bitwise_equal(y, segment_reduce(x, offsets, reduce))
         assert_bitwise_equal(grad_x, ops().segment_reduce_backward(grad_y, offsets, x.shape[0], reduce, x, y))
+        unchecked = segment_reduce(x.to(device), offsets.to(device), reduce, check_offsets=False).cpu()
+        assert_bitwise_equal(unchecked, y)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)

@@ -185,12 +185,14 @@ int main() {
   };
 
   // (words need no workspace; it is for a few long segments, reduced in blocks)
-  const size_t ws_bytes = segment_reduce_workspace_cuda(tokcore::DType::kBFloat16, S, T, D);
+  int64_t longest = 0;  // (as the adapter's offsets check measures it)
+  for (int64_t s = 0; s < S; ++s) longest = std::max(longest, offsets[size_t(s + 1)] - offsets[size_t(s)]);
+  const size_t ws_bytes = segment_reduce_workspace_cuda(tokcore::DType::kBFloat16, S, T, D, longest);
   void* workspace = nullptr;
   if (ws_bytes > 0) CHECK_CUDA(cudaMalloc(&workspace, ws_bytes));
   const Timing production = time_launches([&] {
     CHECK_CUDA(cudaError_t(segment_reduce_cuda(tokcore::DType::kBFloat16, x, d_offsets, S, T, D, Reduce::kMean,
-                                               workspace, ws_bytes, y_ref, st)));
+                                               longest, workspace, ws_bytes, y_ref, st)));
   }, st);
   CHECK_CUDA(cudaMemcpy(host_ref.data(), y_ref, sizeof(bf16_t) * S * D, cudaMemcpyDeviceToHost));
   // (the production kernel is internal to pooling_cuda.cu: nvcc -Xptxas -v shows its

@@ -223,24 +223,24 @@ Tensor new_output(const char* op, const Tensor& like, std::initializer_list<int6
   }
 }
 
-int64_t validated_offsets_end_cuda(const Tensor& offsets, int64_t total, void* stream,
-                                   const char* op, const char* arg) {
-  int64_t result[2] = {0, 0};
-  Tensor scratch = torch::stable::new_empty(offsets, {2});
+ValidatedOffsets validated_offsets_cuda(const Tensor& offsets, int64_t total, void* stream,
+                                        const char* op, const char* arg) {
+  int64_t result[3] = {0, 0, -1};
+  Tensor scratch = torch::stable::new_empty(offsets, {3});
   check_cuda(validate_offsets_cuda(offsets.const_data_ptr<int64_t>(), offsets.size(0), total,
                                    scratch.mutable_data_ptr<int64_t>(), result, stream),
              op);
   check_offsets_status(int(result[0]), result[1], total, op, arg);
-  return result[1];
+  return ValidatedOffsets{result[1], result[2]};
 }
 
-void check_offsets_cuda(const Tensor& offsets, int64_t total, void* stream, const char* op,
-                        const char* arg) {
+int64_t check_offsets_cuda(const Tensor& offsets, int64_t total, void* stream, const char* op,
+                           const char* arg) {
   const char* setting = std::getenv("TOKCORE_CUDA_CHECK_OFFSETS");
-  if (setting != nullptr && std::string(setting) == "0") return;
+  if (setting != nullptr && std::string(setting) == "0") return -1;
   int capturing = 0;
   check_cuda(cuda_stream_is_capturing(stream, &capturing), op);
-  if (!capturing) validated_offsets_end_cuda(offsets, total, stream, op, arg);
+  return capturing ? -1 : validated_offsets_cuda(offsets, total, stream, op, arg).longest;
 }
 
 void* current_cuda_stream(int32_t device_index) {

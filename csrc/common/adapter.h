@@ -172,11 +172,17 @@ inline void check_cuda(int error, const char* op) {
   TOKCORE_CHECK(error == 0, op, "CUDA error: ", cuda_error_string(error));
 }
 
+// What the CUDA offsets check reads on its way: the last entry, and the most rows
+// of any segment (-1 if there is none).
+struct ValidatedOffsets {
+  int64_t end, longest;
+};
+
 // Validates CUDA offsets on the device (one small kernel and a host sync) against
-// total (< 0: any) and returns their last entry; for ops that must sync anyway,
-// to size their output (defined in adapter.cpp).
-int64_t validated_offsets_end_cuda(const Tensor& offsets, int64_t total, void* stream,
-                                   const char* op, const char* arg);
+// total (< 0: any); for ops that must sync anyway, e.g. to size their output
+// (defined in adapter.cpp).
+ValidatedOffsets validated_offsets_cuda(const Tensor& offsets, int64_t total, void* stream,
+                                        const char* op, const char* arg);
 
 // Full validation of CUDA offsets before a kernel uses them, with the CPU's errors:
 // one small kernel and a host sync, which waits for the work already queued on the
@@ -185,22 +191,28 @@ int64_t validated_offsets_end_cuda(const Tensor& offsets, int64_t total, void* s
 // and when TOKCORE_CUDA_CHECK_OFFSETS=0 (read at each call), for callers whose
 // offsets are known good (e.g. made by word_boundaries) and who want no sync.
 // Unchecked invalid offsets give unspecified values but never an out-of-bounds
-// access: the kernels clamp offsets into range.
-void check_offsets_cuda(const Tensor& offsets, int64_t total, void* stream, const char* op,
-                        const char* arg);
+// access: the kernels clamp offsets into range. Returns the longest segment's rows
+// (ValidatedOffsets), or -1 where the check was skipped.
+int64_t check_offsets_cuda(const Tensor& offsets, int64_t total, void* stream, const char* op,
+                           const char* arg);
 
 // Full validation of offsets against total (< 0: any) on the device holding them:
 // check_offsets_cpu, or check_offsets_cuda on the offsets' device and current stream.
 // check_on_cuda = false (an op's check_offsets=False) skips the CUDA check and its
 // sync, for offsets validated before (an autograd backward reuses its forward's,
 // which autograd's version counter keeps unchanged); CPU offsets are checked
-// regardless, since there the check costs no sync.
-inline void check_offsets(const Tensor& offsets, int64_t total, const char* op, const char* arg,
-                          bool check_on_cuda = true) {
-  if (offsets.is_cpu()) return check_offsets_cpu(offsets, total, op, arg);
-  if (!check_on_cuda) return;
+// regardless, since there the check costs no sync. Returns the longest segment's
+// rows where the CUDA check read it, for kernels that route long segments apart;
+// -1 otherwise (on the CPU, where no kernel asks for it, too).
+inline int64_t check_offsets(const Tensor& offsets, int64_t total, const char* op, const char* arg,
+                             bool check_on_cuda = true) {
+  if (offsets.is_cpu()) {
+    check_offsets_cpu(offsets, total, op, arg);
+    return -1;
+  }
+  if (!check_on_cuda) return -1;
   CudaContext ctx(offsets);
-  check_offsets_cuda(offsets, total, ctx.stream, op, arg);
+  return check_offsets_cuda(offsets, total, ctx.stream, op, arg);
 }
 
 }  // namespace adapter

@@ -7,9 +7,11 @@
 namespace tokcore {
 
 // Validates CSR offsets [n] held on the device against total (< 0: any total) and
-// reads their last entry: host_result[0] = OffsetsStatus (tokcore/common/offsets.h),
-// host_result[1] = offsets[n-1]. device_scratch holds 2 int64. Synchronizes the
-// stream (stream is a cudaStream_t). Returns a cudaError_t as int.
+// reads their last entry and longest segment: host_result[0] = OffsetsStatus
+// (tokcore/common/offsets.h), host_result[1] = offsets[n-1], host_result[2] = the
+// largest offsets[i+1] - offsets[i] (-1 for n = 1; meaningful only for valid
+// offsets). device_scratch holds 3 int64. Synchronizes the stream (stream is a
+// cudaStream_t). Returns a cudaError_t as int.
 int validate_offsets_cuda(const int64_t* offsets, int64_t n, int64_t total, int64_t* device_scratch,
                           int64_t* host_result, void* stream);
 

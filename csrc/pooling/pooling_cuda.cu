@@ -3,8 +3,9 @@
 //
 // Segment kernels use one thread per (segment, vector of features), and the
 // row-writing ones one per row part of that too when segments are long; the reduce
-// forward takes a few long segments in blocks of rows (a thread per block, then one
-// per segment), and their max/min backward runs in two passes over row parts. The
+// forward takes long segments in blocks of rows (a thread per block, then one per
+// segment), and the max/min backward of a few long ones runs in two passes over
+// row parts. The
 // thread bodies are in tokcore/pooling/segment_threads.h, where the host tests run
 // them too. No host sync, and no atomics but a min of row indices in the max/min
 // backward's two passes, which does not depend on the order: results are
@@ -64,6 +65,8 @@ __global__ void word_cu_kernel(const int64_t* cu, int64_t B, int64_t total_bytes
 // Workspace of the reduce in blocks: block counts and their exclusive scan
 // (block_begin), CUB's scan storage, and the blocks' results.
 struct ReduceWorkspace {
+  int64_t blocks_from_rows;  // reduce_blocks_from_rows: the segments taken in blocks
+  int64_t blocks_bound;      // reduce_blocks_bound: the rows of partials
   int64_t* counts;       // [S + 1]
   int64_t* block_begin;  // [S + 1]
   void* scan_temp;
@@ -99,17 +102,19 @@ inline __device__ int64_t global_thread() { return blockIdx.x * int64_t(blockDim
 
 template <typename T, int N, Reduce R>
 __global__ void segment_reduce_kernel(const T* __restrict__ x, const int64_t* __restrict__ offsets,
-                                      int64_t S, int64_t rows_total, int64_t D, T* __restrict__ y) {
+                                      int64_t S, int64_t rows_total, int64_t D, int64_t blocks_from_rows,
+                                      T* __restrict__ y) {
   const int64_t i = global_thread();
-  if (i < S * (D / N)) segment_reduce_thread<T, N, R>(i, x, offsets, rows_total, D, y);
+  if (i < S * (D / N)) segment_reduce_thread<T, N, R>(i, x, offsets, rows_total, D, blocks_from_rows, y);
 }
 
 // The reduce forward in blocks (segment_threads.h): block counts, then pass 2 over
 // blocks_bound * D / N threads, then pass 3 over S * D / N threads.
 __global__ void segment_block_count_kernel(const int64_t* __restrict__ offsets, int64_t S,
-                                           int64_t rows_total, int64_t* __restrict__ counts) {
+                                           int64_t rows_total, int64_t blocks_from_rows,
+                                           int64_t* __restrict__ counts) {
   const int64_t s = global_thread();
-  if (s <= S) counts[s] = s < S ? segment_block_count(offsets, s, rows_total) : 0;
+  if (s <= S) counts[s] = s < S ? segment_blocks_in_pass(offsets, s, rows_total, blocks_from_rows) : 0;
 }
 
 template <typename T, int N, Reduce R>
@@ -127,10 +132,11 @@ __global__ void segment_reduce_combine_kernel(const acc_t<T>* __restrict__ parti
                                               const int64_t* __restrict__ offsets,
                                               const int64_t* __restrict__ block_begin, int64_t S,
                                               int64_t blocks_bound, int64_t rows_total, int64_t D,
-                                              T* __restrict__ y) {
+                                              int64_t blocks_from_rows, T* __restrict__ y) {
   const int64_t i = global_thread();
   if (i < S * (D / N))
-    segment_reduce_combine_thread<T, N, R>(i, partials, offsets, block_begin, blocks_bound, rows_total, D, y);
+    segment_reduce_combine_thread<T, N, R>(i, partials, offsets, block_begin, blocks_bound, rows_total, D,
+                                           blocks_from_rows, y);
 }
 
 // The row-writing kernels run over S * D / N * parts threads (row_parts): this
@@ -223,13 +229,15 @@ int launch_segments(int64_t S, int64_t D, int64_t mean_rows, std::initializer_li
 }
 
 // The reduce in blocks' workspace laid out over `base` (nullptr: sizes only), or
-// total_bytes 0 when the reduce runs without blocks (reduce_in_blocks, decided with
-// the 16-byte vector width so that the adapter, which sizes the workspace before
-// the buffers' alignment is looked at, and the launcher decide alike).
-ReduceWorkspace reduce_workspace(void* base, DType dtype, int64_t S, int64_t T, int64_t D) {
+// total_bytes 0 when the reduce runs without blocks (reduce_blocks_from_rows,
+// decided with the 16-byte vector width so that the adapter, which sizes the
+// workspace before the buffers' alignment is looked at, and the launcher decide alike).
+ReduceWorkspace reduce_workspace(void* base, DType dtype, int64_t S, int64_t T, int64_t D, int64_t longest) {
   ReduceWorkspace ws{};
   const int64_t vec = 16 / dtype_size(dtype);  // (fewer threads than N = 1 would run: blocks sooner)
-  if (!reduce_in_blocks(S * ((D + vec - 1) / vec), S, T)) return ws;
+  ws.blocks_from_rows = reduce_blocks_from_rows(S * ((D + vec - 1) / vec), S, T, longest);
+  if (ws.blocks_from_rows == kNoBlocks) return ws;
+  ws.blocks_bound = reduce_blocks_bound(S, T, ws.blocks_from_rows);
   const size_t array_bytes = align_up(sizeof(int64_t) * size_t(S + 1));
   char* p = static_cast<char*>(base);
   ws.counts = reinterpret_cast<int64_t*>(p);
@@ -239,7 +247,7 @@ ReduceWorkspace reduce_workspace(void* base, DType dtype, int64_t S, int64_t T, 
   ws.scan_temp = p ? p + 2 * array_bytes : nullptr;
   ws.partials = p ? p + 2 * array_bytes + scan_room : nullptr;
   const size_t acc_bytes = dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
-  ws.total_bytes = 2 * array_bytes + scan_room + size_t(reduce_blocks_bound(S, T)) * size_t(D) * acc_bytes;
+  ws.total_bytes = 2 * array_bytes + scan_room + size_t(ws.blocks_bound) * size_t(D) * acc_bytes;
   return ws;
 }
 
@@ -288,25 +296,26 @@ int word_boundaries_fill_cuda(const uint8_t* bytes, const int64_t* cu, int64_t B
   return cudaGetLastError();
 }
 
-size_t segment_reduce_workspace_cuda(DType dtype, int64_t S, int64_t T, int64_t D) {
-  return reduce_workspace(nullptr, dtype, S, T, D).total_bytes;
+size_t segment_reduce_workspace_cuda(DType dtype, int64_t S, int64_t T, int64_t D, int64_t longest) {
+  return reduce_workspace(nullptr, dtype, S, T, D, longest).total_bytes;
 }
 
 int segment_reduce_cuda(DType dtype, const void* x, const int64_t* offsets, int64_t S, int64_t T,
-                        int64_t D, Reduce reduce, void* workspace, size_t workspace_bytes, void* y,
-                        void* stream) {
+                        int64_t D, Reduce reduce, int64_t longest, void* workspace, size_t workspace_bytes,
+                        void* y, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  const ReduceWorkspace ws = reduce_workspace(workspace, dtype, S, T, D);
+  const ReduceWorkspace ws = reduce_workspace(workspace, dtype, S, T, D, longest);
   if (ws.total_bytes > workspace_bytes) return cudaErrorInvalidValue;
-  if (ws.total_bytes > 0) {  // in blocks: count them and scan the counts for pass 2
-    segment_block_count_kernel<<<blocks_for(S + 1), kThreads, 0, st>>>(offsets, S, T, ws.counts);
+  const bool in_blocks = ws.blocks_from_rows != kNoBlocks, all_in_blocks = ws.blocks_from_rows == 0;
+  if (in_blocks) {  // count the blocks and scan the counts for pass 2
+    segment_block_count_kernel<<<blocks_for(S + 1), kThreads, 0, st>>>(offsets, S, T, ws.blocks_from_rows,
+                                                                       ws.counts);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
     size_t scan_bytes = ws.scan_bytes;
     e = cub::DeviceScan::ExclusiveSum(ws.scan_temp, scan_bytes, ws.counts, ws.block_begin, S + 1, st);
     if (e != cudaSuccess) return e;
   }
-  const int64_t blocks_bound = reduce_blocks_bound(S, T);
   int err = cudaSuccess;
   dispatch_float_types(dtype, [&](auto* tag) {
     using V = std::remove_pointer_t<decltype(tag)>;
@@ -315,17 +324,18 @@ int segment_reduce_cuda(DType dtype, const void* x, const int64_t* offsets, int6
       err = launch_segments<V>(S, D, 0, {x, y}, [&](auto n, unsigned blocks, int64_t) {
         constexpr int N = decltype(n)::value;
         constexpr Reduce R = decltype(r)::value;
-        if (ws.total_bytes == 0) {
+        // segments of fewer than blocks_from_rows rows: a thread per (segment, vector)
+        if (!all_in_blocks)
           segment_reduce_kernel<V, N, R><<<blocks, kThreads, 0, st>>>(static_cast<const V*>(x), offsets, S,
-                                                                       T, D, static_cast<V*>(y));
-          return;
-        }
-        segment_reduce_block_kernel<V, N, R><<<blocks_for(blocks_bound * (D / N)), kThreads, 0, st>>>(
-            static_cast<const V*>(x), offsets, ws.block_begin, S, T, D, blocks_bound,
+                                                                       T, D, ws.blocks_from_rows,
+                                                                       static_cast<V*>(y));
+        if (!in_blocks) return;
+        segment_reduce_block_kernel<V, N, R><<<blocks_for(ws.blocks_bound * (D / N)), kThreads, 0, st>>>(
+            static_cast<const V*>(x), offsets, ws.block_begin, S, T, D, ws.blocks_bound,
             static_cast<A*>(ws.partials));
         segment_reduce_combine_kernel<V, N, R><<<blocks, kThreads, 0, st>>>(
-            static_cast<const A*>(ws.partials), offsets, ws.block_begin, S, blocks_bound, T, D,
-            static_cast<V*>(y));
+            static_cast<const A*>(ws.partials), offsets, ws.block_begin, S, ws.blocks_bound, T, D,
+            ws.blocks_from_rows, static_cast<V*>(y));
       });
     });
   });

@@ -15,9 +15,9 @@ int word_boundaries_count_cuda(const uint8_t*, const int64_t*, int64_t, int64_t,
                                size_t, int64_t*, void*) { return kNotBuilt; }
 int word_boundaries_fill_cuda(const uint8_t*, const int64_t*, int64_t, int64_t, int64_t, WordMode,
                               const void*, int64_t, int64_t*, int64_t*, void*) { return kNotBuilt; }
-size_t segment_reduce_workspace_cuda(DType, int64_t, int64_t, int64_t) { return 0; }
-int segment_reduce_cuda(DType, const void*, const int64_t*, int64_t, int64_t, int64_t, Reduce, void*,
-                        size_t, void*, void*) { return kNotBuilt; }
+size_t segment_reduce_workspace_cuda(DType, int64_t, int64_t, int64_t, int64_t) { return 0; }
+int segment_reduce_cuda(DType, const void*, const int64_t*, int64_t, int64_t, int64_t, Reduce, int64_t,
+                        void*, size_t, void*, void*) { return kNotBuilt; }
 size_t segment_reduce_backward_workspace_cuda(DType, int64_t, int64_t, int64_t, Reduce) { return 0; }
 int segment_reduce_backward_cuda(DType, const void*, const void*, const void*, const int64_t*, int64_t,
                                  int64_t, int64_t, Reduce, void*, size_t, void*, void*) { return kNotBuilt; }

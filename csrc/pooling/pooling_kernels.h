@@ -81,12 +81,14 @@ int word_boundaries_fill_cuda(const uint8_t* bytes, const int64_t* cu, int64_t B
                               const void* workspace, int64_t num_words, int64_t* word_offsets,
                               int64_t* word_cu, void* stream);
 
-// Workspace bytes that segment_reduce_cuda needs: 0 unless it reduces a few long
-// segments in blocks (reduce_in_blocks, tokcore/pooling/segment_threads.h).
-size_t segment_reduce_workspace_cuda(DType dtype, int64_t S, int64_t T, int64_t D);
+// Workspace bytes that segment_reduce_cuda needs: 0 unless it reduces long
+// segments in blocks (reduce_blocks_from_rows, tokcore/pooling/segment_threads.h).
+// longest: the most rows of any segment (from the offsets check), or < 0 if not
+// known; the same value must be passed to both.
+size_t segment_reduce_workspace_cuda(DType dtype, int64_t S, int64_t T, int64_t D, int64_t longest);
 int segment_reduce_cuda(DType dtype, const void* x, const int64_t* offsets, int64_t S, int64_t T,
-                        int64_t D, Reduce reduce, void* workspace, size_t workspace_bytes, void* y,
-                        void* stream);
+                        int64_t D, Reduce reduce, int64_t longest, void* workspace, size_t workspace_bytes,
+                        void* y, void* stream);
 // Workspace bytes that segment_reduce_backward_cuda needs: 0 unless a max/min
 // backward runs in two passes (max_min_backward_in_parts, segment_threads.h).
 size_t segment_reduce_backward_workspace_cuda(DType dtype, int64_t S, int64_t T, int64_t D, Reduce reduce);

@@ -58,7 +58,7 @@ int64_t output_rows(const Tensor& offsets, std::optional<int64_t> total, const c
     return offsets.const_data_ptr<int64_t>()[offsets.size(0) - 1];
   }
   CudaContext ctx(offsets);
-  return adapter::validated_offsets_end_cuda(offsets, -1, ctx.stream, op, "offsets");
+  return adapter::validated_offsets_cuda(offsets, -1, ctx.stream, op, "offsets").end;
 }
 
 // ---------------------------------------------------------------- word_boundaries
@@ -94,7 +94,7 @@ std::tuple<Tensor, Tensor> word_boundaries(Tensor bytes, Tensor cu_seqlens, int6
     return {word_offsets, word_cu};
   }
   CudaContext ctx(bytes);
-  adapter::validated_offsets_end_cuda(cu_seqlens, T, ctx.stream, op, "cu_seqlens");
+  adapter::validated_offsets_cuda(cu_seqlens, T, ctx.stream, op, "cu_seqlens");
   const size_t ws_bytes = word_boundaries_workspace_cuda(T);
   Tensor workspace =
       adapter::new_output(op, bytes, {int64_t(ws_bytes > 0 ? ws_bytes : 1)}, ScalarType::Byte);
@@ -125,7 +125,8 @@ Tensor segment_reduce(Tensor x, Tensor offsets, std::string reduce, bool check_o
   offsets = adapter::contiguous(offsets);
   const int64_t T = x.size(0), D = x.size(1), S = offsets.size(0) - 1;
   const DType dtype = adapter::feature_dtype(x, op, "x");
-  adapter::check_offsets(offsets, T, op, "offsets", check_offsets);
+  // (on CUDA the check also reads the longest segment, which the kernels route apart)
+  const int64_t longest = adapter::check_offsets(offsets, T, op, "offsets", check_offsets);
   Tensor y = adapter::new_output(op, x, {S, D});
   if (x.is_cpu()) {
     segment_reduce_cpu(adapter::cpu_runtime(), dtype, x.const_data_ptr(),
@@ -133,12 +134,12 @@ Tensor segment_reduce(Tensor x, Tensor offsets, std::string reduce, bool check_o
     return y;
   }
   CudaContext ctx(x);
-  // a workspace only for a few long segments, which the kernels reduce in blocks
-  const size_t ws_bytes = segment_reduce_workspace_cuda(dtype, S, T, D);
+  // a workspace only for long segments, which the kernels reduce in blocks
+  const size_t ws_bytes = segment_reduce_workspace_cuda(dtype, S, T, D, longest);
   std::optional<Tensor> workspace;
   if (ws_bytes > 0) workspace = adapter::new_output(op, x, {int64_t(ws_bytes)}, ScalarType::Byte);
   check_cuda(segment_reduce_cuda(dtype, x.const_data_ptr(), offsets.const_data_ptr<int64_t>(), S, T,
-                                 D, r, workspace ? workspace->mutable_data_ptr() : nullptr, ws_bytes,
+                                 D, r, longest, workspace ? workspace->mutable_data_ptr() : nullptr, ws_bytes,
                                  y.mutable_data_ptr(), ctx.stream),
              op);
   return y;

@@ -35,6 +35,10 @@ struct Buffer {
   explicit Buffer(int64_t count) : raw(size_t((count * int64_t(sizeof(T)) + 15) / 16 + 1)), n(count) {}
   T* data() { return reinterpret_cast<T*>(raw.data()); }
   const T* data() const { return reinterpret_cast<const T*>(raw.data()); }
+  // Sets every byte, so that a comparison sees elements that no thread wrote.
+  void fill_bytes(uint8_t byte) {
+    for (auto& v : raw) std::memset(v.v, byte, sizeof(v.v));
+  }
   std::vector<uint8_t> bytes() const {
     const auto* p = reinterpret_cast<const uint8_t*>(raw.data());
     return std::vector<uint8_t>(p, p + n * int64_t(sizeof(T)));
@@ -110,26 +114,38 @@ struct Case {
 const Case kCases[] = {{0, 8, 3}, {1, 8, 1}, {40, 8, 4}, {97, 16, 9}, {64, 24, 1}, {200, 64, 12},
                        {1500, 16, 700}, {700, 8, 600}};
 
-// The reduce forward in blocks (segment_reduce_cuda for a few long segments), its
-// three passes run thread by thread: block counts and their exclusive scan, pass 2
-// over blocks_bound * D / N threads, pass 3 over S * D / N threads.
+// The reduce forward as segment_reduce_cuda runs it for blocks_from_rows
+// (reduce_blocks_from_rows), thread by thread: the segment threads (unless every
+// segment is taken in blocks), then, unless none is, the three passes of the blocks:
+// block counts and their exclusive scan, pass 2 over blocks_bound * D / N threads,
+// pass 3 over S * D / N threads.
 template <typename T, int N, Reduce R>
-void reduce_in_blocks_on_host(const T* x, const std::vector<int64_t>& off, int64_t rows_total, int64_t D,
-                              T* y) {
+void reduce_forward_on_host(const T* x, const std::vector<int64_t>& off, int64_t rows_total, int64_t D,
+                            int64_t blocks_from_rows, T* y) {
   const int64_t S = int64_t(off.size()) - 1;
+  if (blocks_from_rows != 0)
+    run_threads<N>(S, D, [&](int64_t i) {
+      segment_reduce_thread<T, N, R>(i, x, off.data(), rows_total, D, blocks_from_rows, y);
+    });
+  if (blocks_from_rows == kNoBlocks) return;
   std::vector<int64_t> block_begin(size_t(S + 1), 0);
   for (int64_t s = 0; s < S; ++s)
-    block_begin[size_t(s + 1)] = block_begin[size_t(s)] + segment_block_count(off.data(), s, rows_total);
-  const int64_t bound = reduce_blocks_bound(S, rows_total);
+    block_begin[size_t(s + 1)] =
+        block_begin[size_t(s)] + segment_blocks_in_pass(off.data(), s, rows_total, blocks_from_rows);
+  const int64_t bound = reduce_blocks_bound(S, rows_total, blocks_from_rows);
   std::vector<acc_t<T>> partials(size_t(bound * D));  // exactly the bound: ASan sees any overrun
   for (int64_t g = bound * (D / N) - 1; g >= 0; --g)
     segment_reduce_block_thread<T, N, R>(g, x, off.data(), block_begin.data(), S, rows_total, D,
                                          partials.data());
   run_threads<N>(S, D, [&](int64_t i) {
     segment_reduce_combine_thread<T, N, R>(i, partials.data(), off.data(), block_begin.data(), bound,
-                                           rows_total, D, y);
+                                           rows_total, D, blocks_from_rows, y);
   });
 }
+
+// The ways segment_reduce_cuda splits the segments: none in blocks, those longer
+// than a block (among many short ones), and all.
+const int64_t kBlocksFromRows[] = {kNoBlocks, kReduceBlockRows + 1, 0};
 
 template <typename T, int N, Reduce R>
 void check_reduce_and_backward(const Case& c, std::mt19937& rng) {
@@ -139,15 +155,15 @@ void check_reduce_and_backward(const Case& c, std::mt19937& rng) {
   const auto off = random_offsets(c.T, c.max_len, rng);
   const int64_t S = int64_t(off.size()) - 1;
   const auto x = random_rows<T>(c.T, c.D, rng, true);
-  Buffer<T> y_gpu(S * c.D), y_cpu(S * c.D);
-  run_threads<N>(S, c.D, [&](int64_t i) {
-    segment_reduce_thread<T, N, R>(i, x.data(), off.data(), c.T, c.D, y_gpu.data());
-  });
+  Buffer<T> y_cpu(S * c.D);
   segment_reduce_cpu(rt, dtype_of<T>(), x.data(), off.data(), S, c.T, c.D, R, y_cpu.data());
-  EXPECT_EQ(y_gpu.bytes(), y_cpu.bytes());
-  Buffer<T> y_blocks(S * c.D);
-  reduce_in_blocks_on_host<T, N, R>(x.data(), off, c.T, c.D, y_blocks.data());
-  EXPECT_EQ(y_blocks.bytes(), y_cpu.bytes());
+  for (int64_t blocks_from_rows : kBlocksFromRows) {
+    SCOPED_TRACE("blocks_from_rows=" + std::to_string(blocks_from_rows));
+    Buffer<T> y_gpu(S * c.D);
+    y_gpu.fill_bytes(0xA5);
+    reduce_forward_on_host<T, N, R>(x.data(), off, c.T, c.D, blocks_from_rows, y_gpu.data());
+    EXPECT_EQ(y_gpu.bytes(), y_cpu.bytes());
+  }
 
   const auto grad_y = random_rows<T>(S, c.D, rng, false);
   Buffer<T> gx_cpu(c.T * c.D);
@@ -254,7 +270,7 @@ TEST(CudaThreadsOnHost, BadOffsetsStayInBounds) {
   Buffer<float> x(T * D), y(S * D), back(T * D);
   for (int64_t i = 0; i < T * D; ++i) x.data()[i] = 1.0f;
   run_threads<4>(S, D, [&](int64_t i) {
-    segment_reduce_thread<float, 4, Reduce::kSum>(i, x.data(), off.data(), T, D, y.data());
+    segment_reduce_thread<float, 4, Reduce::kSum>(i, x.data(), off.data(), T, D, kNoBlocks, y.data());
     segment_expand_thread<float, 4>(i, 0, 1, y.data(), off.data(), T, D, back.data());
   });
   // each end clamped into [0, T], the end to at least the begin: [0, 2), [2, 2), [1, 6), [6, 6)
@@ -263,16 +279,19 @@ TEST(CudaThreadsOnHost, BadOffsetsStayInBounds) {
     for (int64_t d = 0; d < D; ++d) EXPECT_EQ(y.data()[s * D + d], expected[s]) << s;
 }
 
-// In blocks too: offsets that claim more blocks than T / kReduceBlockRows + S
+// In blocks too: offsets that claim more blocks than reduce_blocks_bound
 // (overlapping clamped ranges) stay inside the partials (sized to that bound).
 TEST(CudaThreadsOnHost, BadOffsetsInBlocksStayInBounds) {
   const int64_t T = 600, D = 4;
   const std::vector<int64_t> off = {0, T, 0, T, -7, T};  // three whole-T ranges after clamping
   const int64_t S = int64_t(off.size()) - 1;
-  Buffer<float> x(T * D), y(S * D);
+  Buffer<float> x(T * D);
   for (int64_t i = 0; i < T * D; ++i) x.data()[i] = 1.0f;
-  reduce_in_blocks_on_host<float, 4, Reduce::kSum>(x.data(), off, T, D, y.data());
-  EXPECT_EQ(y.data()[0], float(T));  // the first segment's blocks are all within the bound
+  for (int64_t blocks_from_rows : {int64_t(0), kReduceBlockRows + 1}) {
+    Buffer<float> y(S * D);
+    reduce_forward_on_host<float, 4, Reduce::kSum>(x.data(), off, T, D, blocks_from_rows, y.data());
+    EXPECT_EQ(y.data()[0], float(T)) << blocks_from_rows;  // its blocks are all within the bound
+  }
 }
 
 // Long segments: a sum in blocks of kReduceBlockRows rows (the block sums added in
@@ -301,8 +320,9 @@ TEST(CudaThreadsOnHost, LongSegmentsAreSummedInBlocks) {
 
 // Segments too long for one thread (a few sequences, or a long segment among many
 // words): the CPU sets them aside and shares out their blocks over all its threads
-// (reduce_shared_blocks). Same bits as one thread, and as the GPU's thread bodies.
-// (A serial parallel_for that claims 8 threads takes the path.)
+// (reduce_shared_blocks). Same bits as one thread, and as the GPU's thread bodies
+// whichever segments it takes in blocks. (A serial parallel_for that claims 8
+// threads takes the path.)
 template <typename T, Reduce R>
 void check_long_segments_on_cpu(std::mt19937& rng) {
   constexpr int kVec = 16 / sizeof(T);
@@ -318,14 +338,16 @@ void check_long_segments_on_cpu(std::mt19937& rng) {
       const auto x = random_rows<T>(rows, D, rng, R == Reduce::kMax || R == Reduce::kMin);
       Runtime one_thread, eight_threads;
       eight_threads.threads = 8;
-      Buffer<T> y1(S * D), y8(S * D), y_gpu(S * D);
+      Buffer<T> y1(S * D), y8(S * D);
       segment_reduce_cpu(one_thread, dtype_of<T>(), x.data(), off.data(), S, rows, D, R, y1.data());
       segment_reduce_cpu(eight_threads, dtype_of<T>(), x.data(), off.data(), S, rows, D, R, y8.data());
-      run_threads<1>(S, D, [&](int64_t i) {
-        segment_reduce_thread<T, 1, R>(i, x.data(), off.data(), rows, D, y_gpu.data());
-      });
       EXPECT_EQ(y8.bytes(), y1.bytes());
-      EXPECT_EQ(y8.bytes(), y_gpu.bytes());
+      for (int64_t blocks_from_rows : kBlocksFromRows) {
+        Buffer<T> y_gpu(S * D);
+        y_gpu.fill_bytes(0xA5);
+        reduce_forward_on_host<T, 1, R>(x.data(), off, rows, D, blocks_from_rows, y_gpu.data());
+        EXPECT_EQ(y8.bytes(), y_gpu.bytes()) << "blocks_from_rows=" << blocks_from_rows;
+      }
     }
   }
 }
@@ -398,7 +420,33 @@ TEST(CudaThreadsOnHost, ReduceInBlocksOnlyForFewLongSegments) {
   EXPECT_FALSE(reduce_in_blocks(int64_t(1) << 20, 1 << 14, int64_t(1) << 24));  // threads enough
   EXPECT_FALSE(reduce_in_blocks(400000 * 64 / 64, 400000, int64_t(1) << 21));  // words
   EXPECT_FALSE(reduce_in_blocks(64, 1, 2 * kReduceBlockRows - 1));  // one block and a bit
-  EXPECT_EQ(reduce_blocks_bound(8, 1000), 1000 / kReduceBlockRows + 8);
+  EXPECT_EQ(reduce_blocks_bound(8, 1000, 0), 1000 / kReduceBlockRows + 8);
+}
+
+// A segment longer than a block among many short ones goes to the blocks alone,
+// once the offsets check has measured it; the segment threads keep the rest.
+TEST(CudaThreadsOnHost, LongSegmentsAmongShortOnesAreTakenInBlocks) {
+  const int64_t words = 400000, T = int64_t(1) << 21, word_threads = words * 64;
+  EXPECT_EQ(reduce_blocks_from_rows(word_threads, words, T, 9), kNoBlocks);
+  EXPECT_EQ(reduce_blocks_from_rows(word_threads, words, T, kReduceBlockRows), kNoBlocks);  // one block
+  EXPECT_EQ(reduce_blocks_from_rows(word_threads, words, T, kReduceBlockRows + 1), kReduceBlockRows + 1);
+  EXPECT_EQ(reduce_blocks_from_rows(word_threads, words, T, -1), kNoBlocks);  // not measured
+  EXPECT_EQ(reduce_blocks_from_rows(8 * 64, 8, T, T / 8), 0);                // a few long ones: all
+  EXPECT_EQ(reduce_blocks_from_rows(8 * 64, 8, T, -1), 0);                   // (known from the mean)
+  // blocks of segments of 257+ rows: at most T / 257 such segments, each one block
+  // more than its rows / kReduceBlockRows
+  EXPECT_EQ(reduce_blocks_bound(words, T, kReduceBlockRows + 1), T / kReduceBlockRows + T / (kReduceBlockRows + 1));
+  EXPECT_EQ(reduce_blocks_bound(3, T, kReduceBlockRows + 1), T / kReduceBlockRows + 3);
+  // the bound holds for the worst case: as many segments of 257 rows as fit
+  const int64_t rows = 10 * (kReduceBlockRows + 1) + 3;
+  std::vector<int64_t> off = {0};
+  for (int s = 0; s < 10; ++s) off.push_back(off.back() + kReduceBlockRows + 1);
+  off.push_back(rows);
+  int64_t blocks = 0;
+  for (int64_t s = 0; s + 1 < int64_t(off.size()); ++s)
+    blocks += segment_blocks_in_pass(off.data(), s, rows, kReduceBlockRows + 1);
+  EXPECT_EQ(blocks, 20);  // the short last segment has none
+  EXPECT_LE(blocks, reduce_blocks_bound(int64_t(off.size()) - 1, rows, kReduceBlockRows + 1));
 }
 
 // The row parts of a split launch write disjoint rows that cover every row once

@@ -103,9 +103,5 @@ TOKCORE_HD RowRange reduce_block_rows(RowRange rows, int64_t k) {
   return RowRange{b, rows.end - b < kReduceBlockRows ? rows.end : b + kReduceBlockRows};
 }
 
-TOKCORE_HD int64_t segment_block_count(const int64_t* offsets, int64_t s, int64_t T) {
-  return reduce_block_count(segment_rows(offsets, s, T));
-}
-
 }  // namespace pooling
 }  // namespace tokcore

@@ -7,7 +7,7 @@
 // features [(i % (D / N)) * N, + N): consecutive threads read consecutive
 // N-element vectors of the same row (coalesced), and each thread walks its
 // segment's rows in order, so no atomics are needed and sums are formed in the
-// same order as on the CPU (the results match bitwise). A few long segments are
+// same order as on the CPU (the results match bitwise). Long segments are
 // reduced with a thread per block of rows instead (kReduceBlockRows, segment.h),
 // in the same order of operations.
 //
@@ -126,21 +126,25 @@ TOKCORE_HD void store_reduced(const acc_t<T>* total, int64_t count, T* __restric
   store_vec<T, N>(out, v);
 }
 
-// The reduce forward with one thread per (segment, vector). A segment of one
-// block (every word) is reduced row by row, which is the blocks' result too
-// (combining the identity with a value gives that value's bits). A longer one is
-// rare here (a few long segments go to the block kernels below; this path serves
-// long segments among many short ones): it is walked one feature and one block at
-// a time, so that it needs fewer registers than the common case (nvcc -Xptxas -v,
-// sm_90: 40 for bf16 mean, as before the blocks; 48 with a vector of running totals).
+// The reduce forward with one thread per (segment, vector), for the segments of
+// fewer than blocks_from_rows rows (reduce_blocks_from_rows, below: the others are
+// reduced in blocks, and their threads return). A segment of one block (every
+// word) is reduced row by row, which is the blocks' result too (combining the
+// identity with a value gives that value's bits). A longer one comes here only
+// when the longest segment is not known (offsets unchecked): it is walked one
+// feature and one block at a time, so that it needs fewer registers than the
+// common case (nvcc -Xptxas -v, sm_90: 40 for bf16 mean, as before the blocks; 48
+// with a vector of running totals), and so is slow: every load waits out the
+// memory's latency.
 template <typename T, int N, Reduce R>
 TOKCORE_HD void segment_reduce_thread(int64_t i, const T* __restrict__ x,
                                       const int64_t* __restrict__ offsets, int64_t rows_total,
-                                      int64_t D, T* __restrict__ y) {
+                                      int64_t D, int64_t blocks_from_rows, T* __restrict__ y) {
   using A = acc_t<T>;
   const SegmentThread th = segment_thread<N>(i, D);
   const RowRange rows = segment_rows(offsets, th.s, rows_total);
   const int64_t count = rows.end - rows.begin;
+  if (count >= blocks_from_rows) return;
   T* out = y + th.s * D + th.col;
   if (count <= kReduceBlockRows) {
     A acc[N];
@@ -163,22 +167,50 @@ TOKCORE_HD void segment_reduce_thread(int64_t i, const T* __restrict__ x,
   }
 }
 
-// ---- The reduce forward in blocks, for a few long segments: too few (segment,
-// vector) threads to fill the GPU, but many blocks. Pass 1 counts each segment's
-// blocks (an exclusive scan of the counts gives block_begin [S + 1]); pass 2 has a
-// thread per (block, vector) write its block's result to `partials` [blocks, D]
-// in the accumulator type; pass 3 has a thread per (segment, vector) combine its
-// blocks' results in order: the same operations as segment_reduce_thread.
+// ---- The reduce forward in blocks, for long segments: a few of them give too
+// few (segment, vector) threads to fill the GPU, and one among many short ones
+// would leave its threads walking it long after the others are done. Pass 1
+// counts the blocks of each segment of at least blocks_from_rows rows (0 for the
+// others; an exclusive scan of the counts gives block_begin [S + 1]); pass 2 has
+// a thread per (block, vector) write its block's result to `partials` [blocks, D]
+// in the accumulator type; pass 3 has a thread per (segment, vector) combine the
+// blocks' results of its segment in order, if it has at least blocks_from_rows
+// rows: the same operations as segment_reduce_thread.
 
-// Whether to reduce in blocks: the segment threads would leave most of an H200
-// idle, and segments are long enough on average (two blocks or more) to split.
+// Whether every segment is reduced in blocks: the segment threads would leave most
+// of an H200 idle, and segments are long enough on average (two blocks or more) to split.
 inline bool reduce_in_blocks(int64_t segment_threads, int64_t S, int64_t T) {
   return segment_threads > 0 && segment_threads < kFillThreads / 4 && T >= 2 * kReduceBlockRows * S;
 }
 
-// The blocks of all segments: sum of ceil(rows / kReduceBlockRows) <= T / kReduceBlockRows + S
-// for valid offsets (unchecked invalid ones can claim more; the passes clamp to this bound).
-inline int64_t reduce_blocks_bound(int64_t S, int64_t T) { return T / kReduceBlockRows + S; }
+// blocks_from_rows when no segment is reduced in blocks.
+constexpr int64_t kNoBlocks = INT64_MAX;
+
+// The fewest rows of a segment reduced in blocks: 0 (every segment) for a few long
+// segments; one block and a row when a segment that long is among many short ones
+// (longest: the most rows of any segment, < 0 where unknown, e.g. offsets that the
+// CUDA adapter did not check; such a segment is then walked by the segment threads);
+// else kNoBlocks.
+inline int64_t reduce_blocks_from_rows(int64_t segment_threads, int64_t S, int64_t T, int64_t longest) {
+  if (reduce_in_blocks(segment_threads, S, T)) return 0;
+  return longest > kReduceBlockRows ? kReduceBlockRows + 1 : kNoBlocks;
+}
+
+// The blocks of the segments of at least blocks_from_rows rows: at most
+// T / kReduceBlockRows plus one per such segment, of which there are at most S and
+// at most T / blocks_from_rows, for valid offsets (unchecked invalid ones can claim
+// more; the passes clamp to this bound).
+inline int64_t reduce_blocks_bound(int64_t S, int64_t T, int64_t blocks_from_rows) {
+  const int64_t segments = blocks_from_rows > 0 && T / blocks_from_rows < S ? T / blocks_from_rows : S;
+  return T / kReduceBlockRows + segments;
+}
+
+// Pass 1: the blocks of segment s, or 0 if the segment threads reduce it.
+TOKCORE_HD int64_t segment_blocks_in_pass(const int64_t* offsets, int64_t s, int64_t T,
+                                          int64_t blocks_from_rows) {
+  const RowRange rows = segment_rows(offsets, s, T);
+  return rows.end - rows.begin >= blocks_from_rows ? reduce_block_count(rows) : 0;
+}
 
 // Pass 2, thread g of blocks_bound * (D / N): block q = g / (D / N) of the list of
 // all segments' blocks, features [(g % (D / N)) * N, + N).
@@ -211,10 +243,11 @@ TOKCORE_HD void segment_reduce_combine_thread(int64_t i, const acc_t<T>* __restr
                                               const int64_t* __restrict__ offsets,
                                               const int64_t* __restrict__ block_begin,
                                               int64_t blocks_bound, int64_t rows_total, int64_t D,
-                                              T* __restrict__ y) {
+                                              int64_t blocks_from_rows, T* __restrict__ y) {
   using A = acc_t<T>;
   const SegmentThread th = segment_thread<N>(i, D);
   const RowRange rows = segment_rows(offsets, th.s, rows_total);
+  if (rows.end - rows.begin < blocks_from_rows) return;  // the segment threads' segment
   A total[N];
   TOKCORE_UNROLL
   for (int j = 0; j < N; ++j) total[j] = reduce_identity<R, A>();

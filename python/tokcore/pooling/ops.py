@@ -128,13 +128,16 @@ def segment_reduce(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean",
     of 256, each block row by row, then the block results in order (a word is one
     block), so CPU and CUDA results match bit for bit. On CUDA a thread reduces
     one segment for 16 bytes of features, which fills the GPU when segments are
-    many (words); a few long segments (one per sequence) get a thread per block
-    of 256 rows instead, then one per segment to combine the blocks. The sum/mean
-    backward splits long segments' rows over more threads. On the CPU each thread
+    many (words); long segments get a thread per block of 256 rows instead, then
+    one per segment to combine the blocks: every segment when there are a few long
+    ones (one per sequence), and those longer than a block when they are among
+    many short ones (which the offsets check finds). The sum/mean backward splits
+    the rows of a few long segments over more threads. On the CPU each thread
     takes whole segments, and a segment too long for one thread (over half a
     thread's share of the rows) is shared out over all threads, forward and
-    backward. Known CUDA limit: a long segment among many short ones is walked by
-    one thread per vector (a few long ones are split, forward and backward).
+    backward. Known CUDA limit: the backward walks a long segment among many
+    short ones with one thread per vector, and so does the forward with
+    ``check_offsets=False`` (no check, so the longest segment is not known).
 
     ``check_offsets=False`` skips the CUDA offsets check and its host sync, for
     offsets known to be valid (see the module docstring).
