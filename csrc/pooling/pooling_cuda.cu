@@ -5,11 +5,10 @@
 // row-writing ones one per row part of that too when segments are long; the reduce
 // forward takes long segments in blocks of rows (a thread per block, then one per
 // segment), and the max/min backward of a few long ones runs in two passes over
-// row parts. The
-// thread bodies are in tokcore/pooling/segment_threads.h, where the host tests run
-// them too. No host sync, and no atomics but a min of row indices in the max/min
-// backward's two passes, which does not depend on the order: results are
-// deterministic.
+// row parts. The thread bodies are in tokcore/pooling/segment_threads.h, where the
+// host tests run them too. No host sync, and no atomics but a min of row indices
+// in the max/min backward's two passes, which does not depend on the order:
+// results are deterministic.
 #include <cuda_runtime.h>
 
 #include <cstdint>
