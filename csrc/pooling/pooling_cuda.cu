@@ -8,7 +8,8 @@
 // row parts. The thread bodies are in tokcore/pooling/segment_threads.h, where the
 // host tests run them too. No host sync, and no atomics but a min of row indices
 // in the max/min backward's two passes, which does not depend on the order:
-// results are deterministic.
+// results are deterministic (for valid offsets: unchecked invalid ones can make
+// segments overlap, and then two threads write the same row).
 #include <cuda_runtime.h>
 
 #include <cstdint>
