@@ -184,7 +184,7 @@ int main() {
                 equal ? "yes" : "NO");
   };
 
-  // (words need no workspace; it is for a few long segments, reduced in blocks)
+  // (words need no workspace; it is for long segments, reduced in blocks)
   int64_t longest = 0;  // (as the adapter's offsets check measures it)
   for (int64_t s = 0; s < S; ++s) longest = std::max(longest, offsets[size_t(s + 1)] - offsets[size_t(s)]);
   const size_t ws_bytes = segment_reduce_workspace_cuda(tokcore::DType::kBFloat16, S, T, D, longest);
