@@ -1099,6 +1099,17 @@ def test_compile_word_boundaries(device, fresh_dynamo):
         assert torch.equal(wo.cpu(), ewo) and torch.equal(wc.cpu(), ewc)
 
 
+def test_compile_word_boundaries_of_text(fresh_dynamo):
+    # the str/bytes convenience of the wrapper traces too (the text is a constant)
+    def f(text):
+        return word_boundaries(text, None, 8)[0] + 0
+
+    for text in ("Hello, world!", b"ab cd", ""):
+        got = torch.compile(f, backend="aot_eager", fullgraph=True)(text)
+        data = text.encode() if isinstance(text, str) else text
+        assert torch.equal(got, ref.word_boundaries(as_bytes_tensor(data), t64([0, len(data)]), 8, "space")[0])
+
+
 @pytest.mark.parametrize("reduce", REDUCES)
 def test_compile_segment_reduce(device, reduce, fresh_dynamo):
     def f(x, off):
@@ -1384,6 +1395,14 @@ def _shape_level_bad_calls():
         ("bytes 2-D", "word_boundaries", (b[None], cu, 8, "space")),
         ("cu_seqlens 2-D", "word_boundaries", (b, cu[None], 8, "space")),
         ("cu_seqlens empty", "word_boundaries", (b, t64([]), 8, "space")),
+        # dtypes that the adapter names by torch's Python name, as the fake kernel does
+        ("x complex64", "segment_reduce", (x.to(torch.complex64), off, "sum")),
+        ("x uint16", "segment_reduce", (x.to(torch.uint16), off, "sum")),
+        ("x float8", "segment_expand", (y.to(torch.float8_e4m3fn), off, 6)),
+        ("x bool", "segment_pack", (x.bool(), off, 3)),
+        # no bytes, but the first stride would overflow
+        ("max_len overflows, no rows", "segment_pack", (x[:0], t64([0]), 2**62)),
+        ("max_len overflows, no features", "segment_pack", (x[:, :0], off, 2**62)),
     ]
 
 
@@ -1423,8 +1442,35 @@ def test_backward_on_another_device_than_grad_y_raises():
             ops().segment_reduce_backward(grad_y, off, 6, "max", *args)
 
 
+def test_unsupported_dtypes_are_named():
+    x, off = torch.randn(4, 2), t64([0, 2, 4])
+    for dtype, name in ((torch.complex64, "complex64"), (torch.complex128, "complex128"),
+                        (torch.uint16, "uint16"), (torch.float8_e5m2, "float8_e5m2"), (torch.int8, "int8")):
+        with pytest.raises(ERR, match=f"x must be float32, float64, bfloat16 or float16, got {name}$"):
+            segment_reduce(x.to(dtype), off, "sum")
+
+
+def test_ints_past_int64_are_named():
+    # the schema's int is int64: the dispatcher's own message would be "expected type
+    # 'int' but found type 'int'"
+    x, off = torch.randn(5, 3), t64([0, 2, 5])
+    with pytest.raises(ValueError, match="max_len must fit in int64, got 9223372036854775808"):
+        segment_pack(x, off, 2**63)
+    with pytest.raises(ValueError, match="total must fit in int64"):
+        segment_expand(x[:2], off, -2**63 - 1)
+    with pytest.raises(ValueError, match="max_word_bytes must fit in int64"):
+        word_boundaries(b"abc", None, 2**64)
+
+
 def test_huge_sizes_raise_not_crash():
     x, off = torch.randn(5, 3), t64([0, 2, 5])
+    # outputs with no bytes whose strides would overflow: max_len is named, not an
+    # allocation of "0 GB"
+    with pytest.raises(ERR, match=r"max_len = 4611686018427387904 is too large"):
+        segment_pack(x[:0], t64([0]), 2**62)
+    with pytest.raises(ERR, match=r"max_len = 4611686018427387904 is too large"):
+        segment_pack(x[:, :0], off, 2**62)
+    assert segment_pack(x[:, :0], off, 2**40).shape == (2, 2**40, 0)  # strides fit: fine
     with pytest.raises(ERR, match=names("max_len")):
         segment_pack(x, off, 2**63 - 1)
     with pytest.raises(ERR, match=names("max_len")):
@@ -1516,15 +1562,23 @@ def test_bad_inputs_raise():
 
 
 def test_offsets_with_wrong_end_name_both_numbers(device):
-    # the most common offsets mistake: the message says what the end should be and what it is
-    with pytest.raises(ERR, match=r"cu_seqlens must end at 5 .*last entry is 4"):
+    # the most common offsets mistake: the message says what the end should be, which
+    # argument sets it, and what the end is
+    with pytest.raises(ERR, match=r"cu_seqlens must end at len\(bytes\) = 5, but its last entry is 4"):
         word_boundaries(torch.zeros(5, dtype=torch.uint8, device=device), t64([0, 4]).to(device), 8,
                         "space")
     x = torch.randn(10, 4, device=device)
-    with pytest.raises(ERR, match=r"offsets must end at 10 .*last entry is 9"):
+    with pytest.raises(ERR, match=r"offsets must end at x.shape\[0\] = 10, but its last entry is 9"):
         segment_reduce(x, t64([0, 3, 9]).to(device), "mean")
-    with pytest.raises(ERR, match=r"offsets must end at 7 .*last entry is 10"):
+    with pytest.raises(ERR, match=r"offsets must end at x.shape\[0\] = 10, but its last entry is 11"):
+        segment_pack(x, t64([0, 3, 11]).to(device), 4)
+    # a total given by the caller is named: it may be the wrong one of the two
+    with pytest.raises(ERR, match=r"offsets must end at total = 7, but its last entry is 10"):
         segment_expand(x[:2], t64([0, 3, 10]).to(device), 7)
+    with pytest.raises(ERR, match=r"offsets must end at total = 11, but its last entry is 10"):
+        segment_unpack(torch.zeros(2, 7, 4, device=device), t64([0, 3, 10]).to(device), 11)
+    with pytest.raises(ERR, match=r"offsets must end at total = 9, but its last entry is 10"):
+        ops().segment_reduce_backward(x[:2], t64([0, 3, 10]).to(device), 9, "sum")
 
 
 def test_cuda_device_mix_raises(cuda_device):
@@ -1735,7 +1789,7 @@ def test_invalid_offsets_report_the_first_failing_entry():
     x, y = torch.randn(6, 2), torch.randn(4, 2)
     assert "must start at 0" in _error_of(lambda: segment_reduce(x, t64([1, 0, 7]), "sum"))
     assert "non-decreasing" in _error_of(lambda: segment_reduce(x, t64([0, 6, 6, 5, 9]), "sum"))
-    assert "must end at 6" in _error_of(lambda: segment_reduce(x, t64([0, 2, 1000000]), "sum"))
+    assert "must end at x.shape[0] = 6" in _error_of(lambda: segment_reduce(x, t64([0, 2, 1000000]), "sum"))
     assert "no error" == _error_of(lambda: segment_expand(y[:2], t64([0, 2, 1000000])))
 
 

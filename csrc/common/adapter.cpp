@@ -182,14 +182,19 @@ Tensor new_output(const char* op, const Tensor& like, std::initializer_list<int6
   const ScalarType type = dtype.value_or(like.scalar_type());
   std::vector<int64_t> shape(sizes);
   // Sizes come from arguments (max_len, total, offsets): a product past int64
-  // must be an error here, not a wrapped-around size further down.
-  int64_t numel = 1, nbytes = 0;
+  // must be an error here, not a wrapped-around size further down. Sizes of 0
+  // count as 1, as in torch's strides, which must fit too.
+  int64_t extent = 1, numel = 1;
   bool overflow = false;
-  for (int64_t n : shape) overflow = __builtin_mul_overflow(numel, n, &numel) || overflow;
+  for (int64_t n : shape) {
+    overflow = __builtin_mul_overflow(extent, std::max<int64_t>(n, 1), &extent) || overflow;
+    numel = overflow ? 0 : numel * n;
+  }
   const int64_t item = element_size(type) > 0 ? int64_t(element_size(type)) : 8;
-  overflow = __builtin_mul_overflow(numel, item, &nbytes) || overflow;
+  overflow = __builtin_mul_overflow(extent, item, &extent) || overflow;
   TOKCORE_CHECK(!overflow, op, "the output would have shape ", shape_string(shape),
-                ", more bytes than int64 can count");
+                ", whose sizes or strides in bytes overflow int64");
+  const int64_t nbytes = numel * item;
   if (like.is_cpu()) {
     const size_t bytes = size_t(numel) * element_size(type);
     const FromBlobFn from_blob = from_blob_with_deleter();
@@ -223,24 +228,24 @@ Tensor new_output(const char* op, const Tensor& like, std::initializer_list<int6
   }
 }
 
-ValidatedOffsets validated_offsets_cuda(const Tensor& offsets, int64_t total, void* stream,
+ValidatedOffsets validated_offsets_cuda(const Tensor& offsets, OffsetsEnd end, void* stream,
                                         const char* op, const char* arg) {
   int64_t result[3] = {0, 0, -1};
   Tensor scratch = torch::stable::new_empty(offsets, {3});
-  check_cuda(validate_offsets_cuda(offsets.const_data_ptr<int64_t>(), offsets.size(0), total,
+  check_cuda(validate_offsets_cuda(offsets.const_data_ptr<int64_t>(), offsets.size(0), end.value,
                                    scratch.mutable_data_ptr<int64_t>(), result, stream),
              op);
-  check_offsets_status(int(result[0]), result[1], total, op, arg);
+  check_offsets_status(int(result[0]), result[1], end, op, arg);
   return ValidatedOffsets{result[1], result[2]};
 }
 
-int64_t check_offsets_cuda(const Tensor& offsets, int64_t total, void* stream, const char* op,
+int64_t check_offsets_cuda(const Tensor& offsets, OffsetsEnd end, void* stream, const char* op,
                            const char* arg) {
   const char* setting = std::getenv("TOKCORE_CUDA_CHECK_OFFSETS");
   if (setting != nullptr && std::string(setting) == "0") return -1;
   int capturing = 0;
   check_cuda(cuda_stream_is_capturing(stream, &capturing), op);
-  return capturing ? -1 : validated_offsets_cuda(offsets, total, stream, op, arg).longest;
+  return capturing ? -1 : validated_offsets_cuda(offsets, end, stream, op, arg).longest;
 }
 
 void* current_cuda_stream(int32_t device_index) {

@@ -11,6 +11,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include <cctype>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -44,19 +45,26 @@ template <typename... Args>
     if (!(cond)) ::tokcore::adapter::fail(op, __VA_ARGS__); \
   } while (0)
 
-inline const char* dtype_name(ScalarType t) {
+// torch's Python name of a dtype ("float32", "complex64", "float8_e4m3fn"), so
+// that messages match the fake kernels' (python/tokcore/<family>/ops.py).
+inline std::string dtype_name(ScalarType t) {
   switch (t) {
     case ScalarType::Float: return "float32";
     case ScalarType::Double: return "float64";
-    case ScalarType::BFloat16: return "bfloat16";
     case ScalarType::Half: return "float16";
     case ScalarType::Byte: return "uint8";
-    case ScalarType::Long: return "int64";
-    case ScalarType::Int: return "int32";
-    case ScalarType::Short: return "int16";
     case ScalarType::Char: return "int8";
-    case ScalarType::Bool: return "bool";
-    default: return "an unsupported dtype";
+    case ScalarType::Short: return "int16";
+    case ScalarType::Int: return "int32";
+    case ScalarType::Long: return "int64";
+    case ScalarType::ComplexHalf: return "complex32";
+    case ScalarType::ComplexFloat: return "complex64";
+    case ScalarType::ComplexDouble: return "complex128";
+    default: {  // the others' C++ names are their Python names, capitalized: BFloat16, UInt16, Float8_e5m2
+      std::string name = torch::headeronly::toString(t);
+      for (char& c : name) c = char(std::tolower(static_cast<unsigned char>(c)));
+      return name;
+    }
   }
 }
 
@@ -94,29 +102,37 @@ inline void check_supported_device(const Tensor& t, const char* op, const char* 
   TOKCORE_CHECK(t.is_cpu() || t.is_cuda(), op, arg, " must be a CPU or CUDA tensor");
 }
 
+// What the last entry of an offsets argument must be, and what an error calls that
+// number ("x.shape[0]", "total", "len(bytes)"): the user sees which of the two
+// arguments disagree. value < 0: any end (the offsets give the size).
+struct OffsetsEnd {
+  int64_t value;
+  const char* name;
+};
+inline constexpr OffsetsEnd kAnyEnd{-1, ""};
+
 // Raises the error of a failed offsets check (status from tokcore/common/offsets.h);
 // a wrong end names both numbers, the mistake users make most.
-inline void check_offsets_status(int status, int64_t last, int64_t total, const char* op,
+inline void check_offsets_status(int status, int64_t last, OffsetsEnd end, const char* op,
                                  const char* arg) {
   if (status == kOffsetsLastNotTotal)
-    TOKCORE_CHECK(false, op, arg, " must end at ", total, " (the number of rows it indexes), ",
-                  "but its last entry is ", last);
+    TOKCORE_CHECK(false, op, arg, " must end at ", end.name, " = ", end.value,
+                  ", but its last entry is ", last);
   TOKCORE_CHECK(status == kOffsetsOk, op, arg, " ", offsets_status_message(status));
 }
 
 // Full validation of CSR offsets held on the CPU (cheap, so always done).
-inline void check_offsets_cpu(const Tensor& offsets, int64_t total, const char* op,
-                              const char* arg) {
+inline void check_offsets_cpu(const Tensor& offsets, OffsetsEnd end, const char* op, const char* arg) {
   const int64_t n = offsets.size(0);
   const int64_t* data = offsets.const_data_ptr<int64_t>();
-  check_offsets_status(check_offsets(data, n, total), data[n - 1], total, op, arg);
+  check_offsets_status(check_offsets(data, n, end.value), data[n - 1], end, op, arg);
 }
 
 // Basic checks of an offsets argument: int64, 1-D, at least one entry.
 inline void check_offsets_tensor(const Tensor& offsets, const char* op, const char* arg) {
   check_dtype(offsets, ScalarType::Long, op, arg);
   check_dim(offsets, 1, op, arg);
-  TOKCORE_CHECK(offsets.size(0) >= 1, op, arg, " must have at least one entry (offsets[0] = 0)");
+  TOKCORE_CHECK(offsets.size(0) >= 1, op, arg, " must have at least one entry (", arg, "[0] = 0)");
 }
 
 inline Tensor contiguous(const Tensor& t) {
@@ -179,9 +195,9 @@ struct ValidatedOffsets {
 };
 
 // Validates CUDA offsets on the device (one small kernel and a host sync) against
-// total (< 0: any); for ops that must sync anyway, e.g. to size their output
-// (defined in adapter.cpp).
-ValidatedOffsets validated_offsets_cuda(const Tensor& offsets, int64_t total, void* stream,
+// their end; for ops that must sync anyway, e.g. to size their output (defined in
+// adapter.cpp).
+ValidatedOffsets validated_offsets_cuda(const Tensor& offsets, OffsetsEnd end, void* stream,
                                         const char* op, const char* arg);
 
 // Full validation of CUDA offsets before a kernel uses them, with the CPU's errors:
@@ -193,10 +209,10 @@ ValidatedOffsets validated_offsets_cuda(const Tensor& offsets, int64_t total, vo
 // Unchecked invalid offsets give unspecified values but never an out-of-bounds
 // access: the kernels clamp offsets into range. Returns the longest segment's rows
 // (ValidatedOffsets), or -1 where the check was skipped.
-int64_t check_offsets_cuda(const Tensor& offsets, int64_t total, void* stream, const char* op,
+int64_t check_offsets_cuda(const Tensor& offsets, OffsetsEnd end, void* stream, const char* op,
                            const char* arg);
 
-// Full validation of offsets against total (< 0: any) on the device holding them:
+// Full validation of offsets against their end on the device holding them:
 // check_offsets_cpu, or check_offsets_cuda on the offsets' device and current stream.
 // check_on_cuda = false (an op's check_offsets=False) skips the CUDA check and its
 // sync, for offsets validated before (an autograd backward reuses its forward's,
@@ -204,15 +220,15 @@ int64_t check_offsets_cuda(const Tensor& offsets, int64_t total, void* stream, c
 // regardless, since there the check costs no sync. Returns the longest segment's
 // rows where the CUDA check read it, for kernels that route long segments apart;
 // -1 otherwise (on the CPU, where no kernel asks for it, too).
-inline int64_t check_offsets(const Tensor& offsets, int64_t total, const char* op, const char* arg,
+inline int64_t check_offsets(const Tensor& offsets, OffsetsEnd end, const char* op, const char* arg,
                              bool check_on_cuda = true) {
   if (offsets.is_cpu()) {
-    check_offsets_cpu(offsets, total, op, arg);
+    check_offsets_cpu(offsets, end, op, arg);
     return -1;
   }
   if (!check_on_cuda) return -1;
   CudaContext ctx(offsets);
-  return check_offsets_cuda(offsets, total, ctx.stream, op, arg);
+  return check_offsets_cuda(offsets, end, ctx.stream, op, arg);
 }
 
 }  // namespace adapter

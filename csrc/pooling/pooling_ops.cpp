@@ -1,6 +1,7 @@
 // Torch adapter of the pooling family: argument checks, output allocation,
 // device guard and stream, then a call into the torch-free kernels
 // (pooling_cpu.cpp, pooling_cuda.cu). Schemas live in csrc/registration.cpp.
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -50,15 +51,15 @@ int64_t output_rows(const Tensor& offsets, std::optional<int64_t> total, const c
                     bool check_offsets) {
   if (total.has_value()) {
     TOKCORE_CHECK(*total >= 0, op, "total must be >= 0, got ", *total);
-    adapter::check_offsets(offsets, *total, op, "offsets", check_offsets);
+    adapter::check_offsets(offsets, {*total, "total"}, op, "offsets", check_offsets);
     return *total;
   }
   if (offsets.is_cpu()) {
-    adapter::check_offsets_cpu(offsets, -1, op, "offsets");
+    adapter::check_offsets_cpu(offsets, adapter::kAnyEnd, op, "offsets");
     return offsets.const_data_ptr<int64_t>()[offsets.size(0) - 1];
   }
   CudaContext ctx(offsets);
-  return adapter::validated_offsets_cuda(offsets, -1, ctx.stream, op, "offsets").end;
+  return adapter::validated_offsets_cuda(offsets, adapter::kAnyEnd, ctx.stream, op, "offsets").end;
 }
 
 // ---------------------------------------------------------------- word_boundaries
@@ -79,7 +80,7 @@ std::tuple<Tensor, Tensor> word_boundaries(Tensor bytes, Tensor cu_seqlens, int6
   const int64_t B = cu_seqlens.size(0) - 1;
 
   if (bytes.is_cpu()) {
-    adapter::check_offsets_cpu(cu_seqlens, T, op, "cu_seqlens");
+    adapter::check_offsets_cpu(cu_seqlens, {T, "len(bytes)"}, op, "cu_seqlens");
     const uint8_t* data = bytes.const_data_ptr<uint8_t>();
     const int64_t* cu = cu_seqlens.const_data_ptr<int64_t>();
     const Runtime rt = adapter::cpu_runtime();
@@ -94,7 +95,7 @@ std::tuple<Tensor, Tensor> word_boundaries(Tensor bytes, Tensor cu_seqlens, int6
     return {word_offsets, word_cu};
   }
   CudaContext ctx(bytes);
-  adapter::validated_offsets_cuda(cu_seqlens, T, ctx.stream, op, "cu_seqlens");
+  adapter::validated_offsets_cuda(cu_seqlens, {T, "len(bytes)"}, ctx.stream, op, "cu_seqlens");
   const size_t ws_bytes = word_boundaries_workspace_cuda(T);
   Tensor workspace =
       adapter::new_output(op, bytes, {int64_t(ws_bytes > 0 ? ws_bytes : 1)}, ScalarType::Byte);
@@ -126,7 +127,7 @@ Tensor segment_reduce(Tensor x, Tensor offsets, std::string reduce, bool check_o
   const int64_t T = x.size(0), D = x.size(1), S = offsets.size(0) - 1;
   const DType dtype = adapter::feature_dtype(x, op, "x");
   // (on CUDA the check also reads the longest segment, which the kernels route apart)
-  const int64_t longest = adapter::check_offsets(offsets, T, op, "offsets", check_offsets);
+  const int64_t longest = adapter::check_offsets(offsets, {T, "x.shape[0]"}, op, "offsets", check_offsets);
   Tensor y = adapter::new_output(op, x, {S, D});
   if (x.is_cpu()) {
     segment_reduce_cpu(adapter::cpu_runtime(), dtype, x.const_data_ptr(),
@@ -177,7 +178,7 @@ Tensor segment_reduce_backward(Tensor grad_y, Tensor offsets, int64_t total, std
   const DType dtype = adapter::feature_dtype(grad_y, op, "grad_y");
   const void* x_ptr = needs_values ? x->const_data_ptr() : nullptr;
   const void* y_ptr = needs_values ? y->const_data_ptr() : nullptr;
-  adapter::check_offsets(offsets, total, op, "offsets", check_offsets);
+  adapter::check_offsets(offsets, {total, "total"}, op, "offsets", check_offsets);
   Tensor grad_x = adapter::new_output(op, grad_y, {total, D});
   if (grad_y.is_cpu()) {
     segment_reduce_backward_cpu(adapter::cpu_runtime(), dtype, grad_y.const_data_ptr(), x_ptr, y_ptr,
@@ -227,15 +228,18 @@ Tensor segment_pack(Tensor x, Tensor offsets, int64_t max_len, bool check_offset
   x = adapter::contiguous(x);
   offsets = adapter::contiguous(offsets);
   const int64_t T = x.size(0), D = x.size(1), S = offsets.size(0) - 1;
-  // named here, before new_output's generic size check, since max_len is the usual culprit
+  // named here, before new_output's generic size check, since max_len is the usual
+  // culprit; with sizes of 0 counted as 1, as torch's strides count them (an output
+  // [0, 2^62, 3] has no bytes, but its first stride overflows)
   int64_t packed_bytes = 0;
-  const bool overflow = __builtin_mul_overflow(S, max_len, &packed_bytes) ||
-                        __builtin_mul_overflow(packed_bytes, D, &packed_bytes) ||
-                        __builtin_mul_overflow(packed_bytes, int64_t(x.element_size()), &packed_bytes);
-  TOKCORE_CHECK(!overflow, op, "max_len = ", max_len,
-                " is too large: the packed output [", S, ", max_len, ", D, "] would overflow int64");
+  const bool overflow =
+      __builtin_mul_overflow(std::max<int64_t>(S, 1), std::max<int64_t>(max_len, 1), &packed_bytes) ||
+      __builtin_mul_overflow(packed_bytes, std::max<int64_t>(D, 1), &packed_bytes) ||
+      __builtin_mul_overflow(packed_bytes, int64_t(x.element_size()), &packed_bytes);
+  TOKCORE_CHECK(!overflow, op, "max_len = ", max_len, " is too large: the packed output [", S,
+                ", max_len, ", D, "] would have sizes or strides past int64");
   const DType dtype = adapter::feature_dtype(x, op, "x");
-  adapter::check_offsets(offsets, T, op, "offsets", check_offsets);
+  adapter::check_offsets(offsets, {T, "x.shape[0]"}, op, "offsets", check_offsets);
   Tensor packed = adapter::new_output(op, x, {S, max_len, D});
   if (x.is_cpu()) {
     segment_pack_cpu(adapter::cpu_runtime(), dtype, x.const_data_ptr(),

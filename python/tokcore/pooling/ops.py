@@ -72,7 +72,10 @@ def word_boundaries(
         raise TypeError(f"tokcore.word_boundaries: bytes must be a uint8 tensor, Python bytes or str, got "
                         f"{type(data).__name__}")
     if isinstance(data, (builtins.bytes, bytearray)):
-        data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        if torch.compiler.is_compiling():  # torch.compile cannot trace frombuffer; the text is a constant there
+            data = torch.tensor(list(data), dtype=torch.uint8)
+        else:
+            data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     if cu_seqlens is None:
         cu_seqlens = torch.tensor([0, data.numel()], dtype=torch.int64, device=data.device)
     _check_arg_types("word_boundaries", cu_seqlens=cu_seqlens, max_word_bytes=max_word_bytes, mode=mode)
@@ -94,6 +97,10 @@ def _check_arg_types(op: str, **args) -> None:
                       "mode": "a str", "max_len": "an int", "max_word_bytes": "an int",
                       "total": "an int or None"}[name]
             raise TypeError(f"tokcore.{op}: {name} must be {wanted}, got {type(value).__name__}")
+        # the schema's int is int64: a larger Python int would fail in the dispatcher
+        # with "expected type 'int' but found type 'int'"
+        if isinstance(value, numbers.Integral) and not -2**63 <= value < 2**63:
+            raise ValueError(f"tokcore.{op}: {name} must fit in int64, got {value}")
 
 
 def _as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -241,7 +248,7 @@ def _check_offsets_tensor(op: str, offsets: torch.Tensor, name: str) -> None:
     if offsets.dtype != torch.int64:
         _fail(op, f"{name} must be int64, got {_dtype_name(offsets.dtype)}")
     _check_dim(op, offsets, name, 1)
-    torch._check(offsets.shape[0] >= 1, lambda: f"tokcore.{op}: {name} must have at least one entry (offsets[0] = 0)")
+    torch._check(offsets.shape[0] >= 1, lambda: f"tokcore.{op}: {name} must have at least one entry ({name}[0] = 0)")
 
 
 def _check_reduce(op: str, reduce: str) -> None:
@@ -322,9 +329,11 @@ def _segment_pack_fake(x, offsets, max_len, *, check_offsets=True):
     _check_features_and_offsets("segment_pack", x, "x", 2, offsets)
     torch._check(max_len >= 0, lambda: f"tokcore.segment_pack: max_len must be >= 0, got {max_len}")
     S, D = offsets.shape[0] - 1, x.shape[1]
-    if all(isinstance(n, int) for n in (S, D, max_len)) and S * max_len * D * x.element_size() >= 2**63:
+    # sizes of 0 count as 1, as in torch's strides (the adapter's check)
+    if all(isinstance(n, int) for n in (S, D, max_len)) and \
+            max(S, 1) * max(max_len, 1) * max(D, 1) * x.element_size() >= 2**63:
         _fail("segment_pack", f"max_len = {max_len} is too large: the packed output [{S}, max_len, {D}] "
-                              "would overflow int64")
+                              "would have sizes or strides past int64")
     return x.new_empty(S, max_len, D)
 
 
