@@ -675,11 +675,16 @@ def test_segment_transformer_max_len_shorter_than_a_segment_raises():
 def test_models_read_the_longest_segment_once_per_offsets(entry, monkeypatch):
     # each read of the longest segment is a host sync on CUDA: forward reads the
     # backbone's longest sequence of words; forward_words also checks the caller's
-    # words (check_word_lengths), and the encoder's local layers trust that check
+    # words (check_word_lengths), and the encoder's local layers trust that check.
+    # The checks of the caller's offsets share these reads (check_segment_offsets).
+    import tokcore.pooling.lm as lm
     import tokcore.pooling.modules as modules
     reads = []
-    real = modules.max_segment_length
+    real, real_checked = modules.max_segment_length, modules.check_segment_offsets
     monkeypatch.setattr(modules, "max_segment_length", lambda off: (reads.append(off.numel()), real(off))[1])
+    checked = lambda off, *a: (reads.append(off.numel()), real_checked(off, *a))[1]
+    monkeypatch.setattr(modules, "check_segment_offsets", checked)
+    monkeypatch.setattr(lm, "check_segment_offsets", checked)
     model = HierarchicalByteLM(HierConfig(**TINY_HIER))
     b, cu = _batch([TEXT[:60], TEXT[60:100]])
     if entry == "forward":

@@ -207,18 +207,17 @@ def _demo_run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- train / compare
-def _common_train_args(p: argparse.ArgumentParser) -> None:
+def _common_train_args(p: argparse.ArgumentParser, budget_help: tuple[str, str]) -> None:
+    """budget_help: the command's own help for --steps and --time-budget."""
     g = p.add_argument_group("budget")
-    g.add_argument("--steps", type=_positive_int,
-                   help="optimizer steps per model (with train --resume: in total, across resumes)")
-    g.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
-                   help="seconds of training per model (with train --resume: in total, across resumes); "
-                        "default 300 when --steps is not given")
+    g.add_argument("--steps", type=_positive_int, help=budget_help[0])
+    g.add_argument("--time-budget", type=_positive_float, metavar="SECONDS", help=budget_help[1])
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="PATH",
                    help="a folder or a file (default: the Python standard library's *.py files)")
     g.add_argument("--pattern", help="file name pattern under --data (default: * ; *.py for the stdlib)")
-    g.add_argument("--holdout-every", type=_int_at_least(2), default=20, help="hold out every N-th file (default: 20)")
+    g.add_argument("--holdout-every", type=_int_at_least(2), default=20, metavar="N",
+                   help="hold out every N-th file; a single --data file holds out its last 1/N (default: 20)")
     g.add_argument("--max-data-bytes", type=_positive_int,
                    help="stop reading files once this many bytes are read (whole files: a little more is read; "
                         "a single --data file is cut to this)")
@@ -262,6 +261,15 @@ _HIER_ONLY_OPTS = ("d_local", "n_enc_layers", "n_dec_layers", "max_word_bytes", 
 
 def _opt(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _check_out_holds_no_run(parser: argparse.ArgumentParser, out: str, names: Sequence[str], what: str,
+                            hint: str) -> None:
+    """--out must not hold the files of an earlier run (one of `names`), which the run
+    would overwrite, unless --overwrite says so; `what` and `hint` go into the message."""
+    found = [n for n in names if (Path(out) / n).exists()]
+    if found:
+        parser.error(f"argument --out: {out} already holds {what} ({found[0]}); {hint}")
 
 
 def _check_heads(parser: argparse.ArgumentParser, options: str, width: str, heads: str) -> None:
@@ -327,17 +335,23 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=["hier", "byte"], default="hier",
                    help="hier: HierarchicalByteLM; byte: plain byte transformer (default: hier)")
     p.add_argument("--out", metavar="DIR",
-                   help="run folder: checkpoint.pt (periodic and final) and report.json (without it nothing is saved)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
-                   help="resume from --out's checkpoint, or from the given checkpoint file / run folder")
+                   help="run folder: checkpoint.pt (periodic and final) and report.json (without it nothing is saved); "
+                        "a folder that holds a run needs --resume or --overwrite")
+    once = p.add_mutually_exclusive_group()
+    once.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                      help="resume from --out's checkpoint, or from the given checkpoint file / run folder")
+    once.add_argument("--overwrite", action="store_true",
+                      help="start a new run even if --out holds one (its checkpoint and report are replaced)")
     p.add_argument("--sample", type=_nonnegative_int, default=0, metavar="N",
                    help="generate N bytes at the end (temperature 0.8, top-k 40; `tokcore generate` takes both)")
     p.add_argument("--prompt", default="def ", help="prompt for --sample (default: 'def ')")
-    _common_train_args(p)
+    _common_train_args(p, ("optimizer steps (with --resume: in total, across resumes)",
+                           "seconds of training (with --resume: in total, across resumes); "
+                           "default 300 when --steps is not given"))
 
 
 def _train_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from .pooling.train import _checkpoint_file
+    from .pooling.train import CHECKPOINT_NAME, _checkpoint_file
 
     _check_common_train_args(parser, args, hier=args.model == "hier")
     if args.model == "byte":
@@ -355,8 +369,13 @@ def _train_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
             _checkpoint_file(args.out if args.resume is True else args.resume)
         except UsageError as e:
             parser.error(f"argument --resume: {e}")
+        if not args.out:
+            _warn("train", "--resume without --out: the resumed run is not saved; pass --out DIR to keep it")
     if args.out:
         _check_out_dir(parser, args.out)
+        if not args.resume and not args.overwrite:  # a new run would replace the checkpoint
+            _check_out_holds_no_run(parser, args.out, [CHECKPOINT_NAME], "a run",
+                                    "pass --resume to continue it, --overwrite to start over, or another --out")
 
 
 def _train_run(args: argparse.Namespace) -> int:
@@ -382,13 +401,22 @@ def _train_run(args: argparse.Namespace) -> int:
 
 def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", default="tokcore-compare",
-                   help="folder for compare.json, compare.md and each model's run (default: ./tokcore-compare)")
-    _common_train_args(p)
+                   help="folder for compare.json, compare.md, compare.svg (learning curves) and each model's run "
+                        "(default: ./tokcore-compare); one that holds a compare's results needs --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier compare in --out")
+    _common_train_args(p, ("optimizer steps per model",
+                           "seconds of training per model; default 300 when --steps is not given"))
 
 
 def _compare_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from .pooling.train import CHECKPOINT_NAME
+
     _check_common_train_args(parser, args, hier=True)
     _check_out_dir(parser, args.out)
+    if not args.overwrite:  # compare.json, or a model's run of a compare that stopped early
+        runs = [f"{m}/{CHECKPOINT_NAME}" for m in ("hier", "byte")]
+        _check_out_holds_no_run(parser, args.out, ["compare.json", *runs], "the results of a compare",
+                                "pass --overwrite to replace them, or another --out")
 
 
 def _compare_run(args: argparse.Namespace) -> int:
@@ -455,16 +483,16 @@ def _bench_run(args: argparse.Namespace) -> int:
     import runpy
 
     bench_dir = _find_bench_dir(args.repo)
+    if bench_dir is None and args.repo:
+        raise UsageError(f"--repo {args.repo}: no bench/harness.py there; give the root of a tokcore checkout")
     if bench_dir is None:
-        print("tokcore bench: no bench/ folder found; run it from a tokcore checkout or pass --repo",
-              file=sys.stderr)
-        return 2
+        raise UsageError("no bench/ folder in the current directory or its parents; run it from a tokcore "
+                         "checkout or pass --repo")
     scripts = sorted(bench_dir.glob("bench_*.py"))
     if args.family != "all":
         scripts = [s for s in scripts if s.stem == f"bench_{args.family}"]
         if not scripts:
-            print(f"tokcore bench: no benchmark for family {args.family!r} in {bench_dir}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--family: no benchmark for family {args.family!r} in {bench_dir}")
     argv = ["--device", args.device] + (["--quick"] if args.quick else []) + (["--no-save"] if args.no_save else [])
     status = 0
     for script in scripts:

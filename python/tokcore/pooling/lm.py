@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from .modules import (
     BytePoolingEncoder,
     SegmentTransformer,
+    check_segment_offsets,
     check_word_lengths,
     init_weights,
     max_segment_length,
@@ -98,12 +100,40 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _check_input(bytes: Tensor, cu_seqlens: Tensor) -> None:
+def _check_bytes(bytes: Tensor, where: str) -> None:
     if bytes.dtype != torch.uint8 or bytes.dim() != 1:
-        raise ValueError(f"bytes must be a 1-D uint8 tensor, got {bytes.dtype} {tuple(bytes.shape)}")
+        raise ValueError(f"{where}: bytes must be a 1-D uint8 tensor, got {bytes.dtype} {tuple(bytes.shape)}")
+
+
+def _check_input(bytes: Tensor, cu_seqlens: Tensor, where: str) -> None:
+    _check_bytes(bytes, where)
     if cu_seqlens.dtype != torch.int64 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be a 1-D int64 tensor [B+1], got {cu_seqlens.dtype} "
+        raise ValueError(f"{where}: cu_seqlens must be a 1-D int64 tensor [B+1], got {cu_seqlens.dtype} "
                          f"{tuple(cu_seqlens.shape)}")
+
+
+def _check_config(model: str, c: Any, positive: tuple[str, ...], nonnegative: tuple[str, ...]) -> None:
+    """ValueError naming the config field for a size that is not an int >= 1 (>= 0 for
+    layer counts), before any module is built (whose errors name other things, or are a
+    ZeroDivisionError)."""
+    for minimum, names in ((1, positive), (0, nonnegative)):
+        for name in names:
+            v = getattr(c, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
+                raise ValueError(f"{model}: {name} must be an int >= {minimum}, got {v!r}")
+    if not 0 <= c.dropout <= 1:
+        raise ValueError(f"{model}: dropout must be in [0, 1], got {c.dropout!r}")
+
+
+def _check_heads(model: str, c: Any, width: str, heads: str, rotary: bool, split: bool = False) -> None:
+    """`width` must split into `heads` heads where attention uses them (split), and into
+    even head sizes where rotary embeddings do (rotary)."""
+    w, h = getattr(c, width), getattr(c, heads)
+    if (rotary or split) and w % h:
+        raise ValueError(f"{model}: {width}={w} is not divisible by {heads}={h}")
+    if rotary and (w // h) % 2:
+        raise ValueError(f"{model}: {width}={w} / {heads}={h} = {w // h} per head, which must be even "
+                         "(rotary embeddings)")
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
@@ -118,13 +148,31 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: to
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _check_generate_args(max_new_bytes: int, temperature: float, top_k: int | None) -> None:
-    if not isinstance(max_new_bytes, int) or max_new_bytes < 0:
+    if not _is_int(max_new_bytes) or max_new_bytes < 0:
         raise ValueError(f"max_new_bytes must be an int >= 0, got {max_new_bytes!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and not _is_int(top_k):  # torch.topk would fail deep inside sampling
+        raise TypeError(f"top_k must be None or an int >= 1, got {top_k!r}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be None or >= 1, got {top_k!r}")
+
+
+def _prompt_bytes(prompt: bytes | bytearray | memoryview | str) -> bytes:
+    """The prompt's bytes (a str as UTF-8); TypeError for anything else (bytearray(5),
+    say, would be five NUL bytes)."""
+    if isinstance(prompt, str):
+        return prompt.encode("utf-8")
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        return bytes(prompt)
+    raise TypeError(f"prompt must be bytes, bytearray, memoryview or str, got {type(prompt).__name__}")
 
 
 def _last(items: list, n: int) -> list:
@@ -168,9 +216,7 @@ def _segmentation_mask(word: bytes, previous: bytes, max_word_bytes: int) -> Ten
 
 
 def _prompt_tensor(prompt: bytes | str, device: torch.device) -> Tensor:
-    if isinstance(prompt, str):
-        prompt = prompt.encode("utf-8")
-    return torch.tensor(list(prompt), dtype=torch.uint8, device=device)
+    return torch.tensor(list(_prompt_bytes(prompt)), dtype=torch.uint8, device=device)
 
 
 class HierarchicalByteLM(nn.Module):
@@ -180,6 +226,12 @@ class HierarchicalByteLM(nn.Module):
         super().__init__()
         config = dataclasses.replace(config or HierConfig(), **overrides)
         self.config = c = config
+        name = type(self).__name__
+        _check_config(name, c, ("d_model", "n_heads", "d_local", "n_local_heads", "max_word_bytes", "mlp_ratio",
+                                "max_context_words", "max_context_bytes"), ("n_layers", "n_enc_layers", "n_dec_layers"))
+        _check_heads(name, c, "d_model", "n_heads", rotary=c.n_layers > 0)
+        _check_heads(name, c, "d_local", "n_local_heads", rotary=c.n_enc_layers > 0 or c.n_dec_layers > 0,
+                     split=c.pool == "attention")
         self.encoder = BytePoolingEncoder(c.d_local, c.n_enc_layers, c.n_local_heads, c.max_word_bytes, c.pool,
                                           d_out=c.d_model, mlp_ratio=c.mlp_ratio, dropout=c.dropout)
         self.backbone = SegmentTransformer(c.d_model, c.n_layers, c.n_heads, causal=True, mlp_ratio=c.mlp_ratio,
@@ -205,8 +257,24 @@ class HierarchicalByteLM(nn.Module):
         sequence's word count. ``check_offsets=False`` skips the CUDA checks of
         word_offsets and word_cu_seqlens (host syncs) and of max_words, for arguments
         known to be valid, such as `segment`'s."""
+        return self._word_states(bytes, word_offsets, word_cu_seqlens, max_words, check_offsets=check_offsets,
+                                 where="HierarchicalByteLM.word_states")
+
+    def _word_states(self, bytes: Tensor, word_offsets: Tensor, word_cu_seqlens: Tensor, max_words: int | None, *,
+                     check_offsets: bool, where: str) -> Tensor:
+        """`word_states`; `where` (the method the caller called) starts error messages."""
+        if check_offsets and not torch.compiler.is_compiling():
+            # the backbone reads the longest sequence anyway: the same read checks
+            # word_cu_seqlens, before anything is derived from them
+            longest = check_segment_offsets(word_cu_seqlens, word_offsets.numel() - 1,
+                                            f"{where}: word_cu_seqlens", "words, word_offsets.numel() - 1")
+            if max_words is None:
+                max_words = longest
+            elif max_words < longest:
+                raise ValueError(f"{where}: max_words={max_words} is shorter than the longest sequence ({longest} "
+                                 "words): the backbone would drop the words past it; pass max_words=None to read it")
         words = self.encoder.encode(bytes, word_offsets, check_offsets=check_offsets)
-        return self.backbone(words, word_cu_seqlens, max_words, check_offsets=check_offsets)
+        return self.backbone(words, word_cu_seqlens, max_words, check_offsets=check_offsets, check_max_len=False)
 
     def previous_word_context(self, h: Tensor, word_cu_seqlens: Tensor) -> Tensor:
         """[W, d_model]: row w = h[w-1] within the same sequence, the learned start state
@@ -253,22 +321,26 @@ class HierarchicalByteLM(nn.Module):
     def forward(self, bytes: Tensor, cu_seqlens: Tensor) -> dict[str, Tensor | int]:
         """Returns {"loss": mean NLL per symbol, "nll": summed NLL (nats, bytes + EOW),
         "n_symbols", "n_bytes", "n_words", "n_seqs", "backbone_tokens"}."""
-        _check_input(bytes, cu_seqlens)
+        _check_input(bytes, cu_seqlens, "HierarchicalByteLM.forward")
+        # word_boundaries checks cu_seqlens (naming them) before it uses them, and makes
+        # valid offsets: no op checks them (a check here would be one more sync on CUDA)
         word_offsets, word_cu = self.segment(bytes, cu_seqlens)
-        # word_boundaries validated cu_seqlens and made valid offsets: no op checks them
-        return self._forward_words(bytes, word_offsets, word_cu, check_offsets=False)
+        return self._forward_words(bytes, word_offsets, word_cu, check_offsets=False,
+                                   where="HierarchicalByteLM.forward")
 
     def forward_words(self, bytes: Tensor, word_offsets: Tensor, word_cu_seqlens: Tensor) -> dict[str, Tensor | int]:
         """`forward` on words the caller made; ValueError for a word longer than
         max_word_bytes (the decoder could not predict its extra bytes)."""
-        check_word_lengths(word_offsets, self.config.max_word_bytes)
-        return self._forward_words(bytes, word_offsets, word_cu_seqlens, check_offsets=True)
+        where = "HierarchicalByteLM.forward_words"
+        _check_bytes(bytes, where)
+        check_word_lengths(word_offsets, self.config.max_word_bytes, bytes.numel(), f"{where}: word_offsets")
+        return self._forward_words(bytes, word_offsets, word_cu_seqlens, check_offsets=True, where=where)
 
     def _forward_words(self, bytes: Tensor, word_offsets: Tensor, word_cu_seqlens: Tensor, *,
-                       check_offsets: bool) -> dict[str, Tensor | int]:
+                       check_offsets: bool, where: str) -> dict[str, Tensor | int]:
         # With check_offsets, the encoder checks word_offsets (on CUDA a host sync) and
-        # the backbone word_cu_seqlens; the decoder's ops reuse those checks.
-        h = self.word_states(bytes, word_offsets, word_cu_seqlens, check_offsets=check_offsets)
+        # _word_states word_cu_seqlens; the decoder's ops reuse those checks.
+        h = self._word_states(bytes, word_offsets, word_cu_seqlens, None, check_offsets=check_offsets, where=where)
         ctx = self.previous_word_context(h, word_cu_seqlens)
         logits, _ = self.decoder_logits(ctx, bytes, word_offsets, check_offsets=False)
         targets = self.decoder_targets(bytes, word_offsets, check_offsets=False)
@@ -324,6 +396,7 @@ class HierarchicalByteLM(nn.Module):
         than the ones generated are masked, so the output re-segments into the words
         the model made, as in training. The context is the last words that fit
         `config.max_context_bytes` (training sets it to its window length)."""
+        prompt = _prompt_bytes(prompt)
         _check_generate_args(max_new_bytes, temperature, top_k)
         was_training = self.training
         self.eval()
@@ -379,6 +452,8 @@ class ByteLM(nn.Module):
         super().__init__()
         config = dataclasses.replace(config or ByteLMConfig(), **overrides)
         self.config = c = config
+        _check_config(type(self).__name__, c, ("d_model", "n_heads", "mlp_ratio", "max_context_bytes"), ("n_layers",))
+        _check_heads(type(self).__name__, c, "d_model", "n_heads", rotary=c.n_layers > 0)
         self.embed = nn.Embedding(257, c.d_model)
         self.blocks = SegmentTransformer(c.d_model, c.n_layers, c.n_heads, causal=True, mlp_ratio=c.mlp_ratio,
                                          dropout=c.dropout)
@@ -391,16 +466,30 @@ class ByteLM(nn.Module):
         ``max_len`` (default: read from cu_seqlens) must be at least the longest
         sequence. ``check_offsets=False`` skips the CUDA check of cu_seqlens (a host
         sync) and of max_len."""
+        return self._logits(bytes, cu_seqlens, max_len, check_offsets=check_offsets, where="ByteLM.logits")
+
+    def _logits(self, bytes: Tensor, cu_seqlens: Tensor, max_len: int | None, *, check_offsets: bool,
+                where: str) -> Tensor:
+        """`logits`; `where` (the method the caller called) starts error messages."""
+        if check_offsets and not torch.compiler.is_compiling():
+            # the blocks read the longest sequence anyway: the same read checks
+            # cu_seqlens, before anything is derived from them
+            longest = check_segment_offsets(cu_seqlens, bytes.numel(), f"{where}: cu_seqlens", "bytes")
+            if max_len is None:
+                max_len = longest
+            elif max_len < longest:
+                raise ValueError(f"{where}: max_len={max_len} is shorter than the longest sequence ({longest} bytes): "
+                                 "attention would drop the bytes past it; pass max_len=None to read it")
         t = bytes.numel()
         inp = torch.cat([bytes.new_full((1,), 0).long(), bytes[:-1].long()]) if t else bytes.long()
         starts = cu_seqlens[:-1]
         inp[starts[starts < t]] = BOS
         x = self.embed(inp)
-        return self.head(self.blocks(x, cu_seqlens, max_len, check_offsets=check_offsets))
+        return self.head(self.blocks(x, cu_seqlens, max_len, check_offsets=check_offsets, check_max_len=False))
 
     def forward(self, bytes: Tensor, cu_seqlens: Tensor) -> dict[str, Tensor | int]:
-        _check_input(bytes, cu_seqlens)
-        logits = self.logits(bytes, cu_seqlens)
+        _check_input(bytes, cu_seqlens, "ByteLM.forward")
+        logits = self._logits(bytes, cu_seqlens, None, check_offsets=True, where="ByteLM.forward")
         nll = F.cross_entropy(logits.float(), bytes.long(), reduction="sum")
         t = bytes.numel()
         return {
@@ -419,6 +508,7 @@ class ByteLM(nn.Module):
         """Continue `prompt` byte by byte; returns only the new bytes. The context is
         the last `config.max_context_bytes` bytes (training sets it to its window
         length, the positions the model saw)."""
+        prompt = _prompt_bytes(prompt)
         _check_generate_args(max_new_bytes, temperature, top_k)
         was_training = self.training
         self.eval()
@@ -430,7 +520,7 @@ class ByteLM(nn.Module):
     def _generate(self, prompt: bytes | str, max_new_bytes: int, temperature: float, top_k: int | None,
                   generator: torch.Generator | None) -> bytes:
         device = self.head.weight.device
-        ctx = bytearray(prompt.encode("utf-8") if isinstance(prompt, str) else prompt)
+        ctx = bytearray(_prompt_bytes(prompt))
         out = bytearray()
         n_ctx = self.config.max_context_bytes
         for _ in range(max_new_bytes):
@@ -465,7 +555,8 @@ def model_config(kind: str, config: dict[str, Any] | None = None):
 
 
 def build_model(kind: str, config: dict[str, Any] | None = None) -> nn.Module:
-    return MODEL_KINDS[kind][0](model_config(kind, config))
+    config = model_config(kind, config)  # first: a ValueError for an unknown kind, not a KeyError
+    return MODEL_KINDS[kind][0](config)
 
 
 def matched_byte_config(hier: HierConfig, target_params: int | None = None) -> ByteLMConfig:

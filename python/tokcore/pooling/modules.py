@@ -12,6 +12,7 @@ loop ever walks over words or sequences.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ __all__ = [
     "BytePoolingEncoder",
     "segment_lengths",
     "max_segment_length",
+    "check_segment_offsets",
     "check_word_lengths",
 ]
 
@@ -46,15 +48,56 @@ def max_segment_length(offsets: Tensor) -> int:
     return int(segment_lengths(offsets).max())
 
 
-def check_word_lengths(word_offsets: Tensor, max_word_bytes: int) -> None:
-    """ValueError if a word is longer than max_word_bytes (a host sync on CUDA). Skipped
-    under torch.compile, where the longest word is not known while tracing."""
+def check_segment_offsets(offsets: Tensor, total: int | None, name: str, unit: str = "rows") -> int:
+    """Check CSR offsets that a caller passed (1-D int64, start at 0, non-decreasing,
+    end at `total` unless it is None) and return the longest segment, in one host read
+    (a sync on CUDA: the one that reading the longest segment costs anyway). `name`
+    starts the ValueError's message (e.g. "ByteLM.forward: cu_seqlens"); `unit` names
+    what `total` counts. Checked before anything is derived from the offsets, so a
+    bad entry is not reported as a bad length."""
+    if offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"{name} must be a 1-D int64 tensor with at least one entry (it starts at 0), "
+                         f"got {offsets.dtype} of shape {tuple(offsets.shape)}")
+    lengths = segment_lengths(offsets)
+    if lengths.numel():
+        first, last, shortest, longest = torch.stack(
+            [offsets[0], offsets[-1], lengths.min(), lengths.max()]).tolist()
+    else:
+        first = last = int(offsets[0])
+        shortest = longest = 0
+    if first != 0:
+        raise ValueError(f"{name} must start at 0, got {first}")
+    if shortest < 0:
+        raise ValueError(f"{name} must be non-decreasing (an entry is {-shortest} less than the one before it)")
+    if total is not None and last != total:
+        raise ValueError(f"{name} must end at {total} (the number of {unit}), but its last entry is {last}")
+    return longest
+
+
+def check_word_lengths(word_offsets: Tensor, max_word_bytes: int, total: int | None = None,
+                       name: str = "word_offsets") -> None:
+    """ValueError if word_offsets are not valid offsets (ending at `total`, the number of
+    bytes, if given) or a word is longer than max_word_bytes; one host read (a sync on
+    CUDA). `name` starts the message. Skipped under torch.compile, where the offsets'
+    values are not known while tracing."""
     if torch.compiler.is_compiling():
         return
-    longest = max_segment_length(word_offsets)
+    longest = check_segment_offsets(word_offsets, total, name, "bytes")
     if longest > max_word_bytes:
-        raise ValueError(f"word_offsets: a word has {longest} bytes, more than max_word_bytes={max_word_bytes} "
+        raise ValueError(f"{name}: a word has {longest} bytes, more than max_word_bytes={max_word_bytes} "
                          "(its extra bytes would be ignored); segment with word_boundaries(..., max_word_bytes)")
+
+
+def _check_sizes(minimum: int = 1, **sizes: int) -> None:
+    """ValueError naming the first of `sizes` that is not an int >= minimum."""
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+
+
+def _check_dropout(dropout: float) -> None:
+    if not 0 <= dropout <= 1:
+        raise ValueError(f"dropout must be in [0, 1], got {dropout!r}")
 
 
 class RotaryEmbedding(nn.Module):
@@ -102,8 +145,12 @@ class SegmentAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, causal: bool):
         super().__init__()
+        _check_sizes(d_model=d_model, n_heads=n_heads)
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        if (d_model // n_heads) % 2:
+            raise ValueError(f"d_model={d_model} / n_heads={n_heads} = {d_model // n_heads} per head, which must "
+                             "be even (rotary embeddings)")
         self.d_model = d_model
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
@@ -167,6 +214,9 @@ class SegmentTransformer(nn.Module):
     def __init__(self, d_model: int, n_layers: int, n_heads: int, causal: bool, mlp_ratio: int = 4,
                  dropout: float = 0.0):
         super().__init__()
+        _check_sizes(d_model=d_model, n_heads=n_heads, mlp_ratio=mlp_ratio)
+        _check_sizes(0, n_layers=n_layers)
+        _check_dropout(dropout)
         self.blocks = nn.ModuleList(
             SegmentBlock(d_model, n_heads, causal, mlp_ratio, dropout) for _ in range(n_layers)
         )
@@ -174,13 +224,16 @@ class SegmentTransformer(nn.Module):
 
     def forward(self, x: Tensor, offsets: Tensor, max_len: int | None = None, *,
                 check_offsets: bool = True, check_max_len: bool = True) -> Tensor:
-        if max_len is None:
-            max_len = max_segment_length(offsets)
-        elif check_offsets and check_max_len and not torch.compiler.is_compiling():
-            longest = max_segment_length(offsets)
-            if longest > max_len:
+        if check_offsets and check_max_len and not torch.compiler.is_compiling():
+            # the read of the longest segment checks the offsets too (no extra sync)
+            longest = check_segment_offsets(offsets, x.shape[0], "SegmentTransformer: offsets")
+            if max_len is None:
+                max_len = longest
+            elif longest > max_len:
                 raise ValueError(f"max_len={max_len} is shorter than the longest segment ({longest} rows): "
                                  "attention would drop the rows past max_len; pass max_len=None to read it")
+        elif max_len is None:
+            max_len = max_segment_length(offsets)
         for block in self.blocks:
             x = block(x, offsets, max_len, check_offsets=check_offsets)
             check_offsets = False  # the same offsets, checked by the first block
@@ -210,6 +263,12 @@ class BytePoolingEncoder(nn.Module):
             raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
         if max_word_bytes < 4:
             raise ValueError(f"max_word_bytes must be >= 4, got {max_word_bytes}")
+        _check_sizes(d_model=d_model, n_heads=n_heads, max_word_bytes=max_word_bytes)
+        if d_out is not None:
+            _check_sizes(d_out=d_out)
+        # attention pooling splits d_model into heads even without local layers (which check it)
+        if pool == "attention" and d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads} (attention pooling)")
         self.d_model = d_model
         self.n_heads = n_heads
         self.max_word_bytes = max_word_bytes
@@ -260,7 +319,8 @@ class BytePoolingEncoder(nn.Module):
         Raises ValueError for a word longer than max_word_bytes (its extra bytes would
         be dropped silently); the check reads the longest word (a host sync on CUDA).
         `encode` skips it, for offsets made by `segment`."""
-        check_word_lengths(word_offsets, self.max_word_bytes)
+        check_word_lengths(word_offsets, self.max_word_bytes, bytes.numel(),
+                           "BytePoolingEncoder.forward: word_offsets")
         return self.encode(bytes, word_offsets)
 
     def encode(self, bytes: Tensor, word_offsets: Tensor, *, check_offsets: bool = True) -> Tensor:

@@ -18,6 +18,7 @@ import pickle
 import sys
 import time
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -188,12 +189,27 @@ def _checkpoint_path(path: str | os.PathLike) -> Path:
 
 def _checkpoint_file(path: str | os.PathLike) -> Path:
     """The checkpoint file of `path` (a file or a run folder), after a cheap check that it
-    exists and is a torch.save archive (a zip file); UsageError otherwise."""
+    exists and is an undamaged torch.save archive (a zip file whose members match their
+    CRCs); UsageError otherwise."""
     p = _checkpoint_path(path)
     if not p.exists():
         raise InputNotFoundError(f"no checkpoint at {p}")
+    if not p.is_file():  # opening a FIFO or a device could block forever
+        raise UsageError(f"{p} is not a regular file (give a checkpoint file or a run folder)")
     if not zipfile.is_zipfile(p):
         raise UsageError(f"{p} is not a tokcore checkpoint (not a file written by torch.save)")
+    # torch.load does not check the CRCs: flipped bytes would load as wrong weights.
+    # One pass over the file, cheap next to loading it.
+    try:
+        with zipfile.ZipFile(p) as z:
+            bad = z.testzip()
+    except OSError as e:
+        raise UsageError(f"cannot read {p}: {e.strerror or e}") from e
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
+        raise UsageError(f"{p} is damaged (a broken zip archive: {e})") from e
+    if bad is not None:
+        raise UsageError(f"{p} is damaged: its member {bad!r} does not match its CRC (the file changed after "
+                         "it was written)")
     return p
 
 
@@ -221,13 +237,37 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
+# What building a model from a checkpoint's config, or loading its state, raises when the
+# checkpoint does not match (unknown config keys, missing keys, other shapes, ...).
+_MISMATCH_ERRORS = (ValueError, TypeError, KeyError, AttributeError, RuntimeError)
+
+
+def _mismatch(path: str | os.PathLike, e: BaseException,
+              what: str = "checkpoint does not match its model") -> UsageError:
+    """UsageError "<file>: <what>: <the first lines of e, shortened>" (load_state_dict's
+    message starts with a header line, then lists every key)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip() and not x.startswith("Error(s) in loading")]
+    reason = "; ".join(x if len(x) <= 150 else x[:150] + " ..." for x in lines[:2]) or type(e).__name__
+    return UsageError(f"{_checkpoint_path(path)}: {what}: {reason}")
+
+
+def _model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> nn.Module:
+    """The checkpoint's model with its weights; UsageError if config and weights do not fit."""
+    try:
+        model = build_model(ckpt["kind"], ckpt["model_config"])
+        model.load_state_dict(ckpt["model"])
+    except torch.OutOfMemoryError:  # a memory problem, not the file's
+        raise
+    except _MISMATCH_ERRORS as e:
+        raise _mismatch(path, e) from e
+    return model
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model of a checkpoint (file or run folder), in eval mode."""
     device = resolve_device(device)
     ckpt = load_checkpoint(path, map_location=device)
-    model = build_model(ckpt["kind"], ckpt["model_config"]).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
+    return _model_from_checkpoint(ckpt, path).to(device).eval()
 
 
 # ------------------------------------------------------------------ evaluation
@@ -302,8 +342,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
         ckpt = load_checkpoint(src, map_location=device)
         if ckpt["kind"] != cfg.model:
             raise UsageError(f"checkpoint holds a {ckpt['kind']!r} model, not {cfg.model!r}")
-        model = build_model(ckpt["kind"], ckpt["model_config"])
-        model.load_state_dict(ckpt["model"])
+        model = _model_from_checkpoint(ckpt, src)
     else:
         model_config = resolve_model_config(cfg.model, cfg.size, cfg.model_config)
         if cfg.model_config.get("max_context_bytes") is None:
@@ -317,14 +356,17 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
              "ema_loss": None, "ema_bpb": None}
     curve: list[tuple[float, float]] = []  # (seconds trained, train bits/byte EMA) per step
     if ckpt is not None:
-        if ckpt.get("optimizer") is not None:
-            opt.load_state_dict(ckpt["optimizer"])
-        state.update(ckpt["state"].get("counters", {}))
-        curve = [tuple(p) for p in ckpt["state"].get("curve", [])]
-        if "numpy_rng" in ckpt["state"]:
-            rng.bit_generator.state = ckpt["state"]["numpy_rng"]
-        if "torch_rng" in ckpt["state"]:
-            torch.set_rng_state(ckpt["state"]["torch_rng"].cpu())
+        try:  # the optimizer's state and the counters must fit the model and this loop
+            if ckpt.get("optimizer") is not None:
+                opt.load_state_dict(ckpt["optimizer"])
+            state.update(ckpt["state"].get("counters", {}))
+            curve = [tuple(p) for p in ckpt["state"].get("curve", [])]
+            if "numpy_rng" in ckpt["state"]:
+                rng.bit_generator.state = ckpt["state"]["numpy_rng"]
+            if "torch_rng" in ckpt["state"]:
+                torch.set_rng_state(ckpt["state"]["torch_rng"].cpu())
+        except _MISMATCH_ERRORS as e:
+            raise _mismatch(src, e, "checkpoint's training state does not fit its model") from e
         log(f"resumed from step {state['step']} ({state['train_time']:.0f}s trained)")
     n_params = count_parameters(model)
     log(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters on {device}; "
@@ -478,8 +520,8 @@ def compare_chart(reports: list[dict[str, Any]], budget: str = "same wall time")
 def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callable[[str], None] = print,
             models: tuple[str, ...] = ("hier", "byte")) -> dict[str, Any]:
     """Train each model of `models` with the same data, budget and settings; print and
-    write (`out`/compare.json, compare.md) a side-by-side table. The byte LM is sized to
-    the hierarchical model's parameter count."""
+    write (`out`/compare.json, compare.md, compare.svg) a side-by-side table and learning
+    curves. The byte LM is sized to the hierarchical model's parameter count."""
     corpus = load_corpus(base.data, base.holdout_every, base.data_pattern, base.max_data_bytes)
     log(f"corpus: {corpus.describe()}")
     hier_cfg = resolve_model_config("hier", base.size, base.model_config)
@@ -503,7 +545,10 @@ def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callab
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        md = [f"# tokcore compare ({base.time_budget or '-'}s budget, {base.steps or '-'} steps, "
+        # each model trains until the first of its limits is reached
+        limits = [f"{base.time_budget:g}s"] if base.time_budget else []
+        limits += [f"{base.steps} step{'s' * (base.steps != 1)}"] if base.steps else []
+        md = [f"# tokcore compare (budget {' or '.join(limits)} per model, "
               f"{base.batch_size} x {base.seq_len} bytes/step, device {reports[0]['device']})", "",
               format_compare(reports, markdown=True), "", f"corpus: {corpus.describe()}", ""]
         budget = ("same wall time" if not base.steps else "same steps" if not base.time_budget
