@@ -508,7 +508,8 @@ register("train", "train a byte-level LM (hierarchical or plain) and report held
          _train_args, _train_run, check=_train_check)
 register("compare", "train the hierarchical and the byte LM for the same budget; side-by-side table",
          _compare_args, _compare_run, check=_compare_check)
-register("generate", "sample from a trained checkpoint", _generate_args, _generate_run, check=_generate_check)
+register("generate", "sample from a trained checkpoint (printed as UTF-8: bytes that do not decode show as U+FFFD)",
+         _generate_args, _generate_run, check=_generate_check)
 register("bench", "run the benchmarks (tokcore against its peers) from a tokcore checkout",
          _bench_args, _bench_run, check=_bench_check)
 
