@@ -1059,18 +1059,117 @@ def test_double_backward_known_values():
     assert torch.equal(gg, torch.tensor([[2.0] * 3, [3.0] * 3], dtype=torch.float64))
 
 
-def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
+# ----------------------------------------------------------------------------------------
+# 4b'. torch.func (grad, vmap, jvp, jacrev, jacfwd, hessian) and forward-mode AD, against
+# each op written as a dense pure-torch function: linear ops as a matrix that the
+# reference op builds from identity columns, max/min as the sum over the mask of first
+# attaining rows that the reference backward gives (constant where x does not tie).
+# ----------------------------------------------------------------------------------------
+
+FUNC_OFFSETS = [0, 2, 2, 5, 9]  # an empty segment, and one longer than FUNC_MAX_LEN
+FUNC_MAX_LEN = 3
+FUNC_OPS = ["sum", "mean", "max", "min", "expand", "pack", "unpack"]
+
+
+def _func_case(op):
+    """(tokcore function, dense function maker, input): dense(a) gives the dense
+    function at the point a (max/min fix their attaining rows there)."""
+    off, L = t64(FUNC_OFFSETS), FUNC_MAX_LEN
+    S, T = len(FUNC_OFFSETS) - 1, FUNC_OFFSETS[-1]
+    eye = lambda n: torch.eye(n, dtype=torch.float64)
+    g = torch.Generator().manual_seed(7)
+    if op in REDUCES:
+        sums = ref.segment_reduce(eye(T), off, "sum" if op in ("max", "min") else op)  # [S, T]
+
+        def dense(a):
+            if op in ("sum", "mean"):
+                return lambda t: sums @ t
+            y = ref.segment_reduce(a, off, op)
+            mask = ref.segment_reduce_backward(torch.ones_like(y), a, y, off, op)
+            return lambda t: sums @ (mask * t)
+
+        return (lambda t: segment_reduce(t, off, op)), dense, torch.randn(T, 4, generator=g, dtype=torch.float64)
+    if op == "expand":
+        m = ref.segment_expand(eye(S), off)  # [T, S]
+        return (lambda t: segment_expand(t, off, T)), (lambda a: lambda t: m @ t), \
+            torch.randn(S, 4, generator=g, dtype=torch.float64)
+    if op == "pack":
+        m = ref.segment_pack(eye(T), off, L).reshape(S * L, T)
+        return (lambda t: segment_pack(t, off, L)), (lambda a: lambda t: (m @ t).reshape(S, L, -1)), \
+            torch.randn(T, 4, generator=g, dtype=torch.float64)
+    m = ref.segment_unpack(eye(S * L).reshape(S, L, S * L), off)  # [T, S * L]
+    return (lambda t: segment_unpack(t, off, T)), (lambda a: lambda t: m @ t.reshape(S * L, -1)), \
+        torch.randn(S, L, 4, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("op", FUNC_OPS)
+def test_torch_func_transforms_match_dense(op):
+    f, dense, a = _func_case(op)
+    fd = dense(a)
+    tangent = torch.randn_like(a)
+    loss = lambda fn: (lambda t: fn(t).sin().sum())
+    close = lambda u, v: torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+    close(torch.func.grad(loss(f))(a), torch.func.grad(loss(fd))(a))
+    close(torch.func.jvp(f, (a,), (tangent,))[1], fd(tangent))
+    jacobian = torch.func.jacrev(fd)(a)
+    close(torch.func.jacrev(f)(a), jacobian)
+    close(torch.func.jacfwd(f)(a), jacobian)
+    cube = lambda fn: (lambda t: fn(t).pow(3).sum())  # a Hessian that depends on the point
+    close(torch.func.hessian(cube(f))(a), torch.func.hessian(cube(fd))(a))
     from torch.autograd import forward_ad as fwad
 
-    off = t64([0, 2, 5])
-    x, y = torch.randn(5, 3), torch.randn(2, 3)
     with fwad.dual_level():
-        for fn, arg in ((lambda t: segment_reduce(t, off, "sum"), x), (lambda t: segment_expand(t, off, 5), y),
-                        (lambda t: segment_pack(t, off, 3), x),
-                        (lambda t: segment_unpack(t, off, 5), segment_pack(x, off, 3))):
-            with pytest.raises(NotImplementedError, match="forward-mode AD"):
-                fn(fwad.make_dual(arg, torch.ones_like(arg)))
-            fn(arg)  # no tangent: runs as usual inside a dual level
+        out = f(fwad.make_dual(a, tangent))
+        close(fwad.unpack_dual(out).tangent, fd(tangent))
+
+
+@pytest.mark.parametrize("op", FUNC_OPS)
+def test_torch_func_per_sample_gradients(op):
+    # vmap over grad: each sample's gradient, as a loop over the samples gives
+    f, dense, a = _func_case(op)
+    batch = torch.stack([a, a.flip(-1), torch.randn_like(a)])
+    loss = lambda fn: (lambda t: fn(t).sin().sum())
+    got = torch.func.vmap(torch.func.grad(loss(f)))(batch)
+    want = torch.stack([torch.func.grad(loss(dense(s)))(s) for s in batch])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", FUNC_OPS)
+@pytest.mark.parametrize("in_dim", [0, 1, 2])
+def test_vmap_folds_the_batch_into_features(op, in_dim, recwarn):
+    # shared offsets: one call with the batch folded into the features, the same bits as
+    # a loop, and no slow per-sample fallback (torch warns of "a performance drop")
+    f, _, a = _func_case(op)
+    if in_dim >= a.dim() + 1:
+        pytest.skip("no such dimension")
+    batch = torch.stack([a, -a, a * 3, torch.zeros_like(a)], dim=in_dim)
+    for b in (batch, batch.float(), batch.bfloat16()):
+        want = torch.stack([f(s) for s in b.unbind(in_dim)])
+        assert torch.equal(torch.func.vmap(f, in_dims=in_dim)(b), want)
+    assert not [w for w in recwarn if "performance drop" in str(w.message)]
+
+
+def test_vmap_with_batched_offsets_runs_each_sample():
+    x = torch.randn(2, 6, 3)
+    offsets = torch.stack([t64([0, 2, 6]), t64([0, 5, 6])])
+    got = torch.func.vmap(lambda t, o: segment_reduce(t, o, "max"))(x, offsets)
+    assert torch.equal(got, torch.stack([segment_reduce(x[i], offsets[i], "max") for i in range(2)]))
+    got = torch.func.vmap(lambda y, o: segment_expand(y, o, 6))(x[:, :2], offsets)
+    assert torch.equal(got, torch.stack([segment_expand(x[i, :2], offsets[i], 6) for i in range(2)]))
+
+
+def test_vmap_of_the_raw_backward_op():
+    # the backward op's vmap rule: grad_y batched, x and y shared (and the reverse)
+    off, x = t64([0, 2, 5]), torch.randn(5, 3)
+    y = segment_reduce(x, off, "max")
+    grads = torch.randn(4, 2, 3)
+    got = torch.func.vmap(lambda g: ops().segment_reduce_backward(g, off, 5, "max", x, y))(grads)
+    assert torch.equal(got, torch.stack([ops().segment_reduce_backward(g, off, 5, "max", x, y) for g in grads]))
+    xs = torch.randn(4, 5, 3)
+    ys = torch.stack([segment_reduce(s, off, "min") for s in xs])
+    got = torch.func.vmap(lambda s, t: ops().segment_reduce_backward(grads[0], off, 5, "min", s, t))(xs, ys)
+    want = torch.stack([ops().segment_reduce_backward(grads[0], off, 5, "min", s, t) for s, t in zip(xs, ys)])
+    assert torch.equal(got, want)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1168,14 +1267,23 @@ def test_compile_dynamic_pack_of_nothing(device, fresh_dynamo):
         assert out.shape == (len(offsets) - 1, 0, 3)
 
 
-def test_compile_refuses_forward_mode_ad(fresh_dynamo):
-    # tangents are invisible while dynamo traces: the wrapper must refuse, not drop them
+def test_compile_never_drops_a_tangent(fresh_dynamo):
+    # Inside a dual level, torch 2.13 runs a compiled function eagerly, where the
+    # wrappers' Functions carry the tangent. Were dynamo to trace it, the tangents would
+    # be invisible and the wrappers would call the raw ops: then they must refuse.
     from torch.autograd import forward_ad as fwad
 
-    off, x = t64([0, 2, 2, 5, 6]), torch.randn(6, 4)
-    cf = torch.compile(lambda d: segment_reduce(d, off, "sum"), backend="eager")
-    with fwad.dual_level(), pytest.raises(Exception, match="forward-mode AD is not supported"):
-        cf(fwad.make_dual(x, torch.ones_like(x)))
+    off, x, t = t64([0, 2, 2, 5, 6]), torch.randn(6, 4), torch.randn(6, 4)
+    cf = torch.compile(lambda d: segment_reduce(d, off, "sum") * 2, backend="aot_eager")
+    with fwad.dual_level():
+        try:
+            out = cf(fwad.make_dual(x, t))
+        except Exception as e:  # noqa: BLE001 (dynamo wraps the wrapper's error)
+            assert "forward-mode AD is not supported" in str(e)
+            return
+        tangent = fwad.unpack_dual(out).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, 2 * segment_reduce(t, off, "sum"))
 
 
 def test_compile_segment_unpack(device, fresh_dynamo):

@@ -28,18 +28,22 @@ from torch.autograd import forward_ad
 _ops = torch.ops.tokcore
 
 
-def _reject_forward_ad(op: str, **tensors: torch.Tensor) -> None:
-    """Forward-mode AD has no formula here (torch.library has no jvp registration
-    for custom ops) and would drop the tangent silently: refuse it instead."""
-    if forward_ad._current_level < 0:  # not inside forward_ad.dual_level(): the usual case
-        return
-    if torch.compiler.is_compiling():  # tangents are not visible while tracing: refuse outright
-        raise NotImplementedError(f"tokcore.{op}: forward-mode AD is not supported (called under "
-                                  "torch.compile inside forward_ad.dual_level()); use reverse mode")
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
-            raise NotImplementedError(f"tokcore.{op}: forward-mode AD is not supported ({name} has a "
-                                      "tangent); use reverse mode (backward, torch.autograd.grad)")
+def _through_function(t: torch.Tensor, op: str) -> bool:
+    """Whether a wrapper calls its autograd.Function (end of this file) rather than
+    the raw op: where a derivative may be taken in eager mode (t requires grad, a
+    forward-mode dual level or a torch.func transform is active). Elsewhere the raw op
+    spares the Function's cost (about 15 us a call). Under torch.compile, which cannot
+    trace a Function with a jvp, always the raw op and its registered autograd: that
+    has no forward-mode formula (torch.library has no jvp registration for custom
+    ops) and would drop a tangent silently, and tangents are not visible while
+    tracing, so a dual level is refused there."""
+    if torch.compiler.is_compiling():
+        if forward_ad._current_level >= 0:
+            raise NotImplementedError(f"tokcore.{op}: forward-mode AD is not supported under torch.compile "
+                                      "(called inside forward_ad.dual_level()); run it eagerly, or use reverse mode")
+        return False
+    return ((t.requires_grad and torch.is_grad_enabled()) or forward_ad._current_level >= 0
+            or torch._C._are_functorch_transforms_active())
 
 
 def word_boundaries(
@@ -149,9 +153,9 @@ def segment_reduce(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean",
     ``check_offsets=False`` skips the CUDA offsets check and its host sync, for
     offsets known to be valid (see the module docstring).
     """
-    _reject_forward_ad("segment_reduce", x=x)
     _check_arg_types("segment_reduce", offsets=offsets, reduce=reduce)
-    y = _ops.segment_reduce(_as_rows(x, "x"), offsets, reduce, check_offsets=check_offsets)
+    rows = _as_rows(x, "x")
+    y = _reduce(rows, offsets, reduce, check_offsets)
     return _unflatten(y, 1, tuple(x.shape[1:]))
 
 
@@ -165,9 +169,9 @@ def segment_expand(y: torch.Tensor, offsets: torch.Tensor, total: int | None = N
     expanding. Differentiable in y (the backward is a segment sum).
     ``check_offsets=False`` skips the CUDA offsets check (see the module docstring).
     """
-    _reject_forward_ad("segment_expand", y=y)
     _check_arg_types("segment_expand", offsets=offsets, total=total)
-    x = _ops.segment_expand(_as_rows(y, "y"), offsets, total, check_offsets=check_offsets)
+    rows = _as_rows(y, "y")
+    x = _expand(rows, offsets, total, check_offsets)
     return _unflatten(x, 1, tuple(y.shape[1:]))
 
 
@@ -179,9 +183,9 @@ def segment_pack(x: torch.Tensor, offsets: torch.Tensor, max_len: int, *,
     Differentiable in x (the backward is segment_unpack).
     ``check_offsets=False`` skips the CUDA offsets check (see the module docstring).
     """
-    _reject_forward_ad("segment_pack", x=x)
     _check_arg_types("segment_pack", offsets=offsets, max_len=max_len)
-    packed = _ops.segment_pack(_as_rows(x, "x"), offsets, max_len, check_offsets=check_offsets)
+    rows = _as_rows(x, "x")
+    packed = _pack(rows, offsets, max_len, check_offsets)
     return _unflatten(packed, 2, tuple(x.shape[1:]))
 
 
@@ -193,7 +197,6 @@ def segment_unpack(packed: torch.Tensor, offsets: torch.Tensor, total: int | Non
     Differentiable in packed (the backward is segment_pack).
     ``check_offsets=False`` skips the CUDA offsets check (see the module docstring).
     """
-    _reject_forward_ad("segment_unpack", packed=packed)
     _check_arg_types("segment_unpack", offsets=offsets, total=total)
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"tokcore: packed must be a torch.Tensor, got {type(packed).__name__}")
@@ -201,7 +204,7 @@ def segment_unpack(packed: torch.Tensor, offsets: torch.Tensor, total: int | Non
         raise ValueError(f"tokcore: packed must have at least 2 dimensions [S, L, ...], got {packed.dim()}")
     flat = packed if packed.dim() == 3 else packed.reshape(packed.shape[0], packed.shape[1],
                                                            math.prod(packed.shape[2:]))
-    x = _ops.segment_unpack(flat, offsets, total, check_offsets=check_offsets)
+    x = _unpack(flat, offsets, total, check_offsets)
     return _unflatten(x, 1, tuple(packed.shape[2:]))
 
 
@@ -449,3 +452,275 @@ def _segment_unpack_backward(ctx, grad):
 torch.library.register_autograd(
     "tokcore::segment_unpack", _segment_unpack_backward, setup_context=_segment_unpack_setup
 )
+
+
+# ---------------------------------------------------------------- torch.func and forward-mode AD
+#
+# In eager mode, where a derivative may be taken (_through_function), the wrappers
+# call these autograd.Functions instead of the raw ops: torch.func (grad, vmap of
+# grad for per-sample gradients, jacrev, jacfwd, hessian, jvp) refuses the Functions
+# that torch.library.register_autograd generates (they lack setup_context:
+# pytorch/pytorch#168393), and a custom op can register no forward-mode formula,
+# which a Function can (jvp). The formulas are the registered ones above, and the
+# derivatives call the ops through the same dispatch (_reduce, ...), so every order
+# of derivative stays inside torch.func, and a plain backward calls the raw ops.
+# Under torch.compile, which cannot trace a Function with a jvp, the wrappers call
+# the raw ops (same formulas). Every op here is linear in its differentiable input,
+# so each jvp is the op itself applied to the tangent, except max/min, whose tangent
+# is the tangent's value at the first attaining row. generate_vmap_rule: under vmap
+# a Function runs its formulas on batched tensors, which reach the raw ops' vmap
+# rules (below).
+
+
+def _reduce(x, offsets, reduce, check_offsets):
+    if _through_function(x, "segment_reduce"):
+        return _SegmentReduce.apply(x, offsets, reduce, check_offsets)
+    return _ops.segment_reduce(x, offsets, reduce, check_offsets=check_offsets)
+
+
+def _reduce_backward(grad_y, offsets, total, reduce, x, y):
+    # (offsets checked by the forward; its gradient in x and y is zero: see above)
+    if _through_function(grad_y, "segment_reduce_backward"):
+        return _SegmentReduceBackward.apply(grad_y, offsets, total, reduce, x, y)
+    return _ops.segment_reduce_backward(grad_y, offsets, total, reduce, x, y, check_offsets=False)
+
+
+def _expand(y, offsets, total, check_offsets):
+    if _through_function(y, "segment_expand"):
+        return _SegmentExpand.apply(y, offsets, total, check_offsets)
+    return _ops.segment_expand(y, offsets, total, check_offsets=check_offsets)
+
+
+def _pack(x, offsets, max_len, check_offsets):
+    if _through_function(x, "segment_pack"):
+        return _SegmentPack.apply(x, offsets, max_len, check_offsets)
+    return _ops.segment_pack(x, offsets, max_len, check_offsets=check_offsets)
+
+
+def _unpack(packed, offsets, total, check_offsets):
+    if _through_function(packed, "segment_unpack"):
+        return _SegmentUnpack.apply(packed, offsets, total, check_offsets)
+    return _ops.segment_unpack(packed, offsets, total, check_offsets=check_offsets)
+
+
+def _attaining_rows(offsets, total, reduce, x, y):
+    """1 at each segment's first row that attains its max/min (per feature), else 0."""
+    return _reduce_backward(torch.ones_like(y), offsets, total, reduce, x, y)
+
+
+class _SegmentReduce(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, offsets, reduce, check_offsets):
+        return _ops.segment_reduce(x, offsets, reduce, check_offsets=check_offsets)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, offsets, reduce, _ = inputs
+        ctx.reduce, ctx.total = reduce, x.shape[0]
+        saved = (offsets, x, output) if reduce in ("max", "min") else (offsets,)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        offsets, *values = ctx.saved_tensors
+        x, y = values if values else (None, None)
+        return _reduce_backward(grad_y, offsets, ctx.total, ctx.reduce, x, y), None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, *_):
+        offsets, *values = ctx.saved_tensors
+        if ctx.reduce in ("sum", "mean"):
+            return _reduce(x_tangent, offsets, ctx.reduce, False)
+        x_tangent = x_tangent * _attaining_rows(offsets, ctx.total, ctx.reduce, *values)
+        return _reduce(x_tangent, offsets, "sum", False)
+
+
+class _SegmentReduceBackward(torch.autograd.Function):
+    """The backward of segment_reduce, linear in grad_y (see the double backward above)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_y, offsets, total, reduce, x, y):
+        return _ops.segment_reduce_backward(grad_y, offsets, total, reduce, x, y, check_offsets=False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, offsets, total, reduce, x, y = inputs
+        ctx.reduce, ctx.total = reduce, total
+        saved = (offsets, x, y) if reduce in ("max", "min") else (offsets,)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+
+    @staticmethod
+    def backward(ctx, grad_grad_x):
+        offsets, *values = ctx.saved_tensors
+        if ctx.reduce in ("sum", "mean"):
+            grad_grad_y = _reduce(grad_grad_x, offsets, ctx.reduce, False)
+        else:
+            grad_grad_x = grad_grad_x * _attaining_rows(offsets, ctx.total, ctx.reduce, *values)
+            grad_grad_y = _reduce(grad_grad_x, offsets, "sum", False)
+        return grad_grad_y, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, grad_y_tangent, *_):
+        offsets, *values = ctx.saved_tensors
+        x, y = values if values else (None, None)
+        return _reduce_backward(grad_y_tangent, offsets, ctx.total, ctx.reduce, x, y)
+
+
+class _SegmentExpand(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(y, offsets, total, check_offsets):
+        return _ops.segment_expand(y, offsets, total, check_offsets=check_offsets)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.total = output.shape[0]
+        ctx.save_for_backward(inputs[1])
+        ctx.save_for_forward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        (offsets,) = ctx.saved_tensors
+        return _reduce(grad_x, offsets, "sum", False), None, None, None
+
+    @staticmethod
+    def jvp(ctx, y_tangent, *_):
+        (offsets,) = ctx.saved_tensors
+        return _expand(y_tangent, offsets, ctx.total, False)
+
+
+class _SegmentPack(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, offsets, max_len, check_offsets):
+        return _ops.segment_pack(x, offsets, max_len, check_offsets=check_offsets)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, offsets, max_len, _ = inputs
+        ctx.total, ctx.max_len = x.shape[0], max_len
+        ctx.save_for_backward(offsets)
+        ctx.save_for_forward(offsets)
+
+    @staticmethod
+    def backward(ctx, grad_packed):
+        (offsets,) = ctx.saved_tensors
+        return _unpack(grad_packed, offsets, ctx.total, False), None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, *_):
+        (offsets,) = ctx.saved_tensors
+        return _pack(x_tangent, offsets, ctx.max_len, False)
+
+
+class _SegmentUnpack(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(packed, offsets, total, check_offsets):
+        return _ops.segment_unpack(packed, offsets, total, check_offsets=check_offsets)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        packed, offsets, _, _ = inputs
+        ctx.total, ctx.max_len = output.shape[0], packed.shape[1]
+        ctx.save_for_backward(offsets)
+        ctx.save_for_forward(offsets)
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        (offsets,) = ctx.saved_tensors
+        return _pack(grad_x, offsets, ctx.max_len, False), None, None, None
+
+    @staticmethod
+    def jvp(ctx, packed_tangent, *_):
+        (offsets,) = ctx.saved_tensors
+        return _unpack(packed_tangent, offsets, ctx.total, False)
+
+
+# ---------------------------------------------------------------- vmap rules
+#
+# A batch over the features of a segment op (vmap over heads, samples, tangents)
+# with shared offsets is one call with the batch folded into the feature dimension:
+# features are independent in every op, so [T, B, D] as [T, B * D] gives each
+# sample's result (same bits). A batch of offsets has per-sample segments: one call
+# per sample.
+
+
+def _fold(t, bdim, batch_size):
+    """A per-sample [..., D] tensor with its batch at bdim (None: not batched, shared
+    by every sample) as [..., B * D]."""
+    if t is None:
+        return None
+    t = t.unsqueeze(-2).expand(*t.shape[:-1], batch_size, t.shape[-1]) if bdim is None else t.movedim(bdim, -2)
+    return t.flatten(-2)
+
+
+def _unfold(out, batch_size):
+    """[..., B * D] -> [..., B, D], and the batch's dimension."""
+    out = out.unflatten(-1, (batch_size, out.shape[-1] // batch_size if batch_size else 0))
+    return out, out.dim() - 2
+
+
+def _per_sample(op, info, in_dims, args, kwargs):
+    """The op once per sample, stacked (for batched offsets)."""
+    outs = [op(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)), **kwargs)
+            for i in range(info.batch_size)]
+    return torch.stack(outs), 0
+
+
+def _pad(in_dims, n):
+    """in_dims for all n arguments (arguments left at their defaults have none)."""
+    return tuple(in_dims) + (None,) * (n - len(in_dims))
+
+
+@torch.library.register_vmap("tokcore::segment_reduce")
+def _segment_reduce_vmap(info, in_dims, x, offsets, reduce, **kwargs):
+    if in_dims[1] is not None:
+        return _per_sample(_ops.segment_reduce, info, in_dims, (x, offsets, reduce), kwargs)
+    return _unfold(_ops.segment_reduce(_fold(x, in_dims[0], info.batch_size), offsets, reduce, **kwargs),
+                   info.batch_size)
+
+
+@torch.library.register_vmap("tokcore::segment_reduce_backward")
+def _segment_reduce_backward_vmap(info, in_dims, grad_y, offsets, total, reduce, x=None, y=None, **kwargs):
+    args, in_dims = (grad_y, offsets, total, reduce, x, y), _pad(in_dims, 6)
+    if in_dims[1] is not None:
+        return _per_sample(_ops.segment_reduce_backward, info, in_dims, args, kwargs)
+    b = info.batch_size
+    folded = (_fold(grad_y, in_dims[0], b), offsets, total, reduce, _fold(x, in_dims[4], b), _fold(y, in_dims[5], b))
+    return _unfold(_ops.segment_reduce_backward(*folded, **kwargs), b)
+
+
+@torch.library.register_vmap("tokcore::segment_expand")
+def _segment_expand_vmap(info, in_dims, y, offsets, total=None, **kwargs):
+    in_dims = _pad(in_dims, 3)
+    if in_dims[1] is not None:
+        return _per_sample(_ops.segment_expand, info, in_dims, (y, offsets, total), kwargs)
+    return _unfold(_ops.segment_expand(_fold(y, in_dims[0], info.batch_size), offsets, total, **kwargs),
+                   info.batch_size)
+
+
+@torch.library.register_vmap("tokcore::segment_pack")
+def _segment_pack_vmap(info, in_dims, x, offsets, max_len, **kwargs):
+    if in_dims[1] is not None:
+        return _per_sample(_ops.segment_pack, info, in_dims, (x, offsets, max_len), kwargs)
+    return _unfold(_ops.segment_pack(_fold(x, in_dims[0], info.batch_size), offsets, max_len, **kwargs),
+                   info.batch_size)
+
+
+@torch.library.register_vmap("tokcore::segment_unpack")
+def _segment_unpack_vmap(info, in_dims, packed, offsets, total=None, **kwargs):
+    in_dims = _pad(in_dims, 3)
+    if in_dims[1] is not None:
+        return _per_sample(_ops.segment_unpack, info, in_dims, (packed, offsets, total), kwargs)
+    return _unfold(_ops.segment_unpack(_fold(packed, in_dims[0], info.batch_size), offsets, total, **kwargs),
+                   info.batch_size)
