@@ -129,6 +129,7 @@ Tensor segment_reduce(Tensor x, Tensor offsets, std::string reduce, bool check_o
   // (on CUDA the check also reads the longest segment, which the kernels route apart)
   const int64_t longest = adapter::check_offsets(offsets, {T, "x.shape[0]"}, op, "offsets", check_offsets);
   Tensor y = adapter::new_output(op, x, {S, D});
+  if (y.numel() == 0) return y;  // (its data pointer may be null: the kernels would copy to it)
   if (x.is_cpu()) {
     segment_reduce_cpu(adapter::cpu_runtime(), dtype, x.const_data_ptr(),
                        offsets.const_data_ptr<int64_t>(), S, T, D, r, y.mutable_data_ptr());
@@ -180,6 +181,7 @@ Tensor segment_reduce_backward(Tensor grad_y, Tensor offsets, int64_t total, std
   const void* y_ptr = needs_values ? y->const_data_ptr() : nullptr;
   adapter::check_offsets(offsets, {total, "total"}, op, "offsets", check_offsets);
   Tensor grad_x = adapter::new_output(op, grad_y, {total, D});
+  if (grad_x.numel() == 0) return grad_x;
   if (grad_y.is_cpu()) {
     segment_reduce_backward_cpu(adapter::cpu_runtime(), dtype, grad_y.const_data_ptr(), x_ptr, y_ptr,
                                 offsets.const_data_ptr<int64_t>(), S, total, D, r,
@@ -209,6 +211,7 @@ Tensor segment_expand(Tensor y, Tensor offsets, std::optional<int64_t> total, bo
   const DType dtype = adapter::feature_dtype(y, op, "y");
   const int64_t T = output_rows(offsets, total, op, check_offsets);
   Tensor x = adapter::new_output(op, y, {T, D});
+  if (x.numel() == 0) return x;
   if (y.is_cpu()) {
     segment_expand_cpu(adapter::cpu_runtime(), dtype, y.const_data_ptr(),
                        offsets.const_data_ptr<int64_t>(), S, T, D, x.mutable_data_ptr());
@@ -241,6 +244,7 @@ Tensor segment_pack(Tensor x, Tensor offsets, int64_t max_len, bool check_offset
   const DType dtype = adapter::feature_dtype(x, op, "x");
   adapter::check_offsets(offsets, {T, "x.shape[0]"}, op, "offsets", check_offsets);
   Tensor packed = adapter::new_output(op, x, {S, max_len, D});
+  if (packed.numel() == 0) return packed;
   if (x.is_cpu()) {
     segment_pack_cpu(adapter::cpu_runtime(), dtype, x.const_data_ptr(),
                      offsets.const_data_ptr<int64_t>(), S, T, D, max_len,
@@ -266,6 +270,7 @@ Tensor segment_unpack(Tensor packed, Tensor offsets, std::optional<int64_t> tota
   const DType dtype = adapter::feature_dtype(packed, op, "packed");
   const int64_t T = output_rows(offsets, total, op, check_offsets);
   Tensor x = adapter::new_output(op, packed, {T, D});
+  if (x.numel() == 0) return x;
   if (packed.is_cpu()) {
     segment_unpack_cpu(adapter::cpu_runtime(), dtype, packed.const_data_ptr(),
                        offsets.const_data_ptr<int64_t>(), S, T, D, L, x.mutable_data_ptr());
