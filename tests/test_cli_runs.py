@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_cli_args import assert_usage_error, run_cli  # (tests/ is on sys.path, as for reference/)
 from tokcore import cli
 from tokcore.errors import UsageError
 from tokcore.pooling.lm import ByteLM, ByteLMConfig, HierarchicalByteLM, HierConfig
@@ -25,25 +26,6 @@ TINY = ["--size", "tiny", "--d-model", "32", "--n-layers", "1", "--n-heads", "2"
         "--seq-len", "32", "--batch-size", "2", "--eval-windows", "2", "--no-progress", "--device", "cpu"]
 TINY_HIER = dict(d_model=32, n_layers=1, n_heads=2, d_local=16, n_local_heads=2, n_enc_layers=1, n_dec_layers=1,
                  max_word_bytes=8)
-
-
-def run_cli(argv, capsys):
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_usage_error(argv, capsys, *needles):
-    rc, out, err = run_cli(argv, capsys)
-    assert rc == 2, (rc, out, err)
-    assert "Traceback" not in err
-    assert f"tokcore {argv[0]}: error: " in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
 
 
 @pytest.fixture
