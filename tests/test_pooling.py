@@ -1071,40 +1071,40 @@ FUNC_MAX_LEN = 3
 FUNC_OPS = ["sum", "mean", "max", "min", "expand", "pack", "unpack"]
 
 
-def _func_case(op):
-    """(tokcore function, dense function maker, input): dense(a) gives the dense
-    function at the point a (max/min fix their attaining rows there)."""
-    off, L = t64(FUNC_OFFSETS), FUNC_MAX_LEN
+def _func_case(op, device="cpu"):
+    """(tokcore function, dense function maker, input) on device: dense(a) gives the
+    dense function at the point a (max/min fix their attaining rows there). The dense
+    forms are built on the CPU by the reference ops."""
+    cpu_off, L = t64(FUNC_OFFSETS), FUNC_MAX_LEN
+    off = cpu_off.to(device)
     S, T = len(FUNC_OFFSETS) - 1, FUNC_OFFSETS[-1]
     eye = lambda n: torch.eye(n, dtype=torch.float64)
     g = torch.Generator().manual_seed(7)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(device)
     if op in REDUCES:
-        sums = ref.segment_reduce(eye(T), off, "sum" if op in ("max", "min") else op)  # [S, T]
+        sums = ref.segment_reduce(eye(T), cpu_off, "sum" if op in ("max", "min") else op).to(device)  # [S, T]
 
         def dense(a):
             if op in ("sum", "mean"):
                 return lambda t: sums @ t
-            y = ref.segment_reduce(a, off, op)
-            mask = ref.segment_reduce_backward(torch.ones_like(y), a, y, off, op)
+            y = ref.segment_reduce(a.cpu(), cpu_off, op)
+            mask = ref.segment_reduce_backward(torch.ones_like(y), a.cpu(), y, cpu_off, op).to(device)
             return lambda t: sums @ (mask * t)
 
-        return (lambda t: segment_reduce(t, off, op)), dense, torch.randn(T, 4, generator=g, dtype=torch.float64)
+        return (lambda t: segment_reduce(t, off, op)), dense, randn(T, 4)
     if op == "expand":
-        m = ref.segment_expand(eye(S), off)  # [T, S]
-        return (lambda t: segment_expand(t, off, T)), (lambda a: lambda t: m @ t), \
-            torch.randn(S, 4, generator=g, dtype=torch.float64)
+        m = ref.segment_expand(eye(S), cpu_off).to(device)  # [T, S]
+        return (lambda t: segment_expand(t, off, T)), (lambda a: lambda t: m @ t), randn(S, 4)
     if op == "pack":
-        m = ref.segment_pack(eye(T), off, L).reshape(S * L, T)
-        return (lambda t: segment_pack(t, off, L)), (lambda a: lambda t: (m @ t).reshape(S, L, -1)), \
-            torch.randn(T, 4, generator=g, dtype=torch.float64)
-    m = ref.segment_unpack(eye(S * L).reshape(S, L, S * L), off)  # [T, S * L]
-    return (lambda t: segment_unpack(t, off, T)), (lambda a: lambda t: m @ t.reshape(S * L, -1)), \
-        torch.randn(S, L, 4, generator=g, dtype=torch.float64)
+        m = ref.segment_pack(eye(T), cpu_off, L).reshape(S * L, T).to(device)
+        return (lambda t: segment_pack(t, off, L)), (lambda a: lambda t: (m @ t).reshape(S, L, -1)), randn(T, 4)
+    m = ref.segment_unpack(eye(S * L).reshape(S, L, S * L), cpu_off).to(device)  # [T, S * L]
+    return (lambda t: segment_unpack(t, off, T)), (lambda a: lambda t: m @ t.reshape(S * L, -1)), randn(S, L, 4)
 
 
 @pytest.mark.parametrize("op", FUNC_OPS)
-def test_torch_func_transforms_match_dense(op):
-    f, dense, a = _func_case(op)
+def test_torch_func_transforms_match_dense(op, device):
+    f, dense, a = _func_case(op, device)
     fd = dense(a)
     tangent = torch.randn_like(a)
     loss = lambda fn: (lambda t: fn(t).sin().sum())
@@ -1124,9 +1124,9 @@ def test_torch_func_transforms_match_dense(op):
 
 
 @pytest.mark.parametrize("op", FUNC_OPS)
-def test_torch_func_per_sample_gradients(op):
+def test_torch_func_per_sample_gradients(op, device):
     # vmap over grad: each sample's gradient, as a loop over the samples gives
-    f, dense, a = _func_case(op)
+    f, dense, a = _func_case(op, device)
     batch = torch.stack([a, a.flip(-1), torch.randn_like(a)])
     loss = lambda fn: (lambda t: fn(t).sin().sum())
     got = torch.func.vmap(torch.func.grad(loss(f)))(batch)
@@ -1136,10 +1136,10 @@ def test_torch_func_per_sample_gradients(op):
 
 @pytest.mark.parametrize("op", FUNC_OPS)
 @pytest.mark.parametrize("in_dim", [0, 1, 2])
-def test_vmap_folds_the_batch_into_features(op, in_dim, recwarn):
+def test_vmap_folds_the_batch_into_features(op, in_dim, device, recwarn):
     # shared offsets: one call with the batch folded into the features, the same bits as
     # a loop, and no slow per-sample fallback (torch warns of "a performance drop")
-    f, _, a = _func_case(op)
+    f, _, a = _func_case(op, device)
     if in_dim >= a.dim() + 1:
         pytest.skip("no such dimension")
     batch = torch.stack([a, -a, a * 3, torch.zeros_like(a)], dim=in_dim)
