@@ -31,9 +31,12 @@ from torch import Tensor, nn
 from .modules import (
     BytePoolingEncoder,
     SegmentTransformer,
+    check_dropout,
     check_segment_offsets,
+    check_sizes,
     check_word_lengths,
     init_weights,
+    is_int,
     max_segment_length,
     segment_lengths,
 )
@@ -116,13 +119,9 @@ def _check_config(model: str, c: Any, positive: tuple[str, ...], nonnegative: tu
     """ValueError naming the config field for a size that is not an int >= 1 (>= 0 for
     layer counts), before any module is built (whose errors name other things, or are a
     ZeroDivisionError)."""
-    for minimum, names in ((1, positive), (0, nonnegative)):
-        for name in names:
-            v = getattr(c, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
-                raise ValueError(f"{model}: {name} must be an int >= {minimum}, got {v!r}")
-    if not 0 <= c.dropout <= 1:
-        raise ValueError(f"{model}: dropout must be in [0, 1], got {c.dropout!r}")
+    check_sizes(1, model, **{name: getattr(c, name) for name in positive})
+    check_sizes(0, model, **{name: getattr(c, name) for name in nonnegative})
+    check_dropout(c.dropout, model)
 
 
 def _check_heads(model: str, c: Any, width: str, heads: str, rotary: bool, split: bool = False) -> None:
@@ -148,18 +147,14 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: to
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def _check_generate_args(max_new_bytes: int, temperature: float, top_k: int | None) -> None:
-    if not _is_int(max_new_bytes) or max_new_bytes < 0:
+    if not is_int(max_new_bytes) or max_new_bytes < 0:
         raise ValueError(f"max_new_bytes must be an int >= 0, got {max_new_bytes!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
-    if top_k is not None and not _is_int(top_k):  # torch.topk would fail deep inside sampling
+    if top_k is not None and not is_int(top_k):  # torch.topk would fail deep inside sampling
         raise TypeError(f"top_k must be None or an int >= 1, got {top_k!r}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be None or >= 1, got {top_k!r}")

@@ -88,16 +88,22 @@ def check_word_lengths(word_offsets: Tensor, max_word_bytes: int, total: int | N
                          "(its extra bytes would be ignored); segment with word_boundaries(..., max_word_bytes)")
 
 
-def _check_sizes(minimum: int = 1, **sizes: int) -> None:
-    """ValueError naming the first of `sizes` that is not an int >= minimum."""
+def is_int(v) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_sizes(minimum: int = 1, where: str = "", **sizes: int) -> None:
+    """ValueError naming the first of `sizes` that is not an int >= minimum; `where`
+    (a model's name) starts the message."""
     for name, v in sizes.items():
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+        if not is_int(v) or v < minimum:
+            raise ValueError(f"{where + ': ' if where else ''}{name} must be an int >= {minimum}, got {v!r}")
 
 
-def _check_dropout(dropout: float) -> None:
+def check_dropout(dropout: float, where: str = "") -> None:
     if not 0 <= dropout <= 1:
-        raise ValueError(f"dropout must be in [0, 1], got {dropout!r}")
+        raise ValueError(f"{where + ': ' if where else ''}dropout must be in [0, 1], got {dropout!r}")
 
 
 class RotaryEmbedding(nn.Module):
@@ -145,7 +151,7 @@ class SegmentAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, causal: bool):
         super().__init__()
-        _check_sizes(d_model=d_model, n_heads=n_heads)
+        check_sizes(d_model=d_model, n_heads=n_heads)
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         if (d_model // n_heads) % 2:
@@ -214,9 +220,9 @@ class SegmentTransformer(nn.Module):
     def __init__(self, d_model: int, n_layers: int, n_heads: int, causal: bool, mlp_ratio: int = 4,
                  dropout: float = 0.0):
         super().__init__()
-        _check_sizes(d_model=d_model, n_heads=n_heads, mlp_ratio=mlp_ratio)
-        _check_sizes(0, n_layers=n_layers)
-        _check_dropout(dropout)
+        check_sizes(d_model=d_model, n_heads=n_heads, mlp_ratio=mlp_ratio)
+        check_sizes(0, n_layers=n_layers)
+        check_dropout(dropout)
         self.blocks = nn.ModuleList(
             SegmentBlock(d_model, n_heads, causal, mlp_ratio, dropout) for _ in range(n_layers)
         )
@@ -263,9 +269,9 @@ class BytePoolingEncoder(nn.Module):
             raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
         if max_word_bytes < 4:
             raise ValueError(f"max_word_bytes must be >= 4, got {max_word_bytes}")
-        _check_sizes(d_model=d_model, n_heads=n_heads, max_word_bytes=max_word_bytes)
+        check_sizes(d_model=d_model, n_heads=n_heads, max_word_bytes=max_word_bytes)
         if d_out is not None:
-            _check_sizes(d_out=d_out)
+            check_sizes(d_out=d_out)
         # attention pooling splits d_model into heads even without local layers (which check it)
         if pool == "attention" and d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads} (attention pooling)")
