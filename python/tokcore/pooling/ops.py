@@ -472,35 +472,34 @@ torch.library.register_autograd(
 # rules (below).
 
 
+def _call(function, op, t, *args, check_offsets):
+    """`function` on (t, *args, check_offsets) where a derivative may be taken, else the
+    raw op torch.ops.tokcore.<op>."""
+    if _through_function(t, op):
+        return function.apply(t, *args, check_offsets)
+    return getattr(_ops, op)(t, *args, check_offsets=check_offsets)
+
+
 def _reduce(x, offsets, reduce, check_offsets):
-    if _through_function(x, "segment_reduce"):
-        return _SegmentReduce.apply(x, offsets, reduce, check_offsets)
-    return _ops.segment_reduce(x, offsets, reduce, check_offsets=check_offsets)
+    return _call(_SegmentReduce, "segment_reduce", x, offsets, reduce, check_offsets=check_offsets)
 
 
 def _reduce_backward(grad_y, offsets, total, reduce, x, y):
     # (offsets checked by the forward; its gradient in x and y is zero: see above)
-    if _through_function(grad_y, "segment_reduce_backward"):
-        return _SegmentReduceBackward.apply(grad_y, offsets, total, reduce, x, y)
-    return _ops.segment_reduce_backward(grad_y, offsets, total, reduce, x, y, check_offsets=False)
+    return _call(_SegmentReduceBackward, "segment_reduce_backward", grad_y, offsets, total, reduce, x, y,
+                 check_offsets=False)
 
 
 def _expand(y, offsets, total, check_offsets):
-    if _through_function(y, "segment_expand"):
-        return _SegmentExpand.apply(y, offsets, total, check_offsets)
-    return _ops.segment_expand(y, offsets, total, check_offsets=check_offsets)
+    return _call(_SegmentExpand, "segment_expand", y, offsets, total, check_offsets=check_offsets)
 
 
 def _pack(x, offsets, max_len, check_offsets):
-    if _through_function(x, "segment_pack"):
-        return _SegmentPack.apply(x, offsets, max_len, check_offsets)
-    return _ops.segment_pack(x, offsets, max_len, check_offsets=check_offsets)
+    return _call(_SegmentPack, "segment_pack", x, offsets, max_len, check_offsets=check_offsets)
 
 
 def _unpack(packed, offsets, total, check_offsets):
-    if _through_function(packed, "segment_unpack"):
-        return _SegmentUnpack.apply(packed, offsets, total, check_offsets)
-    return _ops.segment_unpack(packed, offsets, total, check_offsets=check_offsets)
+    return _call(_SegmentUnpack, "segment_unpack", packed, offsets, total, check_offsets=check_offsets)
 
 
 def _attaining_rows(offsets, total, reduce, x, y):
@@ -544,12 +543,12 @@ class _SegmentReduceBackward(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad_y, offsets, total, reduce, x, y):
-        return _ops.segment_reduce_backward(grad_y, offsets, total, reduce, x, y, check_offsets=False)
+    def forward(grad_y, offsets, total, reduce, x, y, check_offsets):
+        return _ops.segment_reduce_backward(grad_y, offsets, total, reduce, x, y, check_offsets=check_offsets)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, offsets, total, reduce, x, y = inputs
+        _, offsets, total, reduce, x, y, _ = inputs
         ctx.reduce, ctx.total = reduce, total
         saved = (offsets, x, y) if reduce in ("max", "min") else (offsets,)
         ctx.save_for_backward(*saved)
@@ -563,7 +562,7 @@ class _SegmentReduceBackward(torch.autograd.Function):
         else:
             grad_grad_x = grad_grad_x * _attaining_rows(offsets, ctx.total, ctx.reduce, *values)
             grad_grad_y = _reduce(grad_grad_x, offsets, "sum", False)
-        return grad_grad_y, None, None, None, None, None
+        return grad_grad_y, None, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, grad_y_tangent, *_):
