@@ -15,17 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cli_args import assert_usage_error, run_cli  # (tests/ is on sys.path, as for reference/)
+from test_cli_args import TEXT, TINY, assert_usage_error, run_cli  # (tests/ is on sys.path, as for reference/)
+from test_models import TINY_HIER
 from tokcore import cli
 from tokcore.errors import UsageError
 from tokcore.pooling.lm import ByteLM, ByteLMConfig, HierarchicalByteLM, HierConfig
 from tokcore.pooling.train import load_checkpoint, load_model, save_checkpoint
 
-TEXT = b"def f(x):\n    return x + 1  # a comment with words in it\n" * 40
-TINY = ["--size", "tiny", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-local", "16",
-        "--seq-len", "32", "--batch-size", "2", "--eval-windows", "2", "--no-progress", "--device", "cpu"]
-TINY_HIER = dict(d_model=32, n_layers=1, n_heads=2, d_local=16, n_local_heads=2, n_enc_layers=1, n_dec_layers=1,
-                 max_word_bytes=8)
+TINY_CPU = TINY + ["--no-progress", "--device", "cpu"]  # quiet, and on the CPU whatever the machine has
 
 
 @pytest.fixture
@@ -36,7 +33,7 @@ def data(tmp_path):
 
 
 def train_argv(data, *extra):
-    return ["train", "--data", data, *TINY, *extra]
+    return ["train", "--data", data, *TINY_CPU, *extra]
 
 
 def steps_in(run) -> int:
@@ -74,7 +71,7 @@ def test_resume_without_out_warns_that_nothing_is_saved(data, tmp_path, capsys):
 
 
 def test_compare_does_not_replace_earlier_results(data, tmp_path, capsys):
-    base = ["compare", "--data", data, *TINY, "--steps", "1"]
+    base = ["compare", "--data", data, *TINY_CPU, "--steps", "1"]
     # an earlier compare's table, or a model run of one that stopped early: refused before training
     for name in ("compare.json", "hier/checkpoint.pt", "byte/checkpoint.pt"):
         out = tmp_path / name.replace("/", "_")

@@ -13,8 +13,8 @@ from tokcore.data import pack_sequences
 from tokcore.pooling.lm import ByteLM, ByteLMConfig, HierarchicalByteLM, HierConfig
 from tokcore.pooling.modules import BytePoolingEncoder, SegmentTransformer
 
-TINY_HIER = dict(d_model=32, n_layers=1, n_heads=2, d_local=16, n_local_heads=2, n_enc_layers=1, n_dec_layers=1,
-                 max_word_bytes=8)
+from test_models import TINY_HIER  # (tests/ is on sys.path, as for reference/)
+
 TINY_BYTE = dict(d_model=32, n_layers=1, n_heads=2)
 TEXT = b"hello world, foo"  # 16 bytes; words at [0, 5, 12, 16]
 
