@@ -36,7 +36,9 @@ stamp "torch: $($PY -c 'import torch; print(torch.__version__, torch.version.cud
 
 # A throwaway venv over the machine's packages (torch, scikit-build-core, cmake,
 # ninja, pytest): nothing is downloaded and the system site is left alone.
-venv=$(mktemp -d)/venv
+venv_dir=$(mktemp -d)  # removed on exit ($OUT, the results, stays)
+trap 'rm -rf "$venv_dir"' EXIT
+venv=$venv_dir/venv
 # (If $PY is itself a venv's interpreter, a nested venv would not see its torch.)
 if $PY -m venv --system-site-packages "$venv" > /dev/null 2>&1 && "$venv/bin/python" -c 'import torch' 2>/dev/null; then
   PY="$venv/bin/python"

@@ -32,7 +32,9 @@ mkdir -p wheelhouse
 bash scripts/source_hash.sh > wheelhouse/SOURCE_HASH  # gpu_check.sh tests this wheel only if it matches
 [ "${SKIP_WHEEL_TESTS:-0}" = 1 ] && exit 0
 
-fresh=$(mktemp -d)/venv
+fresh_dir=$(mktemp -d)  # ~1 GB of torch: removed on exit, or every build would leave one in /tmp
+trap 'rm -rf "$fresh_dir"' EXIT
+fresh=$fresh_dir/venv
 python3 -m venv "$fresh"
 torch_wheel=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n 1 || true)
 "$fresh/bin/python" -m pip install -q --disable-pip-version-check "${torch_wheel:-torch==2.13.0}" "$wheel" pytest hypothesis expecttest
