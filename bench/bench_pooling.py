@@ -129,6 +129,20 @@ def bench_segment_reduce(T: int, D: int, dtype: torch.dtype, device: torch.devic
             "torch.segment_reduce": lambda: torch.segment_reduce(x, "mean", lengths=mixed_lengths, axis=0),
         }, nbytes=(T + mixed.numel() - 1) * D * x.element_size())
 
+    # vmap over groups of features that share the offsets (heads, say): tokcore's vmap
+    # rule folds the groups back into the features, one call; torch's segment_reduce
+    # under vmap, and a loop of calls over the groups, are the peers.
+    groups = 8
+    x_groups = x.detach().view(T, groups, D // groups)
+    with torch.no_grad():
+        add_rows(f"segment_reduce mean fwd, vmap over {groups} feature groups",
+                 lambda: torch.vmap(lambda t: segment_reduce(t, offsets, "mean"), in_dims=1)(x_groups), {
+                     "torch.vmap(torch.segment_reduce)": lambda: torch.vmap(
+                         lambda t: torch.segment_reduce(t, "mean", lengths=lengths, axis=0), in_dims=1)(x_groups),
+                     "loop over the groups (tokcore)": lambda: torch.stack(
+                         [segment_reduce(x_groups[:, g], offsets, "mean") for g in range(groups)]),
+                 })
+
     # backward: the gradient through each op's own autograd graph, built once
     grad = torch.randn(S, D, dtype=dtype, device=device)
 
