@@ -23,6 +23,7 @@ import tokcore  # noqa: F401  (loads the ops)
 from tokcore import cli
 from tokcore.plot import line_chart_svg, nice_ticks
 from tokcore.data import batched, heldout_windows, list_files, load_corpus, pack_sequences, sample_batch
+from tokcore.errors import UsageError
 from tokcore.pooling.lm import (
     EOW,
     ByteLM,
@@ -496,6 +497,41 @@ def test_train_report_and_resume(corpus_dir, tmp_path):
     # resume to 6 steps in total
     r2 = train(_cfg(corpus_dir, out=str(out), steps=6), resume=True, log=lambda s: None)
     assert r2["steps"] == 6 and r2["train_bytes"] == 6 * 4 * 64
+
+
+def test_train_refuses_to_replace_a_run_unless_told(corpus_dir, tmp_path):
+    # a second train() into the same folder would silently replace the first run's
+    # checkpoint and report; it raises before any work unless resume or overwrite says so
+    out = tmp_path / "run"
+    train(_cfg(corpus_dir, out=str(out), steps=1), log=lambda s: None)
+    first = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(UsageError, match=r"already holds a run \(checkpoint.pt\); pass resume=True .* overwrite=True"):
+        train(_cfg(corpus_dir, out=str(out), steps=1, seed=1), log=lambda s: None)
+    assert (out / "checkpoint.pt").read_bytes() == first
+    with pytest.raises(UsageError, match="resume and overwrite exclude each other"):
+        train(_cfg(corpus_dir, out=str(out), steps=2), resume=True, overwrite=True, log=lambda s: None)
+    r = train(_cfg(corpus_dir, out=str(out), steps=1, seed=1), overwrite=True, log=lambda s: None)
+    assert r["steps"] == 1 and (out / "checkpoint.pt").read_bytes() != first
+    # a folder without a checkpoint (say, one the user made) is no run
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train(_cfg(corpus_dir, out=str(empty), steps=1), log=lambda s: None)["steps"] == 1
+
+
+def test_compare_refuses_to_replace_results_unless_told(corpus_dir, tmp_path):
+    base = _cfg(corpus_dir, steps=1)
+    out = tmp_path / "cmp"
+    (out / "byte").mkdir(parents=True)
+    (out / "byte" / "checkpoint.pt").write_bytes(b"a model's run of a compare that stopped early")
+    with pytest.raises(UsageError, match=r"already holds the results of a compare \(byte/checkpoint.pt\)"):
+        compare(base, out=out, log=lambda s: None)
+    assert not (out / "hier").exists()  # refused before any training
+    res = compare(base, out=out, log=lambda s: None, overwrite=True)
+    assert [r["model"] for r in res["reports"]] == ["hier", "byte"]
+    with pytest.raises(UsageError, match=r"\(compare.json\); pass overwrite=True"):
+        compare(base, out=out, log=lambda s: None)
+    # only the models asked for count
+    assert compare(base, out=tmp_path / "hier_only", log=lambda s: None, models=("hier",))["reports"]
 
 
 def test_resume_continues_the_training_curve(corpus_dir, tmp_path, monkeypatch):

@@ -266,10 +266,14 @@ def _opt(name: str) -> str:
 def _check_out_holds_no_run(parser: argparse.ArgumentParser, out: str, names: Sequence[str], what: str,
                             hint: str) -> None:
     """--out must not hold the files of an earlier run (one of `names`), which the run
-    would overwrite, unless --overwrite says so; `what` and `hint` go into the message."""
-    found = [n for n in names if (Path(out) / n).exists()]
-    if found:
-        parser.error(f"argument --out: {out} already holds {what} ({found[0]}); {hint}")
+    would overwrite, unless --overwrite says so; `what` and `hint` go into the message.
+    (train() and compare() check again, with hints that name their own arguments.)"""
+    from .pooling.train import check_holds_no_run
+
+    try:
+        check_holds_no_run(out, names, what, hint)
+    except UsageError as e:
+        parser.error(f"argument --out: {e}")
 
 
 def _check_heads(parser: argparse.ArgumentParser, options: str, width: str, heads: str) -> None:
@@ -386,7 +390,7 @@ def _train_run(args: argparse.Namespace) -> int:
     from .pooling.train import format_report, train
 
     cfg = _train_config(args, args.model)
-    report = train(cfg, resume=args.resume)
+    report = train(cfg, resume=args.resume, overwrite=args.overwrite)
     model = report.pop("_model")
     print(format_report(report))
     if cfg.out:
@@ -409,13 +413,12 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def _compare_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from .pooling.train import CHECKPOINT_NAME
+    from .pooling.train import compare_run_files
 
     _check_common_train_args(parser, args, hier=True)
     _check_out_dir(parser, args.out)
-    if not args.overwrite:  # compare.json, or a model's run of a compare that stopped early
-        runs = [f"{m}/{CHECKPOINT_NAME}" for m in ("hier", "byte")]
-        _check_out_holds_no_run(parser, args.out, ["compare.json", *runs], "the results of a compare",
+    if not args.overwrite:
+        _check_out_holds_no_run(parser, args.out, compare_run_files(), "the results of a compare",
                                 "pass --overwrite to replace them, or another --out")
 
 
@@ -424,7 +427,7 @@ def _compare_run(args: argparse.Namespace) -> int:
     import tokcore  # noqa: F401
     from .pooling.train import compare
 
-    compare(_train_config(args, "hier"), out=args.out)
+    compare(_train_config(args, "hier"), out=args.out, overwrite=args.overwrite)
     return 0
 
 

@@ -60,6 +60,20 @@ CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 
 
+def check_holds_no_run(out: str | os.PathLike, names: list[str] | tuple[str, ...], what: str, hint: str) -> None:
+    """Raises UsageError if folder `out` holds one of `names`: files of an earlier run
+    that a new run would replace. `what` and `hint` go into the message."""
+    found = [n for n in names if (Path(out) / n).exists()]
+    if found:
+        raise UsageError(f"{out} already holds {what} ({found[0]}); {hint}")
+
+
+def compare_run_files(models: tuple[str, ...] = ("hier", "byte")) -> list[str]:
+    """What a compare writes into its folder that a later compare would replace: its
+    results, or a model's run of a compare that stopped early."""
+    return ["compare.json", *(f"{m}/{CHECKPOINT_NAME}" for m in models)]
+
+
 @dataclass
 class TrainConfig:
     model: str = "hier"                 # hier | byte
@@ -314,13 +328,20 @@ def _make_bar(cfg: TrainConfig, step0: int, time0: float):
 
 
 def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | os.PathLike = False,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+          log: Callable[[str], None] = print, overwrite: bool = False) -> dict[str, Any]:
     """Train one model; returns the report dict (see `format_report`).
 
     resume: False; True (the checkpoint in `cfg.out`); or a checkpoint file / run folder.
+    overwrite: start a new run even if `cfg.out` holds one (its checkpoint and report are
+    replaced); without it, or resume, such a folder raises UsageError before any work.
     """
     if not cfg.steps and not cfg.time_budget:
         raise UsageError("give steps and/or time_budget")
+    if resume and overwrite:
+        raise UsageError("resume and overwrite exclude each other: continue the run in cfg.out, or replace it")
+    if cfg.out and not resume and not overwrite:
+        check_holds_no_run(cfg.out, [CHECKPOINT_NAME], "a run",
+                           "pass resume=True to continue it, overwrite=True to start over, or another cfg.out")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -518,10 +539,16 @@ def compare_chart(reports: list[dict[str, Any]], budget: str = "same wall time")
 
 
 def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callable[[str], None] = print,
-            models: tuple[str, ...] = ("hier", "byte")) -> dict[str, Any]:
+            models: tuple[str, ...] = ("hier", "byte"), overwrite: bool = False) -> dict[str, Any]:
     """Train each model of `models` with the same data, budget and settings; print and
     write (`out`/compare.json, compare.md, compare.svg) a side-by-side table and learning
-    curves. The byte LM is sized to the hierarchical model's parameter count."""
+    curves. The byte LM is sized to the hierarchical model's parameter count.
+
+    overwrite: replace the results of an earlier compare in `out`; without it such a
+    folder raises UsageError before any training."""
+    if out and not overwrite:
+        check_holds_no_run(out, compare_run_files(models), "the results of a compare",
+                           "pass overwrite=True to replace them, or another out")
     corpus = load_corpus(base.data, base.holdout_every, base.data_pattern, base.max_data_bytes)
     log(f"corpus: {corpus.describe()}")
     hier_cfg = resolve_model_config("hier", base.size, base.model_config)
@@ -533,7 +560,7 @@ def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callab
         cfg = dataclasses.replace(base, model=kind, model_config=mc,
                                   out=str(Path(out) / kind) if out else None)
         log(f"\n== {kind} ==")
-        r = train(cfg, corpus, log=log)
+        r = train(cfg, corpus, log=log, overwrite=True)  # (checked above for the whole compare)
         r.pop("_model", None)
         log(format_report(r))
         reports.append(r)
