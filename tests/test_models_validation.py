@@ -32,9 +32,11 @@ def test_encoder_checks_word_offsets_before_word_lengths():
     # decreasing offsets used to be reported as a word longer than max_word_bytes
     enc = BytePoolingEncoder(16, 1, 2, max_word_bytes=8)
     b = _bytes()[:10]
-    with pytest.raises(ValueError, match=r"BytePoolingEncoder.forward: word_offsets must be non-decreasing"):
+    with pytest.raises(ValueError, match=r"BytePoolingEncoder.forward: word_offsets must be non-decreasing, "
+                                         r"but word_offsets\[1\] = -3 < word_offsets\[0\] = 0$"):
         enc(b, _t(0, -3, 10))
-    with pytest.raises(ValueError, match=r"BytePoolingEncoder.forward: word_offsets must start at 0"):
+    with pytest.raises(ValueError, match=r"BytePoolingEncoder.forward: word_offsets must start at 0, "
+                                         r"but word_offsets\[0\] = 1$"):
         enc(b, _t(1, 3, 10))
     with pytest.raises(ValueError, match=r"BytePoolingEncoder.forward: word_offsets must end at 10 \(the number "
                                          r"of bytes\), but its last entry is 8"):
@@ -52,7 +54,8 @@ def test_byte_lm_names_cu_seqlens():
     b = _bytes()
     with pytest.raises(ValueError, match=r"ByteLM.forward: cu_seqlens must be non-decreasing"):
         model(b, _t(0, -5))
-    with pytest.raises(ValueError, match=r"ByteLM.forward: cu_seqlens must be non-decreasing"):
+    with pytest.raises(ValueError, match=r"ByteLM.forward: cu_seqlens must be non-decreasing, "
+                                         r"but cu_seqlens\[2\] = 5 < cu_seqlens\[1\] = 10$"):
         model(b, _t(0, 10, 5, 16))
     with pytest.raises(ValueError, match=r"ByteLM.forward: cu_seqlens must start at 0"):
         model(b, _t(2, 16))
@@ -71,7 +74,8 @@ def test_hier_forward_words_names_its_offsets():
     wo, wc = model.segment(b, _t(0, 16))
     assert wo.tolist() == [0, 5, 12, 16] and wc.tolist() == [0, 3]
     where = "HierarchicalByteLM.forward_words"
-    with pytest.raises(ValueError, match=f"{where}: word_offsets must be non-decreasing"):
+    with pytest.raises(ValueError, match=f"{where}: word_offsets must be non-decreasing, "
+                                         r"but word_offsets\[2\] = 3 < word_offsets\[1\] = 5$"):
         model.forward_words(b, _t(0, 5, 3, 16), wc)  # used to read as a word of 13 bytes
     with pytest.raises(ValueError, match=f"{where}: word_offsets must end at 16"):
         model.forward_words(b, _t(0, 5, 12), _t(0, 2))

@@ -1788,6 +1788,20 @@ def test_cuda_invalid_offsets_raise_as_on_cpu(cuda_device):
     torch.cuda.synchronize()
 
 
+def test_cuda_invalid_offsets_deep_inside_name_the_entry_as_on_cpu(cuda_device):
+    # More entries than the check's grid has threads (1024 blocks x 256): the first
+    # failing entry is found across the grid-stride loop, and its values are read back.
+    many = torch.arange(1_000_001, dtype=torch.int64)
+    many[700_001], many[900_000], many[300_000] = 5, 3, 300_000  # two drops; the third entry is fine
+    y = torch.randn(1, 2).expand(1_000_000, 2)
+    expected = _error_of(lambda: segment_expand(y, many))
+    assert expected.endswith("offsets[700001] = 5 < offsets[700000] = 700000"), expected
+    assert _error_of(lambda: segment_expand(y.to(cuda_device), many.to(cuda_device))) == expected
+    many[0] = 7  # a bad start comes first
+    assert _error_of(lambda: segment_expand(y.to(cuda_device), many.to(cuda_device))) == (
+        _error_of(lambda: segment_expand(y, many)))
+
+
 def test_cuda_unchecked_invalid_offsets_never_crash(cuda_device, monkeypatch):
     # With TOKCORE_CUDA_CHECK_OFFSETS=0 the segment ops do not validate offsets (no host
     # sync); their kernels must still never read or write out of bounds: an op may raise
@@ -1894,11 +1908,20 @@ def test_backward_refuses_offsets_changed_in_place_after_the_forward():
 def test_invalid_offsets_report_the_first_failing_entry():
     # The CPU reports the first failing entry, and the CUDA check must match it
     # (test_cuda_invalid_offsets_raise_as_on_cpu): pin the CPU's order here.
+    # The message names the entry and its values, so a user finds it among millions.
     x, y = torch.randn(6, 2), torch.randn(4, 2)
-    assert "must start at 0" in _error_of(lambda: segment_reduce(x, t64([1, 0, 7]), "sum"))
-    assert "non-decreasing" in _error_of(lambda: segment_reduce(x, t64([0, 6, 6, 5, 9]), "sum"))
-    assert "must end at x.shape[0] = 6" in _error_of(lambda: segment_reduce(x, t64([0, 2, 1000000]), "sum"))
+    op = "tokcore.segment_reduce: "
+    assert _error_of(lambda: segment_reduce(x, t64([1, 0, 7]), "sum")) == (
+        op + "offsets must start at 0, but offsets[0] = 1")
+    assert _error_of(lambda: segment_reduce(x, t64([0, 6, 6, 5, 9, 2]), "sum")) == (
+        op + "offsets must be non-decreasing, but offsets[3] = 5 < offsets[2] = 6")
+    assert _error_of(lambda: segment_reduce(x, t64([0, 2, 1000000]), "sum")) == (
+        op + "offsets must end at x.shape[0] = 6, but its last entry is 1000000")
     assert "no error" == _error_of(lambda: segment_expand(y[:2], t64([0, 2, 1000000])))
+    many = torch.arange(1_000_001, dtype=torch.int64)  # a drop deep inside, then a second one
+    many[700_001], many[900_000] = 5, 3
+    assert _error_of(lambda: segment_expand(y[:1].expand(1_000_000, 2), many)) == (
+        "tokcore.segment_expand: offsets must be non-decreasing, but offsets[700001] = 5 < offsets[700000] = 700000")
 
 
 def test_inputs_not_mutated(device):

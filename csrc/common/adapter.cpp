@@ -230,12 +230,12 @@ Tensor new_output(const char* op, const Tensor& like, std::initializer_list<int6
 
 ValidatedOffsets validated_offsets_cuda(const Tensor& offsets, OffsetsEnd end, void* stream,
                                         const char* op, const char* arg) {
-  int64_t result[3] = {0, 0, -1};
+  int64_t result[6] = {0, 0, -1, -1, 0, 0};  // see validate_offsets_cuda
   Tensor scratch = torch::stable::new_empty(offsets, {3});
   check_cuda(validate_offsets_cuda(offsets.const_data_ptr<int64_t>(), offsets.size(0), end.value,
                                    scratch.mutable_data_ptr<int64_t>(), result, stream),
              op);
-  check_offsets_status(int(result[0]), result[1], end, op, arg);
+  check_offsets_result({int(result[0]), result[3], result[4], result[5], result[1]}, end, op, arg);
   return ValidatedOffsets{result[1], result[2]};
 }
 

@@ -111,21 +111,37 @@ struct OffsetsEnd {
 };
 inline constexpr OffsetsEnd kAnyEnd{-1, ""};
 
-// Raises the error of a failed offsets check (status from tokcore/common/offsets.h);
-// a wrong end names both numbers, the mistake users make most.
-inline void check_offsets_status(int status, int64_t last, OffsetsEnd end, const char* op,
-                                 const char* arg) {
-  if (status == kOffsetsLastNotTotal)
-    TOKCORE_CHECK(false, op, arg, " must end at ", end.name, " = ", end.value,
-                  ", but its last entry is ", last);
-  TOKCORE_CHECK(status == kOffsetsOk, op, arg, " ", offsets_status_message(status));
+// What an offsets check found: the status of its first failing entry
+// (tokcore/common/offsets.h), that entry's index i, offsets[i] and offsets[i + 1]
+// (0 where there is none), and the last entry.
+struct OffsetsCheck {
+  int status;
+  int64_t index, value, next, last;
+};
+
+// Raises the error of a failed offsets check, naming the first bad entry; a wrong
+// end names both numbers, the mistake users make most.
+inline void check_offsets_result(const OffsetsCheck& c, OffsetsEnd end, const char* op, const char* arg) {
+  switch (c.status) {
+    case kOffsetsOk: return;
+    case kOffsetsFirstNotZero: fail(op, arg, " must start at 0, but ", arg, "[0] = ", c.value);
+    case kOffsetsDecreasing:
+      fail(op, arg, " must be non-decreasing, but ", arg, "[", c.index + 1, "] = ", c.next, " < ", arg, "[",
+           c.index, "] = ", c.value);
+    case kOffsetsLastNotTotal:
+      fail(op, arg, " must end at ", end.name, " = ", end.value, ", but its last entry is ", c.last);
+    default: fail(op, arg, " failed an unknown offsets check (status ", c.status, ")");
+  }
 }
 
 // Full validation of CSR offsets held on the CPU (cheap, so always done).
 inline void check_offsets_cpu(const Tensor& offsets, OffsetsEnd end, const char* op, const char* arg) {
   const int64_t n = offsets.size(0);
   const int64_t* data = offsets.const_data_ptr<int64_t>();
-  check_offsets_status(check_offsets(data, n, end.value), data[n - 1], end, op, arg);
+  const OffsetsFailure f = first_offsets_failure(data, n, end.value);
+  if (f.status == kOffsetsOk) return;
+  check_offsets_result({f.status, f.index, data[f.index], f.index + 1 < n ? data[f.index + 1] : 0, data[n - 1]},
+                       end, op, arg);
 }
 
 // Basic checks of an offsets argument: int64, 1-D, at least one entry.

@@ -61,6 +61,18 @@ int validate_offsets_cuda(const int64_t* offsets, int64_t n, int64_t total, int6
   host_result[0] = first_failure == ~0ull ? kOffsetsOk : int(first_failure & 3);
   host_result[1] = scratch[1];
   host_result[2] = scratch[2];
+  host_result[3] = -1;
+  host_result[4] = host_result[5] = 0;
+  if (first_failure != ~0ull) {  // the error names the entry: read it (an error path, so a second sync is fine)
+    const int64_t i = static_cast<int64_t>(first_failure >> 2);
+    int64_t entries[2] = {0, 0};
+    err = cudaMemcpyAsync(entries, offsets + i, (i + 1 < n ? 2 : 1) * sizeof(int64_t), cudaMemcpyDeviceToHost, st);
+    if (err != cudaSuccess) return err;
+    if ((err = cudaStreamSynchronize(st)) != cudaSuccess) return err;
+    host_result[3] = i;
+    host_result[4] = entries[0];
+    host_result[5] = entries[1];
+  }
   return cudaSuccess;
 }
 

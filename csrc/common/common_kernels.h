@@ -7,10 +7,12 @@
 namespace tokcore {
 
 // Validates CSR offsets [n] held on the device against total (< 0: any total) and
-// reads their last entry and longest segment: host_result[0] = OffsetsStatus
-// (tokcore/common/offsets.h), host_result[1] = offsets[n-1], host_result[2] = the
-// largest offsets[i+1] - offsets[i] (-1 for n = 1; meaningful only for valid
-// offsets). device_scratch holds 3 int64. Synchronizes the stream (stream is a
+// reads their last entry and longest segment. host_result[6]: [0] = OffsetsStatus
+// of the first failing entry (tokcore/common/offsets.h), [1] = offsets[n-1],
+// [2] = the largest offsets[i+1] - offsets[i] (-1 for n = 1; meaningful only for
+// valid offsets), [3] = the first failing entry's index i (-1 if none), [4] and
+// [5] = offsets[i] and offsets[i+1] (0 where there is none; read only on failure).
+// device_scratch holds 3 int64. Synchronizes the stream (stream is a
 // cudaStream_t). Returns a cudaError_t as int.
 int validate_offsets_cuda(const int64_t* offsets, int64_t n, int64_t total, int64_t* device_scratch,
                           int64_t* host_result, void* stream);

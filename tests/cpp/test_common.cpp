@@ -70,6 +70,25 @@ TEST(Offsets, Validation) {
   EXPECT_EQ(check_offsets(single, 1, 0), kOffsetsOk);
 }
 
+// Errors name the first failing entry, in the order the entries come.
+TEST(Offsets, FirstFailureIsTheFirstBadEntry) {
+  const int64_t ok[] = {0, 2, 2, 5};
+  EXPECT_EQ(first_offsets_failure(ok, 4, 5).status, kOffsetsOk);
+  EXPECT_EQ(first_offsets_failure(ok, 4, 5).index, -1);
+  const int64_t two_drops[] = {0, 4, 3, 6, 1, 7};  // offsets[2] < offsets[1] comes first
+  EXPECT_EQ(first_offsets_failure(two_drops, 6, 7).status, kOffsetsDecreasing);
+  EXPECT_EQ(first_offsets_failure(two_drops, 6, 7).index, 1);
+  const int64_t start_and_drop[] = {2, 1, 3};  // a bad start is entry 0, before the drop
+  EXPECT_EQ(first_offsets_failure(start_and_drop, 3, 3).status, kOffsetsFirstNotZero);
+  EXPECT_EQ(first_offsets_failure(start_and_drop, 3, 3).index, 0);
+  const int64_t drop_and_end[] = {0, 5, 4, 9};  // a drop comes before a wrong end
+  EXPECT_EQ(first_offsets_failure(drop_and_end, 4, 8).status, kOffsetsDecreasing);
+  EXPECT_EQ(first_offsets_failure(drop_and_end, 4, 8).index, 1);
+  const int64_t wrong_end[] = {0, 5, 9};
+  EXPECT_EQ(first_offsets_failure(wrong_end, 3, 8).status, kOffsetsLastNotTotal);
+  EXPECT_EQ(first_offsets_failure(wrong_end, 3, 8).index, 2);
+}
+
 // Counts in the environment: digits only, else the fallback (as _library.py warns).
 TEST(Env, CountsAreDigitsOnly) {
   const char* name = "TOKCORE_TEST_ENV_COUNT";

@@ -24,21 +24,24 @@ TOKCORE_HD int check_offsets_entry(const int64_t* offsets, int64_t n, int64_t i,
   return kOffsetsOk;
 }
 
-inline int check_offsets(const int64_t* offsets, int64_t n, int64_t total) {
+// The first failing entry: its status and index i (for kOffsetsDecreasing,
+// offsets[i + 1] < offsets[i]); {kOffsetsOk, -1} when every entry passes. Errors
+// name the entry, so a user finds the bad one among millions.
+struct OffsetsFailure {
+  int status;
+  int64_t index;
+};
+
+inline OffsetsFailure first_offsets_failure(const int64_t* offsets, int64_t n, int64_t total) {
   for (int64_t i = 0; i < n; ++i) {
-    int status = check_offsets_entry(offsets, n, i, total);
-    if (status != kOffsetsOk) return status;
+    const int status = check_offsets_entry(offsets, n, i, total);
+    if (status != kOffsetsOk) return OffsetsFailure{status, i};
   }
-  return kOffsetsOk;
+  return OffsetsFailure{kOffsetsOk, -1};
 }
 
-inline const char* offsets_status_message(int status) {
-  switch (status) {
-    case kOffsetsFirstNotZero: return "must start at 0";
-    case kOffsetsDecreasing: return "must be non-decreasing";
-    case kOffsetsLastNotTotal: return "must end at the number of rows it indexes";
-    default: return "are valid";
-  }
+inline int check_offsets(const int64_t* offsets, int64_t n, int64_t total) {
+  return first_offsets_failure(offsets, n, total).status;
 }
 
 }  // namespace tokcore

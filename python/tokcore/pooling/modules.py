@@ -65,10 +65,13 @@ def check_segment_offsets(offsets: Tensor, total: int | None, name: str, unit: s
     else:
         first = last = int(offsets[0])
         shortest = longest = 0
+    arg = name.rsplit(": ", 1)[-1]  # "ByteLM.forward: cu_seqlens" -> cu_seqlens[i] in the messages
     if first != 0:
-        raise ValueError(f"{name} must start at 0, got {first}")
-    if shortest < 0:
-        raise ValueError(f"{name} must be non-decreasing (an entry is {-shortest} less than the one before it)")
+        raise ValueError(f"{name} must start at 0, but {arg}[0] = {first}")
+    if shortest < 0:  # name the first drop, as the ops do (an error path: the extra reads are fine)
+        i = int((lengths < 0).nonzero()[0, 0])
+        before, after = offsets[i:i + 2].tolist()
+        raise ValueError(f"{name} must be non-decreasing, but {arg}[{i + 1}] = {after} < {arg}[{i}] = {before}")
     if total is not None and last != total:
         raise ValueError(f"{name} must end at {total} (the number of {unit}), but its last entry is {last}")
     return longest
