@@ -36,6 +36,13 @@ from tokcore.pooling.train import resolve_model_config  # noqa: E402
 from tokcore.pooling import segment_expand, segment_pack, segment_reduce, segment_unpack, word_boundaries  # noqa: E402,E501
 
 
+def warmup_seconds(device: torch.device, quick: bool) -> float:
+    """Seconds each timed call is warmed up for (harness.time_fn then waits for steady
+    times as well): the CPU VMs here need seconds before large outputs stop faulting;
+    a GPU settles within a few calls, and the GPU check has minutes in all."""
+    return 0.0 if quick else 1.0 if device.type == "cuda" else 3.0
+
+
 def offsets_of_lengths(lengths: torch.Tensor, total: int, device: torch.device) -> torch.Tensor:
     """Offsets of segments of these lengths, the last one cut (or the list ended) at total."""
     cum = torch.cumsum(lengths, 0)
@@ -70,7 +77,7 @@ def bench_segment_reduce(T: int, D: int, dtype: torch.dtype, device: torch.devic
     segment_ids = torch.repeat_interleave(torch.arange(S, device=device), lengths)
     x = torch.randn(T, D, dtype=dtype, device=device, requires_grad=True)
     fwd_bytes = (T + S) * D * x.element_size()
-    timing = dict(rounds=2 if quick else 7, warmup_seconds=0.0 if quick else 3.0)
+    timing = dict(rounds=2 if quick else 7, warmup_seconds=warmup_seconds(device, quick))
     name = str(dtype).replace("torch.", "")
 
     def add_rows(workload: str, tok: Callable[[], object], peers: dict[str, Callable[[], object]],
@@ -277,7 +284,7 @@ def bench_word_boundaries(nbytes: int, device: torch.device, table: harness.Tabl
     text = stdlib_text(nbytes)
     data = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(device)
     cu = torch.tensor([0, len(text)], dtype=torch.int64, device=device)
-    runs = dict(min_runs=2 if quick else 3, min_seconds=0.0, warmup_seconds=0.0 if quick else 3.0)
+    runs = dict(min_runs=2 if quick else 3, min_seconds=0.0, warmup_seconds=warmup_seconds(device, quick))
     t_tok = harness.time_fn(lambda: word_boundaries(data, cu, 16, "space"), device, **runs)
     sample = text[: min(len(text), 10_000_000)]
     t_re = harness.time_fn(lambda: sum(1 for _ in WORD_RE.finditer(sample)), torch.device("cpu"), warmup=0,
@@ -350,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     # The copy: 1 GB on a GPU; 256 MB on a CPU, far past the caches, and small enough
     # that the CPU output cache keeps both its output and tokcore's largest (1 GB).
     copy_bytes = (1 << 22) if args.quick else (1 << 30) if device.type == "cuda" else (1 << 28)
-    ceiling, copy = harness.copy_bandwidth(device, nbytes=copy_bytes, warmup_seconds=0.0 if args.quick else 3.0)
+    ceiling, copy = harness.copy_bandwidth(device, nbytes=copy_bytes,
+                                           warmup_seconds=warmup_seconds(device, args.quick))
     table = harness.Table(
         f"pooling on {harness.machine_kind(device)} (T={T}, D={D}, word lengths 1..9)",
         ["workload", "peer", "tokcore ms", "peer ms", "speedup (peer/tokcore)", "tokcore GB/s or MB/s",
@@ -384,10 +392,17 @@ def main(argv: list[str] | None = None) -> int:
     steps.append((f"{setting[0]} on/off, a training step",
                   lambda: bench_setting_on_off(*setting, lm_train_step_workload(device, args.quick), device, on_off,
                                                args.quick)))
+    printed = [0] * len(tables)
     with tqdm(steps, desc="bench pooling", unit="workload", disable=args.quick) as bar:
         for name, run in bar:
             bar.set_postfix_str(name)
             run()
+            # each row as soon as it is measured, so that a run stopped early (the GPU
+            # check's time limit) still leaves its numbers in the log
+            for i, t in enumerate(tables):
+                for row in t.rows[printed[i]:]:
+                    bar.write("| " + " | ".join(row) + " |")
+                printed[i] = len(t.rows)
     if device.type == "cuda":
         table.notes.extend(target_notes(table, GPU_TARGETS, on_off, ceiling))
     for t in tables:

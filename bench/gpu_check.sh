@@ -135,7 +135,7 @@ done
 stamp "CUDA kernel variants (bench/cuda, sm_${arch})"
 if cmake -S . -B build/cuda_bench $generator -DTOKCORE_BUILD_EXTENSION=OFF -DTOKCORE_CUDA=ON -DTOKCORE_BUILD_CUDA_BENCH=ON \
      "-DTOKCORE_CUDA_ARCHS=${arch}-real" > "$OUT/cuda_bench_build.log" 2>&1 \
-   && cmake --build build/cuda_bench -j >> "$OUT/cuda_bench_build.log" 2>&1; then
+   && cmake --build build/cuda_bench -j --target tokcore_cuda_bench >> "$OUT/cuda_bench_build.log" 2>&1; then
   if [ "$dry" = 1 ]; then
     stamp "built (dry run: not run)"
   else
@@ -161,10 +161,12 @@ elif [ -n "$sanitizer" ]; then
   memcheck() {  # memcheck LOG TIMEOUT PYTEST-ARGS...
     local log=$1 limit=$2; shift 2
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 HYPOTHESIS_PROFILE=dev timeout "$limit" "$sanitizer" --tool memcheck \
-      --error-exitcode 9 --print-limit 20 $PY -m pytest -q -p no:cacheprovider -x "$@" > "$OUT/$log" 2>&1
-    case $? in
-      0) stamp "memcheck ($log): no errors" ;;
-      124) stamp "memcheck ($log): not finished in $limit s (no error before that)" ;;
+      --error-exitcode 9 --print-limit 20 $PY -m pytest -v -p no:cacheprovider -x "$@" > "$OUT/$log" 2>&1
+    local rc=$? passed
+    passed=$(grep -c ' PASSED' "$OUT/$log" 2>/dev/null)
+    case $rc in
+      0) stamp "memcheck ($log): no errors in ${passed:-0} cases" ;;
+      124) stamp "memcheck ($log): NOT FINISHED in $limit s: no error in the ${passed:-0} cases it passed before that" ;;
       *) tail -n 30 "$OUT/$log"; stamp "MEMCHECK FAILED (see $log)"; status=1 ;;
     esac
   }

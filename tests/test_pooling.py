@@ -1743,6 +1743,34 @@ def test_cuda_graph_capture_and_replay(cuda_device):
         assert_bitwise_equal(got, expected)
 
 
+def test_cuda_ops_that_must_sync_refuse_graph_capture_and_leave_no_error(cuda_device):
+    # expand/unpack without total and word_boundaries read a size from the device (a
+    # host sync), which capture forbids: they raise, saying what to do, before touching
+    # the stream, so the user's capture stays valid; and the next, valid calls do not
+    # report a stale error of tokcore's own CUDA runtime.
+    c = cuda_device
+    y, off = torch.randn(4, 8, device=c), t64([0, 2, 4, 6, 8]).to(c)
+    b, cu = as_bytes_tensor(b"hello, world").to(c), t64([0, 12]).to(c)
+    calls = {"segment_expand": (lambda: segment_expand(y, off), "total=None reads the number of rows .* pass total"),
+             "segment_unpack": (lambda: segment_unpack(y.view(4, 1, 8), off),
+                                "total=None reads the number of rows .* pass total"),
+             "word_boundaries": (lambda: word_boundaries(b, cu),
+                                 "the number of words sizes the output .* find the words before capturing")}
+    for name, (call, message) in calls.items():
+        call()  # warm up (allocations) outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match=f"tokcore.{name}: {message}"):
+            with torch.cuda.graph(graph):
+                segment_expand(y, off, 8)  # fine under capture (its check is skipped)
+                call()
+        expected = segment_expand(y.cpu(), off.cpu(), 8)
+        assert torch.equal(segment_expand(y, off, 8).cpu(), expected)  # no stale error
+        assert torch.equal(segment_expand(y, off).cpu(), expected)
+    assert word_boundaries(b, cu)[0].tolist() == [0, 6, 12]
+    torch.cuda.synchronize()
+
+
 # Invalid offsets for 6 rows (S <= 4), one of each kind of mistake.
 BAD_OFFSETS = [[0, 100, 6], [0, -50, 6], [0, 5, 2], [3, 1, 6], [0, 2, 1000000], [1, 0, 7],
                [0, 6, 6, 5, 9]]

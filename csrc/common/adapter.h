@@ -199,9 +199,25 @@ struct CudaContext {
       : guard(t.get_device_index()), stream(current_cuda_stream(t.get_device_index())) {}
 };
 
-// Raises the error of a tokcore CUDA launcher (a cudaError_t as int; 0 is success).
+// Raises the error of a tokcore CUDA launcher (a cudaError_t as int; 0 is success),
+// clearing it from tokcore's CUDA runtime so that the next call does not report it
+// again. A kernel fault is reported by the next call that syncs, so it may come
+// from an earlier launch.
 inline void check_cuda(int error, const char* op) {
-  TOKCORE_CHECK(error == 0, op, "CUDA error: ", cuda_error_string(error));
+  if (error == 0) return;
+  clear_cuda_error();
+  fail(op, "CUDA error: ", cuda_error_string(error),
+       " (an error of an asynchronous launch can surface in a later call; CUDA_LAUNCH_BLOCKING=1 pins it down)");
+}
+
+// Ops that must read from the device to size their output (a host sync) cannot run
+// while `stream` is being captured into a CUDA graph; raises, naming op, before the
+// stream is touched (a failed sync would also end the user's capture). `needs` says
+// what is read, `instead` what to do.
+inline void check_not_capturing(void* stream, const char* op, const char* needs, const char* instead) {
+  int capturing = 0;
+  check_cuda(cuda_stream_is_capturing(stream, &capturing), op);
+  TOKCORE_CHECK(!capturing, op, needs, " (a host sync), which CUDA graph capture does not allow; ", instead);
 }
 
 // What the CUDA offsets check reads on its way: the last entry, and the most rows

@@ -45,6 +45,8 @@ __global__ void validate_offsets_kernel(const int64_t* offsets, int64_t n, int64
 
 const char* cuda_error_string(int error) { return cudaGetErrorString(cudaError_t(error)); }
 
+void clear_cuda_error() { (void)cudaGetLastError(); }
+
 int validate_offsets_cuda(const int64_t* offsets, int64_t n, int64_t total, int64_t* device_scratch,
                           int64_t* host_result, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);

@@ -24,4 +24,9 @@ int cuda_stream_is_capturing(void* stream, int* capturing);
 // The message of a cudaError_t returned by any tokcore launcher.
 const char* cuda_error_string(int error);
 
+// Clears the last error of tokcore's own CUDA runtime (linked statically, so torch
+// never clears it): a failed call leaves its error there, and the next launch's
+// cudaGetLastError would report it as its own. Called once the error is raised.
+void clear_cuda_error();
+
 }  // namespace tokcore

@@ -59,6 +59,8 @@ int64_t output_rows(const Tensor& offsets, std::optional<int64_t> total, const c
     return offsets.const_data_ptr<int64_t>()[offsets.size(0) - 1];
   }
   CudaContext ctx(offsets);
+  adapter::check_not_capturing(ctx.stream, op, "total=None reads the number of rows from offsets on the device",
+                               "pass total");
   return adapter::validated_offsets_cuda(offsets, adapter::kAnyEnd, ctx.stream, op, "offsets").end;
 }
 
@@ -95,6 +97,8 @@ std::tuple<Tensor, Tensor> word_boundaries(Tensor bytes, Tensor cu_seqlens, int6
     return {word_offsets, word_cu};
   }
   CudaContext ctx(bytes);
+  adapter::check_not_capturing(ctx.stream, op, "the number of words sizes the output and is read from the device",
+                               "find the words before capturing");
   adapter::validated_offsets_cuda(cu_seqlens, {T, "len(bytes)"}, ctx.stream, op, "cu_seqlens");
   const size_t ws_bytes = word_boundaries_workspace_cuda(T);
   Tensor workspace =
