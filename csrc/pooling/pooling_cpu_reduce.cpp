@@ -227,7 +227,11 @@ inline auto attains_lanes(V v, V result) {
 // back. Measured on one core (Zen 5, D = 256, make cpp-bench, mean) against 8
 // chains: AVX-512 bf16 19.5 -> 35.3 GB/s, f32 37.7 -> 41.1; AVX2 bf16 13.9 ->
 // 17.9, f32 28.8 -> 31.3; SSE2 bf16 11.2 -> 16.4, f32 the same (17), despite the
-// register spills that 16 chains cost there.
+// register spills that 16 chains cost there. Software prefetch of each row 1-8 KB
+// ahead (to start the next 4 KB page before the hardware prefetcher does) was tried
+// on the 2-core VM (f32, T = 2^20, D = 256, calls alternating in one process): 4-15%
+// slower while memory was fast (16.6 ms without), 8-13% faster while it was slow
+// (30 ms without), so it is not used.
 template <typename T, Reduce R, int kLoads, bool kStream>
 inline void reduce_tiles(const T* x, int64_t D, RowRange rows, acc_t<T> divisor, int64_t& d0, T* out) {
   using L = Lanes<T>;
