@@ -280,8 +280,15 @@ def stdlib_text(nbytes: int) -> bytes:
 WORD_RE = re.compile(rb"[ \t\n\r\v\f]*[^ \t\n\r\v\f]*")  # a rough regex splitter, for scale only
 
 
-def bench_word_boundaries(nbytes: int, device: torch.device, table: harness.Table, quick: bool) -> None:
-    text = stdlib_text(nbytes)
+def unbroken_text(nbytes: int) -> bytes:
+    """One word of nbytes: random A, C, G, T, as in an unwrapped DNA sequence. No byte
+    after the first starts a word, so the op only cuts it every max_word_bytes, and the
+    word spans every work chunk of the CPU kernel (64 KB) and of the CUDA one."""
+    g = torch.Generator().manual_seed(0)
+    return bytes(torch.tensor(list(b"ACGT"), dtype=torch.uint8)[torch.randint(0, 4, (nbytes,), generator=g)].numpy())
+
+
+def bench_word_boundaries(text: bytes, label: str, device: torch.device, table: harness.Table, quick: bool) -> None:
     data = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(device)
     cu = torch.tensor([0, len(text)], dtype=torch.int64, device=device)
     runs = dict(min_runs=2 if quick else 3, min_seconds=0.0, warmup_seconds=warmup_seconds(device, quick))
@@ -291,7 +298,7 @@ def bench_word_boundaries(nbytes: int, device: torch.device, table: harness.Tabl
                            min_runs=1, min_seconds=0.0)
     mbps_tok = len(text) / t_tok / 1e6
     mbps_re = len(sample) / t_re / 1e6
-    table.add(f"word_boundaries {len(text) / 1e6:.0f} MB stdlib text", "re.finditer (whitespace split)",
+    table.add(f"word_boundaries {len(text) / 1e6:.0f} MB {label}", "re.finditer (whitespace split)",
               t_tok * 1e3, t_re * 1e3 * len(text) / len(sample), mbps_tok / mbps_re, f"{mbps_tok:.0f} MB/s", "-",
               "-")
 
@@ -378,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     steps = [(f"segment ops {dtype}".replace("torch.", ""),
               lambda dtype=dtype: bench_segment_reduce(T, D, dtype, device, copy, table, args.quick))
              for dtype in dtypes]
-    steps.append(("word_boundaries", lambda: bench_word_boundaries(text_bytes, device, table, args.quick)))
+    steps.append(("word_boundaries", lambda: bench_word_boundaries(stdlib_text(text_bytes), "stdlib text", device,
+                                                                   table, args.quick)))
+    steps.append(("word_boundaries, one word", lambda: bench_word_boundaries(
+        unbroken_text(text_bytes), "of one word (ACGT...)", device, table, args.quick)))
     tables = [table]
     setting, what, (on_name, off_name), note = ON_OFF_TABLES[device.type]
     on_off = harness.Table(f"{what}, on and off (T={T}, D={D})",

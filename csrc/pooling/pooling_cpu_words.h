@@ -83,6 +83,11 @@ void for_each_word_start_in_chunk_cpu(const uint8_t* bytes, const int64_t* cu, i
   };
   int64_t next_seq = sequence_of(cu, B, lo);  // cu[next_seq] <= lo: check it first
   for (int64_t q = lo; q < total_bytes; q += 64) {
+    // Past the chunk, only the end of its last word is looked for. A chunk without a
+    // word start owns nothing: without this return it walked on to the next start,
+    // so every chunk inside one long word walked to that word's end, quadratic in
+    // the word (100 MB of one unbroken ACGT sequence took 10.9 s, now 36 ms).
+    if (q >= hi && open < 0) return;
     const int n = int(total_bytes - q < 64 ? total_bytes - q : 64);
     const uint64_t valid = n == 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1;
     const ByteClassMasks m = classify_block(bytes + q, n);
