@@ -621,6 +621,22 @@ def test_word_boundaries_large_random_stream(device, seed):
         assert torch.equal(wo.cpu(), ewo) and torch.equal(wc.cpu(), ewc)
 
 
+def test_word_boundaries_many_sequences(device):
+    # More sequences than the CPU's word_cu ranges hold (16384 entries each), many of
+    # them empty or one byte long: each range finds its first count by a binary search
+    # and the rest by a merge, which must agree with the reference at every boundary.
+    g = torch.Generator().manual_seed(7)
+    n = 30_000
+    data = bytes(b" a.\xc3\xa9"[i] for i in torch.randint(0, 5, (n,), generator=g).tolist())
+    cuts = sorted(torch.randint(0, n + 1, (50_000,), generator=g).tolist())
+    cu = t64([0] + cuts + [n])
+    b = as_bytes_tensor(data)
+    for max_word_bytes in (4, 16):
+        wo, wc = word_boundaries(b.to(device), cu.to(device), max_word_bytes, "space")
+        ewo, ewc = ref.word_boundaries(b, cu, max_word_bytes, "space")
+        assert torch.equal(wo.cpu(), ewo) and torch.equal(wc.cpu(), ewc)
+
+
 def test_word_boundaries_words_longer_than_a_work_chunk(device):
     # The kernels split the stream into chunks (64 KiB on the CPU, 256 bytes on CUDA);
     # a chunk's worker owns the words that start in it and walks them past its end.

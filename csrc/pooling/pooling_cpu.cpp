@@ -53,7 +53,16 @@ void word_boundaries_fill_cpu(const Runtime& rt, const uint8_t* bytes, const int
     }
   });
   word_offsets[num_words] = total_bytes;
-  for (int64_t b = 0; b <= B; ++b) word_cu[b] = lower_bound(word_offsets, num_words, cu[b]);
+  // word_cu[b] = the number of word starts before cu[b]: one binary search per range
+  // of sequences, then a merge of the two sorted lists (a binary search per sequence,
+  // serially, made 10M one-byte sequences run at 26 MB/s)
+  parallel_for(rt, 0, B + 1, 1 << 14, [&](int64_t b0, int64_t b1) {
+    int64_t w = lower_bound(word_offsets, num_words, cu[b0]);
+    for (int64_t b = b0; b < b1; ++b) {
+      while (w < num_words && word_offsets[w] < cu[b]) ++w;
+      word_cu[b] = w;
+    }
+  });
 }
 
 void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets,
