@@ -29,7 +29,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
-import tokcore  # noqa: E402,F401
+import tokcore  # noqa: E402
 from tokcore.data import list_files, sample_batch, stdlib_dir  # noqa: E402
 from tokcore.pooling.lm import build_model  # noqa: E402
 from tokcore.pooling.train import resolve_model_config  # noqa: E402
@@ -238,14 +238,36 @@ def lm_train_step_workload(device: torch.device, quick: bool) -> dict[str, tuple
     return {f"HierarchicalByteLM train step ({size}, {batch} x {seq_len} bytes, f32)": (step, None)}
 
 
-def bench_setting_on_off(variable: str, on: str, off: str, workloads: dict[str, tuple], device: torch.device,
-                         table: harness.Table, quick: bool) -> None:
+def row_width_workloads(T: int, device: torch.device) -> dict[str, tuple]:
+    """The reduce forward and max backward on narrow rows, where the widest CPU
+    variant would leave much of each row to scalar code: name -> (call, bytes)."""
+    offsets = random_offsets(T, 1, 9, device)
+    S = offsets.numel() - 1
+    ops = torch.ops.tokcore
+    workloads = {}
+    for dtype, D in ((torch.float32, 8), (torch.float32, 40), (torch.bfloat16, 24), (torch.float16, 24)):
+        x = torch.randn(T, D, dtype=dtype, device=device)
+        grad_y = torch.randn(S, D, dtype=dtype, device=device)
+        y = ops.segment_reduce(x, offsets, "max")
+        name, size = f"{str(dtype).replace('torch.', '')}, D={D}", x.element_size()
+        workloads[f"segment_reduce mean fwd {name}"] = (
+            lambda x=x: ops.segment_reduce(x, offsets, "mean"), (T + S) * D * size)
+        workloads[f"segment_reduce max bwd {name}"] = (
+            lambda x=x, y=y, g=grad_y: ops.segment_reduce_backward(g, offsets, T, "max", x, y), 2 * (T + S) * D * size)
+    return workloads
+
+
+def bench_setting_on_off(variable: str, on: str | None, off: str, workloads: dict[str, tuple],
+                         device: torch.device, table: harness.Table, quick: bool) -> None:
     """Each workload with the environment variable (which tokcore reads on every call)
-    set to `on` and to `off`, calls taking turns so that both see the same memory
-    bandwidth; the ratio is off time / on time."""
-    def with_setting(value: str, fn: Callable[[], object]) -> Callable[[], object]:
+    set to `on` (None: unset) and to `off`, calls taking turns so that both see the
+    same memory bandwidth; the ratio is off time / on time."""
+    def with_setting(value: str | None, fn: Callable[[], object]) -> Callable[[], object]:
         def call():
-            os.environ[variable] = value
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
             return fn()
         return call
 
@@ -405,6 +427,20 @@ def main(argv: list[str] | None = None) -> int:
     steps.append((f"{setting[0]} on/off, a training step",
                   lambda: bench_setting_on_off(*setting, lm_train_step_workload(device, args.quick), device, on_off,
                                                args.quick)))
+    printed = [0] * len(tables)
+    if device.type == "cpu" and tokcore.cpu_isa() == "avx512":
+        # the reduce's variant chosen per row width (TOKCORE_CPU_ISA unset) against the
+        # AVX-512 build forced for every width
+        rows = (1 << 14) if args.quick else (1 << 22)
+        by_width = harness.Table(f"CPU kernel variant chosen by row width, against AVX-512 forced (T={rows})",
+                                 ["workload", "compared with", "chosen ms", "AVX-512 ms", "ratio (AVX-512/chosen)",
+                                  "chosen GB/s", "AVX-512 GB/s"])
+        by_width.notes.append("same op, same inputs; TOKCORE_CPU_ISA unset (the variant whose vectors fit the row: "
+                              "AVX2 for f32 D=8 and 40 and f16 D=24, baseline for bf16 D=24) against "
+                              "TOKCORE_CPU_ISA=avx512, calls alternating; same bits either way")
+        tables.append(by_width)
+        steps.append(("CPU variant by row width", lambda: bench_setting_on_off(
+            "TOKCORE_CPU_ISA", None, "avx512", row_width_workloads(rows, device), device, by_width, args.quick)))
     printed = [0] * len(tables)
     with tqdm(steps, desc="bench pooling", unit="workload", disable=args.quick) as bar:
         for name, run in bar:

@@ -65,12 +65,25 @@ void word_boundaries_fill_cpu(const Runtime& rt, const uint8_t* bytes, const int
   });
 }
 
+#if defined(TOKCORE_HAVE_X86_ISA_KERNELS)
+namespace {
+// The variant that reduces rows of D features of dtype: the one TOKCORE_CPU_ISA
+// names, else the best fit for the row (isa_for_row, tokcore/common/cpu_isa.h).
+CpuIsa reduce_isa(DType dtype, int64_t D) {
+  if (cpu_isa_forced()) return cpu_isa();
+  const int64_t lanes[3] = {isa_base::vector_features(dtype), isa_avx2::vector_features(dtype),
+                            isa_avx512::vector_features(dtype)};
+  return isa_for_row(cpu_isa(), D, lanes);
+}
+}  // namespace
+#endif
+
 void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets,
                         int64_t S, int64_t T, int64_t D, Reduce reduce, void* y) {
   // The forward and backward reduce are the CPU kernels whose speed is
   // arithmetic-bound: built per instruction set (pooling_cpu_reduce.cpp), picked here.
 #if defined(TOKCORE_HAVE_X86_ISA_KERNELS)
-  switch (cpu_isa()) {
+  switch (reduce_isa(dtype, D)) {
     case CpuIsa::kAvx512: return isa_avx512::segment_reduce_cpu(rt, dtype, x, offsets, S, T, D, reduce, y);
     case CpuIsa::kAvx2: return isa_avx2::segment_reduce_cpu(rt, dtype, x, offsets, S, T, D, reduce, y);
     case CpuIsa::kBase: break;
@@ -82,9 +95,9 @@ void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int
 void segment_reduce_backward_cpu(const Runtime& rt, DType dtype, const void* grad_y, const void* x,
                                  const void* y, const int64_t* offsets, int64_t S, int64_t T,
                                  int64_t D, Reduce reduce, void* grad_x) {
-  // Built per instruction set too (pooling_cpu_reduce.cpp).
+  // Built per instruction set too (pooling_cpu_reduce.cpp), and picked alike.
 #if defined(TOKCORE_HAVE_X86_ISA_KERNELS)
-  switch (cpu_isa()) {
+  switch (reduce_isa(dtype, D)) {
     case CpuIsa::kAvx512:
       return isa_avx512::segment_reduce_backward_cpu(rt, dtype, grad_y, x, y, offsets, S, T, D, reduce, grad_x);
     case CpuIsa::kAvx2:

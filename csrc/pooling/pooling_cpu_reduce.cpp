@@ -662,6 +662,15 @@ void segment_reduce_backward_cpu(const Runtime& rt, DType dtype, const void* gra
   });
 }
 
+int64_t vector_features(DType dtype) {
+#if !defined(__AVX512F__) && !defined(__AVX2__)
+  if (dtype == DType::kFloat16) return 0;  // the baseline build converts f16 lane by lane
+#endif
+  int64_t n = 0;
+  dispatch_float_types(dtype, [&](auto* tag) { n = Lanes<std::remove_pointer_t<decltype(tag)>>::N; });
+  return n;
+}
+
 void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets,
                         int64_t S, int64_t T, int64_t D, Reduce reduce, void* y) {
   dispatch_float_types(dtype, [&](auto* tag) {

@@ -47,6 +47,8 @@ void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int
 // (pooling_cpu_reduce.cpp); the two functions above and below pick one at run
 // time (tokcore/common/cpu_isa.h).
 #define TOKCORE_POOLING_CPU_ISA_KERNELS                                                           \
+  /* features per vector load of dtype in this build (0: lane by lane) */                         \
+  int64_t vector_features(DType dtype);                                                           \
   void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets,  \
                           int64_t S, int64_t T, int64_t D, Reduce reduce, void* y);               \
   void segment_reduce_backward_cpu(const Runtime& rt, DType dtype, const void* grad_y,            \

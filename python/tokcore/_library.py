@@ -51,8 +51,9 @@ _CPU_ISA_NAMES = {0: "base", 1: "avx2", 2: "avx512"}  # the values TOKCORE_CPU_I
 
 def cpu_isa() -> str:
     """The instruction set of the CPU kernels built for several ("base": baseline
-    x86-64, "avx2" or "avx512"): the best this CPU runs, capped by
-    TOKCORE_CPU_ISA=base|avx2|avx512."""
+    x86-64, "avx2" or "avx512"): the one TOKCORE_CPU_ISA=base|avx2|avx512 picks, else
+    the best this CPU runs; the CPU's support caps both. With TOKCORE_CPU_ISA unset, a
+    reduce whose rows fit a narrower variant's vectors better runs that one (same bits)."""
     return _CPU_ISA_NAMES[int(torch.ops.tokcore._cpu_isa_level())]
 
 

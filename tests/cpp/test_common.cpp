@@ -8,6 +8,7 @@
 #include <limits>
 #include <utility>
 
+#include "tokcore/common/cpu_isa.h"
 #include "tokcore/common/dtype.h"
 #include "tokcore/common/env.h"
 #include "tokcore/common/offsets.h"
@@ -102,4 +103,27 @@ TEST(Env, CountsAreDigitsOnly) {
     EXPECT_EQ(env_count(name, 7), expected) << "'" << value << "'";
   }
   unsetenv(name);
+}
+
+// The variant for a row: the widest whose vectors hold at least 7/8 of it, else the
+// one holding most (the wider on a tie); never wider than the cap.
+TEST(CpuIsa, RowWidthPicksTheVariant) {
+  const int64_t f32[3] = {4, 8, 16};  // base, AVX2, AVX-512 lanes
+  const int64_t bf16[3] = {8, 16, 32};
+  const int64_t f16[3] = {0, 8, 16};  // the baseline build converts f16 lane by lane
+  const CpuIsa top = CpuIsa::kAvx512;
+  EXPECT_EQ(isa_for_row(top, 256, f32), CpuIsa::kAvx512);
+  EXPECT_EQ(isa_for_row(top, 100, f32), CpuIsa::kAvx512);  // 96 of 100 in 16-lane vectors
+  EXPECT_EQ(isa_for_row(top, 40, f32), CpuIsa::kAvx2);     // 32 of 40 < 7/8; AVX2 holds all
+  EXPECT_EQ(isa_for_row(top, 8, f32), CpuIsa::kAvx2);
+  EXPECT_EQ(isa_for_row(top, 12, f32), CpuIsa::kBase);
+  EXPECT_EQ(isa_for_row(top, 7, f32), CpuIsa::kBase);      // none reaches 7/8: base holds most (4)
+  EXPECT_EQ(isa_for_row(top, 3, f32), CpuIsa::kAvx512);    // no vector anywhere: the widest
+  EXPECT_EQ(isa_for_row(top, 24, bf16), CpuIsa::kBase);
+  EXPECT_EQ(isa_for_row(top, 48, bf16), CpuIsa::kAvx2);
+  EXPECT_EQ(isa_for_row(top, 24, f16), CpuIsa::kAvx2);
+  EXPECT_EQ(isa_for_row(top, 4, f16), CpuIsa::kAvx512);    // base has no f16 vectors
+  EXPECT_EQ(isa_for_row(CpuIsa::kAvx2, 256, f32), CpuIsa::kAvx2);  // the cap holds
+  EXPECT_EQ(isa_for_row(CpuIsa::kBase, 8, f32), CpuIsa::kBase);
+  EXPECT_EQ(isa_for_row(top, 0, f32), CpuIsa::kAvx512);
 }
