@@ -52,7 +52,7 @@ inline CpuIsa cpu_isa() {
 // (lanes[isa] features each; 0 where that build has none for the dtype) hold at
 // least 7/8 of a row, else the one whose vectors hold most of it (the wider on a
 // tie). The rest of a row goes through scalar code, which on the 2-core Zen 5 VM
-// made the AVX-512 build 2-5x slower than a narrower one whose vectors fit the row:
+// made the AVX-512 build up to 9x slower than a narrower one whose vectors fit the row:
 // bf16 D = 24, max backward 3.9 GB/s (base: 29.3); f32 D = 8, 6.5 GB/s (AVX2: 34.6).
 inline CpuIsa isa_for_row(CpuIsa cap, int64_t D, const int64_t lanes[3]) {
   if (D <= 0) return cap;
