@@ -427,7 +427,6 @@ def main(argv: list[str] | None = None) -> int:
     steps.append((f"{setting[0]} on/off, a training step",
                   lambda: bench_setting_on_off(*setting, lm_train_step_workload(device, args.quick), device, on_off,
                                                args.quick)))
-    printed = [0] * len(tables)
     if device.type == "cpu" and tokcore.cpu_isa() == "avx512":
         # the reduce's variant chosen per row width (TOKCORE_CPU_ISA unset) against the
         # AVX-512 build forced for every width
