@@ -243,9 +243,7 @@ int64_t check_offsets_cuda(const Tensor& offsets, OffsetsEnd end, void* stream, 
                            const char* arg) {
   const char* setting = std::getenv("TOKCORE_CUDA_CHECK_OFFSETS");
   if (setting != nullptr && std::string(setting) == "0") return -1;
-  int capturing = 0;
-  check_cuda(cuda_stream_is_capturing(stream, &capturing), op);
-  return capturing ? -1 : validated_offsets_cuda(offsets, end, stream, op, arg).longest;
+  return stream_is_capturing(stream, op) ? -1 : validated_offsets_cuda(offsets, end, stream, op, arg).longest;
 }
 
 void* current_cuda_stream(int32_t device_index) {

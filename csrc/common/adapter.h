@@ -210,14 +210,20 @@ inline void check_cuda(int error, const char* op) {
        " (an error of an asynchronous launch can surface in a later call; CUDA_LAUNCH_BLOCKING=1 pins it down)");
 }
 
+// Whether `stream` is being captured into a CUDA graph, where no host sync is allowed.
+inline bool stream_is_capturing(void* stream, const char* op) {
+  int capturing = 0;
+  check_cuda(cuda_stream_is_capturing(stream, &capturing), op);
+  return capturing != 0;
+}
+
 // Ops that must read from the device to size their output (a host sync) cannot run
 // while `stream` is being captured into a CUDA graph; raises, naming op, before the
 // stream is touched (a failed sync would also end the user's capture). `needs` says
 // what is read, `instead` what to do.
 inline void check_not_capturing(void* stream, const char* op, const char* needs, const char* instead) {
-  int capturing = 0;
-  check_cuda(cuda_stream_is_capturing(stream, &capturing), op);
-  TOKCORE_CHECK(!capturing, op, needs, " (a host sync), which CUDA graph capture does not allow; ", instead);
+  TOKCORE_CHECK(!stream_is_capturing(stream, op), op, needs,
+                " (a host sync), which CUDA graph capture does not allow; ", instead);
 }
 
 // What the CUDA offsets check reads on its way: the last entry, and the most rows
