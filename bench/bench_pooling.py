@@ -257,6 +257,40 @@ def row_width_workloads(T: int, device: torch.device) -> dict[str, tuple]:
     return workloads
 
 
+def bench_narrow_rows(T: int, device: torch.device, table: harness.Table, quick: bool) -> None:
+    """Per-word scalars and small vectors expanded to every row of their word, and
+    the mean backward, which writes the same rows: rows of a few bytes, where a
+    segment's bytes cost less than stepping from one segment to the next."""
+    offsets = random_offsets(T, 1, 9, device)
+    S = offsets.numel() - 1
+    lengths = offsets.diff()
+    segment_ids = torch.repeat_interleave(torch.arange(S, device=device), lengths)
+    ops = torch.ops.tokcore
+    timing = dict(rounds=2 if quick else 9, warmup_seconds=warmup_seconds(device, quick))
+    for dtype, D in ((torch.float32, 1), (torch.float32, 4), (torch.float32, 8), (torch.bfloat16, 1),
+                     (torch.bfloat16, 16)):
+        name, size = f"{str(dtype).replace('torch.', '')}, D={D}", dtype.itemsize
+        y = torch.randn(S, D, dtype=dtype, device=device)
+        reused = torch.empty(T, D, dtype=dtype, device=device)
+        x = torch.randn(T, D, dtype=dtype, device=device, requires_grad=True)
+        pooled = torch.segment_reduce(x, "mean", lengths=lengths, axis=0)
+        nbytes = (T + S) * D * size
+        rows = [
+            ("segment_expand fwd", lambda y=y: ops.segment_expand(y, offsets, T), {
+                "index_select": lambda y=y: y.index_select(0, segment_ids),
+                "index_select into a reused buffer":
+                    lambda y=y, out=reused: torch.index_select(y, 0, segment_ids, out=out)}),
+            ("segment_reduce mean bwd", lambda y=y: ops.segment_reduce_backward(y, offsets, T, "mean"), {
+                "torch.segment_reduce": lambda y=y, p=pooled, x=x: torch.autograd.grad(p, x, y, retain_graph=True)}),
+        ]
+        for workload, tok, peers in rows:
+            times = harness.time_interleaved({"tokcore": tok, **peers}, device, **timing)
+            t_tok = times.pop("tokcore")
+            for peer, t_peer in times.items():
+                table.add(f"{workload} {name}", peer, t_tok * 1e3, t_peer * 1e3, t_peer / t_tok,
+                          harness.gbps(nbytes, t_tok))
+
+
 def bench_setting_on_off(variable: str, on: str | None, off: str, workloads: dict[str, tuple],
                          device: torch.device, table: harness.Table, quick: bool) -> None:
     """Each workload with the environment variable (which tokcore reads on every call)
@@ -440,6 +474,16 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(by_width)
         steps.append(("CPU variant by row width", lambda: bench_setting_on_off(
             "TOKCORE_CPU_ISA", None, "avx512", row_width_workloads(rows, device), device, by_width, args.quick)))
+    if device.type == "cpu":
+        rows = (1 << 14) if args.quick else (1 << 22)
+        narrow = harness.Table(f"narrow rows: per-word scalars and small vectors (T={rows}, word lengths 1..9)",
+                               ["workload", "peer", "tokcore ms", "peer ms", "speedup (peer/tokcore)", "tokcore GB/s"])
+        narrow.notes.append("rows of 2 to 32 bytes are written in runs of one segment's row repeated, spilling into "
+                            "the next segment's rows (csrc/pooling/pooling_cpu_segments.h); GB/s counts S*D read "
+                            "+ T*D written; outputs under 16 MB come fresh from the allocator (page faults) for "
+                            "tokcore and index_select alike")
+        tables.append(narrow)
+        steps.append(("narrow rows", lambda: bench_narrow_rows(rows, device, narrow, args.quick)))
     printed = [0] * len(tables)
     with tqdm(steps, desc="bench pooling", unit="workload", disable=args.quick) as bar:
         for name, run in bar:

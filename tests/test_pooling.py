@@ -768,6 +768,30 @@ def test_segment_ops_on_words_and_a_long_segment(device, dtype):
                          ref.segment_pack(x[:9005], few, 9000))
 
 
+# rows of 2, 4, 8, 16 and 32 bytes
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 1), (torch.float32, 1), (torch.float16, 4), (torch.float64, 2),
+                                     (torch.float32, 8)], ids=str)
+def test_narrow_rows_expand_and_backward_over_many_row_ranges(device, dtype, D):
+    # Rows of 2 to 32 bytes: the CPU writes a word's rows with one run of its row
+    # repeated, spilling into the next word's rows, and shares the output's rows out
+    # in ranges of 65536; 200000 rows make several ranges, whose edges fall inside
+    # words, empty segments and a long segment.
+    g = torch.Generator().manual_seed(17)
+    lengths = torch.randint(0, 12, (33000,), generator=g)
+    lengths[5000] = 70000  # a long segment across a range edge
+    lengths[-1] = 0        # an empty last segment
+    offsets = torch.cat([t64([0]), lengths.cumsum(0)])
+    S, T = offsets.numel() - 1, int(offsets[-1])
+    assert T > 3 * 65536
+    y = (torch.randn(S, D, generator=g, dtype=torch.float64) * 3).to(dtype)
+    dev_offsets = offsets.to(device)
+    assert_bitwise_equal(segment_expand(y.to(device), dev_offsets, T).cpu(), ref.segment_expand(y, offsets))
+    x = torch.zeros(T, D, dtype=dtype)
+    for reduce in ("sum", "mean"):
+        grad_x = ops().segment_reduce_backward(y.to(device), dev_offsets, T, reduce).cpu()
+        check_reduce_grad(grad_x, y, x, offsets, reduce)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("reduce", REDUCES)
 @given(data=st.data())

@@ -115,6 +115,9 @@ void segment_expand_cpu(const Runtime& rt, DType dtype, const void* y, const int
     const V* src = static_cast<const V*>(y);
     V* dst = static_cast<V*>(x);
     const int64_t row_bytes = D * int64_t(sizeof(V));
+    if (narrow_rows(row_bytes))
+      return fill_narrow_rows(rt, row_bytes, offsets, S, T, dst,
+                              [&](int64_t s, uint8_t* row) { std::memcpy(row, src + s * D, size_t(row_bytes)); });
     const RowWriter writer{use_streaming_stores(dst, T * row_bytes, row_bytes)};
     for_each_segment_part(
         rt, S, segment_grain(S, T, D), shared_segment_rows(rt.threads, T),

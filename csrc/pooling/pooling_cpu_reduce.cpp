@@ -465,6 +465,19 @@ void scale_to_rows(const Runtime& rt, const T* grad_y, const int64_t* offsets, i
   constexpr int64_t kTile = 256;  // features scaled at once: a whole number of vectors
   static_assert(kTile % L::N == 0, "a tile is whole vectors");
   const int64_t row_bytes = D * int64_t(sizeof(T));
+  if (narrow_rows(row_bytes)) {  // rows of a few features (pooling_cpu_segments.h)
+    return fill_narrow_rows(rt, row_bytes, offsets, S, T_, grad_x, [&](int64_t s, uint8_t* row) {
+      if (R == Reduce::kSum) {  // the scale is 1: grad_y's row as it is
+        std::memcpy(row, grad_y + s * D, size_t(row_bytes));
+        return;
+      }
+      // scaled as the tiles' scalar tail below scales: the same bits
+      const A scale = reduce_grad_scale<R, A>(offsets[s + 1] - offsets[s]);
+      T scaled[32 / sizeof(T)];
+      for (int64_t j = 0; j < D; ++j) scaled[j] = from_acc<T>(to_acc(grad_y[s * D + j]) * scale);
+      std::memcpy(row, scaled, size_t(row_bytes));
+    });
+  }
   const RowWriter writer{use_streaming_stores(grad_x, T_ * row_bytes, row_bytes)};
   const auto rows_of = [&](int64_t s) { return segment_rows(offsets, s, T_); };
   for_each_segment_part(rt, S, segment_grain(S, T_, D), shared_segment_rows(rt.threads, T_), rows_of,

@@ -6,8 +6,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "pooling_kernels.h"
 
@@ -113,6 +118,86 @@ void for_each_segment_part(const Runtime& rt, int64_t S, int64_t grain, int64_t 
     });
     finish();
   });
+}
+
+// ---- Narrow rows: per-word scalars or small vectors (rows of 2 to 32 bytes, say
+// f32 D = 1 to 8) written to every row of their segment (expand, the sum/mean
+// backward). Row by row, each word of 1-9 rows costs a mispredicted loop exit,
+// more than its bytes: f32 D = 1 expand took 7.9 ms at T = 2^22, 1.2x
+// index_select, and D = 8 twice as long as D = 4. Here the output's rows are
+// shared out in ranges, and a segment of at most kNarrowRunRows rows is written
+// with one fixed run of 16-byte stores of its row repeated. The run may spill past
+// the segment's end, into rows of later segments of the same range: the same
+// thread writes those afterwards. Long segments need no special care: a range
+// takes whatever part of a segment falls in it.
+
+// Whether rows of row_bytes take this path.
+inline bool narrow_rows(int64_t row_bytes) {
+  return row_bytes == 2 || row_bytes == 4 || row_bytes == 8 || row_bytes == 16 || row_bytes == 32;
+}
+
+// Rows of one run: 16 (a run of 32 to 256 bytes), 8 for 32-byte rows.
+template <size_t kRowBytes>
+constexpr int64_t kNarrowRunRows = kRowBytes <= 16 ? 16 : int64_t(256 / kRowBytes);
+
+// Output rows per parallel task.
+constexpr int64_t kNarrowTaskRows = int64_t(1) << 16;
+
+// Writes every row t of out [T rows of kRowBytes] with the row of its segment s,
+// which row_of(s, row) puts into row[kRowBytes]. Requires valid offsets.
+template <size_t kRowBytes, typename RowOf>
+void fill_narrow_rows(const Runtime& rt, const int64_t* offsets, int64_t S, int64_t T, void* out,
+                      const RowOf& row_of) {
+  static_assert(kRowBytes % 2 == 0 && kRowBytes <= 32 && (kRowBytes & (kRowBytes - 1)) == 0,
+                "a power of two from 2 to 32 bytes");
+  constexpr int64_t kRun = kNarrowRunRows<kRowBytes>;
+  parallel_for(rt, 0, T, kNarrowTaskRows, [&](int64_t r0, int64_t r1) {
+    uint8_t* dst = static_cast<uint8_t*>(out);
+    // the segment holding row r0: the last s with offsets[s] <= r0 (then offsets[s + 1] > r0)
+    int64_t s = int64_t(std::upper_bound(offsets, offsets + S + 1, r0) - offsets) - 1;
+    for (; s < S && offsets[s] < r1; ++s) {
+      const int64_t begin = std::max(offsets[s], r0), end = std::min(offsets[s + 1], r1);
+      if (end <= begin) continue;  // an empty segment
+      alignas(16) uint8_t row[kRowBytes];
+      row_of(s, row);
+      uint8_t* p = dst + begin * int64_t(kRowBytes);
+      if (end - begin <= kRun && begin + kRun <= r1) {
+#if defined(__SSE2__)
+        __m128i lanes[kRowBytes > 16 ? 2 : 1];  // 16 bytes of the run's repeating pattern
+        if constexpr (kRowBytes >= 16) {
+          for (size_t k = 0; k < kRowBytes / 16; ++k) lanes[k] = _mm_load_si128(reinterpret_cast<const __m128i*>(row) + k);
+        } else {  // broadcast from a register (16 bytes stored piecewise and loaded back stall)
+          uint64_t bits = 0;
+          std::memcpy(&bits, row, kRowBytes);
+          if constexpr (kRowBytes == 2) lanes[0] = _mm_set1_epi16(short(bits));
+          else if constexpr (kRowBytes == 4) lanes[0] = _mm_set1_epi32(int(bits));
+          else lanes[0] = _mm_set1_epi64x((long long)bits);
+        }
+        constexpr size_t kLanes = sizeof lanes / sizeof lanes[0];
+        for (size_t i = 0; i < size_t(kRun) * kRowBytes / 16; ++i)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(p) + i, lanes[i % kLanes]);
+#else
+        for (int64_t k = 0; k < kRun; ++k) std::memcpy(p + k * int64_t(kRowBytes), row, kRowBytes);
+#endif
+      } else {
+        for (int64_t t = begin; t < end; ++t, p += kRowBytes) std::memcpy(p, row, kRowBytes);
+      }
+    }
+  });
+}
+
+// fill_narrow_rows for a row_bytes that narrow_rows accepts.
+template <typename RowOf>
+void fill_narrow_rows(const Runtime& rt, int64_t row_bytes, const int64_t* offsets, int64_t S, int64_t T,
+                      void* out, const RowOf& row_of) {
+  switch (row_bytes) {
+    case 2: return fill_narrow_rows<2>(rt, offsets, S, T, out, row_of);
+    case 4: return fill_narrow_rows<4>(rt, offsets, S, T, out, row_of);
+    case 8: return fill_narrow_rows<8>(rt, offsets, S, T, out, row_of);
+    case 16: return fill_narrow_rows<16>(rt, offsets, S, T, out, row_of);
+    case 32: return fill_narrow_rows<32>(rt, offsets, S, T, out, row_of);
+    default: break;
+  }
 }
 
 }  // namespace pooling

@@ -233,6 +233,72 @@ TEST(SegmentParts, LongSegmentsCutIntoPiecesGiveTheSameRows) {
   }
 }
 
+namespace {
+// A parallel_for that cuts [begin, end) into pieces of g_piece and runs them last
+// first: a run of stores that spilled into another task's rows would be
+// overwritten (or left wrong) where the tasks' order matters.
+int64_t g_piece = 1;
+void pieces_last_first(int64_t begin, int64_t end, int64_t, void* ctx, void (*body)(void*, int64_t, int64_t)) {
+  for (int64_t hi = end; hi > begin;) {
+    const int64_t lo = std::max(begin, hi - g_piece);
+    body(ctx, lo, hi);
+    hi = lo;
+  }
+}
+
+// Expand and the sum/mean backward on rows of 2 to 32 bytes (fill_narrow_rows)
+// against a loop over the rows, for row ranges cut anywhere.
+template <typename T>
+void check_narrow_rows(DType dtype, int64_t D) {
+  SCOPED_TRACE("dtype " + std::to_string(int(dtype)) + ", D " + std::to_string(D));
+  ASSERT_TRUE(narrow_rows(D * int64_t(sizeof(T))));
+  std::mt19937 rng(int(D) * 7 + int(sizeof(T)));
+  std::vector<int64_t> off = {0};
+  std::uniform_int_distribution<int> word(1, 9), kind(0, 19);
+  while (off.size() < 400) {  // words, empty segments, runs a little longer than a run, long segments
+    const int k = kind(rng);
+    const int64_t length = k == 0 ? 0 : k == 1 ? 15 + word(rng) : k == 2 ? 40 * word(rng) : word(rng);
+    off.push_back(off.back() + length);
+  }
+  off.push_back(off.back());  // an empty last segment
+  const int64_t S = int64_t(off.size()) - 1, T_ = off.back();
+  std::uniform_real_distribution<float> dist(-3.0f, 3.0f);
+  std::vector<T> y(size_t(S * D));
+  for (auto& v : y) v = from_acc<T>(acc_t<T>(dist(rng)));
+  for (Reduce r : {Reduce::kMean, Reduce::kSum}) {
+    std::vector<T> expected(size_t(T_ * D));  // mean: scaled as the scalar rule scales; sum/expand: copied
+    for (int64_t s = 0; s < S; ++s) {
+      const acc_t<T> scale = reduce_grad_scale<Reduce::kMean, acc_t<T>>(off[s + 1] - off[s]);
+      for (int64_t t = off[s]; t < off[s + 1]; ++t)
+        for (int64_t j = 0; j < D; ++j)
+          expected[t * D + j] = r == Reduce::kSum ? y[s * D + j] : from_acc<T>(to_acc(y[s * D + j]) * scale);
+    }
+    for (int64_t piece : {int64_t(1), int64_t(7), int64_t(16), int64_t(17), int64_t(1000), T_}) {
+      g_piece = piece;
+      Runtime rt;
+      rt.parallel_for = &pieces_last_first;
+      rt.threads = 2;
+      std::vector<T> grad(size_t(T_ * D), from_acc<T>(acc_t<T>(-7)));
+      segment_reduce_backward_cpu(rt, dtype, y.data(), nullptr, nullptr, off.data(), S, T_, D, r, grad.data());
+      EXPECT_EQ(0, std::memcmp(grad.data(), expected.data(), grad.size() * sizeof(T))) << "backward, pieces " << piece;
+      if (r == Reduce::kSum) {
+        std::vector<T> expanded(size_t(T_ * D), from_acc<T>(acc_t<T>(-7)));
+        segment_expand_cpu(rt, dtype, y.data(), off.data(), S, T_, D, expanded.data());
+        EXPECT_EQ(0, std::memcmp(expanded.data(), expected.data(), expanded.size() * sizeof(T)))
+            << "expand, pieces " << piece;
+      }
+    }
+  }
+}
+}  // namespace
+
+TEST(SegmentParts, NarrowRowsMatchRowByRowForRangesCutAnywhere) {
+  for (int64_t D : {1, 2, 4, 8}) check_narrow_rows<float>(DType::kFloat32, D);
+  for (int64_t D : {1, 2, 4, 8, 16}) check_narrow_rows<bf16_t>(DType::kBFloat16, D);
+  for (int64_t D : {1, 2, 4, 8, 16}) check_narrow_rows<f16_t>(DType::kFloat16, D);
+  for (int64_t D : {1, 2, 4}) check_narrow_rows<double>(DType::kFloat64, D);
+}
+
 TEST(SegmentReduce, VectorPathMatchesScalarRulesForEveryDtype) {
   // D = 45 runs 32 features through the 16-byte vector path and 13 through the
   // scalar one; both must equal float accumulation + the scalar conversions.
