@@ -23,15 +23,17 @@ test-cpu-variants: setup
 	@for isa in avx512 avx2 base; do \
 	  echo "== TOKCORE_CPU_ISA=$$isa TOKCORE_CPU_STREAM_MIN_MB=0"; \
 	  TOKCORE_CPU_ISA=$$isa TOKCORE_CPU_STREAM_MIN_MB=0 $(VENV)/bin/python -m pytest -q tests/test_pooling.py \
-	    -k "random or fixed or gradcheck or ties or few_long or a_long_segment" || exit 1; \
+	    -k "random or fixed or gradcheck or ties or few_long or a_long_segment or narrow_rows" || exit 1; \
 	done
 
 # The torch-free core's GoogleTest suite and a short Google Benchmark run
-# (needs libgtest-dev and libbenchmark-dev; .ci/run installs them).
+# (needs libgtest-dev and libbenchmark-dev; .ci/run installs them); then the check
+# that no AVX code hides in a symbol the baseline kernels may share.
 cpp-test:
 	cmake -S . -B build/cpp -G Ninja -DTOKCORE_BUILD_EXTENSION=OFF -DTOKCORE_CUDA=OFF -DTOKCORE_BUILD_CPP_TESTS=ON
 	cmake --build build/cpp
 	cd build/cpp && ctest --output-on-failure
+	bash scripts/check_isa_objects.sh build/cpp
 
 cpp-bench: cpp-test
 	build/cpp/bench/cpp/tokcore_core_bench --benchmark_min_time=0.1
