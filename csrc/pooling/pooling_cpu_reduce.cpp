@@ -401,11 +401,11 @@ void reduce_shared_blocks(const Runtime& rt, const T* x, const int64_t* offsets,
 }
 
 // Narrow rows (f32 D = 1: per-byte scores pooled into words) cost a mispredicted
-// loop exit per word: on one thread of the 2-core VM (baseline build), T = 2^22, 17.4 ns a word of
-// 1-9 rows against 9.9 ns when every word has 9. Tried and not used: AVX-512
-// gathers of row k of 16 / D words at once, each lane a word in row order (the
-// same bits). Random lengths went 14.6 -> 12.7 ms, but equal lengths 4.6 -> 9.6 ms
-// and f32 D = 4 1.7x slower: a 16-lane gather cost about 130 cycles there.
+// loop exit per word: on one thread of the 2-core VM (baseline build, T = 2^22),
+// 17.4 ns a word of 1-9 rows against 9.9 ns when every word has 9. Tried and not
+// used: AVX-512 gathers of row k of 16 / D words at once, each lane a word in row
+// order (the same bits). Random lengths went 14.6 -> 12.7 ms, but equal lengths
+// 4.6 -> 9.6 ms and f32 D = 4 1.7x slower: a 16-lane gather cost about 130 cycles.
 template <typename T, Reduce R, bool kStream>
 void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t S, int64_t T_,
                  int64_t D, T* y) {
