@@ -122,14 +122,15 @@ void for_each_segment_part(const Runtime& rt, int64_t S, int64_t grain, int64_t 
 
 // ---- Narrow rows: per-word scalars or small vectors (rows of 2 to 32 bytes, say
 // f32 D = 1 to 8) written to every row of their segment (expand, the sum/mean
-// backward). Row by row, each word of 1-9 rows costs a mispredicted loop exit,
-// more than its bytes: f32 D = 1 expand took 7.9 ms at T = 2^22, 1.2x
-// index_select, and D = 8 twice as long as D = 4. Here the output's rows are
-// shared out in ranges, and a segment of at most kNarrowRunRows rows is written
-// with one fixed run of 16-byte stores of its row repeated. The run may spill past
-// the segment's end, into rows of later segments of the same range: the same
-// thread writes those afterwards. Long segments need no special care: a range
-// takes whatever part of a segment falls in it.
+// backward). Row by row, each word of 1-9 rows cost a mispredicted loop exit,
+// more than its bytes: f32 D = 1 expand took 9.1 ms at T = 2^22 (words 1..9,
+// bench_pooling's narrow-rows table), 1.1x index_select into a reused buffer;
+// this way 2.2 ms, 2.4x. Here the output's rows are shared out in ranges, and a
+// segment of at most kNarrowRunRows rows is written with one fixed run of 16-byte
+// stores of its row repeated. The run may spill past the segment's end, into rows
+// of later segments of the same range: the same thread writes those afterwards.
+// Long segments need no special care: a range takes whatever part of a segment
+// falls in it.
 
 // Whether rows of row_bytes take this path.
 inline bool narrow_rows(int64_t row_bytes) {
@@ -165,7 +166,8 @@ void fill_narrow_rows(const Runtime& rt, const int64_t* offsets, int64_t S, int6
 #if defined(__SSE2__)
         __m128i lanes[kRowBytes > 16 ? 2 : 1];  // 16 bytes of the run's repeating pattern
         if constexpr (kRowBytes >= 16) {
-          for (size_t k = 0; k < kRowBytes / 16; ++k) lanes[k] = _mm_load_si128(reinterpret_cast<const __m128i*>(row) + k);
+          for (size_t k = 0; k < kRowBytes / 16; ++k)
+            lanes[k] = _mm_load_si128(reinterpret_cast<const __m128i*>(row) + k);
         } else {  // broadcast from a register (16 bytes stored piecewise and loaded back stall)
           uint64_t bits = 0;
           std::memcpy(&bits, row, kRowBytes);

@@ -280,7 +280,8 @@ void check_narrow_rows(DType dtype, int64_t D) {
       rt.threads = 2;
       std::vector<T> grad(size_t(T_ * D), from_acc<T>(acc_t<T>(-7)));
       segment_reduce_backward_cpu(rt, dtype, y.data(), nullptr, nullptr, off.data(), S, T_, D, r, grad.data());
-      EXPECT_EQ(0, std::memcmp(grad.data(), expected.data(), grad.size() * sizeof(T))) << "backward, pieces " << piece;
+      EXPECT_EQ(0, std::memcmp(grad.data(), expected.data(), grad.size() * sizeof(T)))
+          << "backward, pieces " << piece;
       if (r == Reduce::kSum) {
         std::vector<T> expanded(size_t(T_ * D), from_acc<T>(acc_t<T>(-7)));
         segment_expand_cpu(rt, dtype, y.data(), off.data(), S, T_, D, expanded.data());
