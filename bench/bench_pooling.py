@@ -480,8 +480,9 @@ def main(argv: list[str] | None = None) -> int:
                                ["workload", "peer", "tokcore ms", "peer ms", "speedup (peer/tokcore)", "tokcore GB/s"])
         narrow.notes.append("rows of 2 to 32 bytes are written in runs of one segment's row repeated, spilling into "
                             "the next segment's rows (csrc/pooling/pooling_cpu_segments.h); GB/s counts S*D read "
-                            "+ T*D written; outputs under 16 MB come fresh from the allocator (page faults) for "
-                            "tokcore and index_select alike")
+                            "+ T*D written; tokcore's outputs under 16 MB (its output cache's threshold) and "
+                            "index_select's come fresh from the allocator, page faults included; the reused-buffer "
+                            "peer's do not")
         tables.append(narrow)
         steps.append(("narrow rows", lambda: bench_narrow_rows(rows, device, narrow, args.quick)))
     printed = [0] * len(tables)
