@@ -258,9 +258,10 @@ def row_width_workloads(T: int, device: torch.device) -> dict[str, tuple]:
 
 
 def bench_narrow_rows(T: int, device: torch.device, table: harness.Table, quick: bool) -> None:
-    """Per-word scalars and small vectors expanded to every row of their word, and
-    the mean backward, which writes the same rows: rows of a few bytes, where a
-    segment's bytes cost less than stepping from one segment to the next."""
+    """Per-word scalars and small vectors expanded to every row of their word, the
+    mean backward, which writes the same rows, and the forward (per-byte scores
+    pooled into words): rows of a few bytes, where a segment's bytes cost less than
+    stepping from one segment to the next."""
     offsets = random_offsets(T, 1, 9, device)
     S = offsets.numel() - 1
     lengths = offsets.diff()
@@ -276,6 +277,8 @@ def bench_narrow_rows(T: int, device: torch.device, table: harness.Table, quick:
         pooled = torch.segment_reduce(x, "mean", lengths=lengths, axis=0)
         nbytes = (T + S) * D * size
         rows = [
+            ("segment_reduce mean fwd", lambda x=x: ops.segment_reduce(x.detach(), offsets, "mean"), {
+                "torch.segment_reduce": lambda x=x: torch.segment_reduce(x.detach(), "mean", lengths=lengths, axis=0)}),
             ("segment_expand fwd", lambda y=y: ops.segment_expand(y, offsets, T), {
                 "index_select": lambda y=y: y.index_select(0, segment_ids),
                 "index_select into a reused buffer":
@@ -478,8 +481,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = (1 << 14) if args.quick else (1 << 22)
         narrow = harness.Table(f"narrow rows: per-word scalars and small vectors (T={rows}, word lengths 1..9)",
                                ["workload", "peer", "tokcore ms", "peer ms", "speedup (peer/tokcore)", "tokcore GB/s"])
-        narrow.notes.append("rows of 2 to 32 bytes are written in runs of one segment's row repeated, spilling into "
-                            "the next segment's rows (csrc/pooling/pooling_cpu_segments.h); GB/s counts S*D read "
+        narrow.notes.append("the forward of one feature (D=1) reduces 16 words at a time through a 16 x 16 transpose "
+                            "on AVX-512 CPUs (csrc/pooling/pooling_cpu_reduce.cpp); expand and the backward write rows "
+                            "of 2 to 32 bytes in runs of one segment's row repeated, spilling into "
+                            "the next segment's rows (csrc/pooling/pooling_cpu_segments.h); GB/s counts T*D + S*D "
+                            "for the forward, S*D read "
                             "+ T*D written; tokcore's outputs under 16 MB (its output cache's threshold) and "
                             "index_select's come fresh from the allocator, page faults included; the reused-buffer "
                             "peer's do not")

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -400,15 +401,146 @@ void reduce_shared_blocks(const Runtime& rt, const T* x, const int64_t* offsets,
   });
 }
 
-// Narrow rows (f32 D = 1: per-byte scores pooled into words) cost a mispredicted
-// loop exit per word: on one thread of the 2-core VM (baseline build, T = 2^22),
-// 17.4 ns a word of 1-9 rows against 9.9 ns when every word has 9. Tried and not
-// used: AVX-512 gathers of row k of 16 / D words at once, each lane a word in row
-// order (the same bits). Random lengths went 14.6 -> 12.7 ms, but equal lengths
-// 4.6 -> 9.6 ms and f32 D = 4 1.7x slower: a 16-lane gather cost about 130 cycles.
+#if defined(__AVX512F__)
+// ---- One feature per row (D = 1, f32, bf16 or f16: per-byte scores, say
+// log-probabilities, summed into words). Row by row, each word of 1-9 rows costs a mispredicted loop
+// exit and a chain of dependent adds, far more than its few bytes: on one thread
+// of the 2-core VM (T = 2^22, baseline build) 17.4 ns a word of 1-9 rows, 9.9 ns
+// when every word has 9. Here 16 words are reduced at once, one per lane: each
+// word's rows (up to 16) are loaded as one masked vector, the identity in the
+// lanes past its end; a 16 x 16 transpose turns the words' rows into row k of
+// every word; then row after row is combined into the lanes. Each lane combines
+// its word's rows in order from the identity (the identity lanes past a word's end
+// change nothing), so the result has the row-by-row bits. Words of 17-256 rows
+// are reduced row by row; longer ones go to reduce_shared_blocks, in the reduce's
+// blocks. Tried first and not used: AVX-512 gathers of row k of 16 words (random
+// lengths 14.6 -> 12.7 ms, equal lengths 4.6 -> 9.6 ms: a gather cost about 130
+// cycles there).
+
+// rows[i] -> rows[k]: element j of the result's vector k is element k of input
+// vector j (16 x 16 floats, in four rounds of shuffles).
+inline void transpose16(__m512 rows[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: pairs of rows interleaved
+    t[2 * i] = _mm512_unpacklo_ps(rows[2 * i], rows[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(rows[2 * i], rows[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + c], lane L: rows 4i..4i+3 of column 4L + c
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int c = 0; c < 4; ++c) {  // the 4 x 4 transpose of 128-bit lanes: column 4L + c
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+    rows[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    rows[4 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    rows[8 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    rows[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
+
+// Words of at most this many rows go through the transpose.
+constexpr int64_t kTransposeRows = 16;
+
+// Up to 16 rows of one feature at p (the lanes of `valid`) as floats, the identity
+// elsewhere; the conversions are exact, as to_acc's.
+template <typename T>
+inline __m512 load_one_feature_rows(const T* p, __mmask16 valid, __m512 identity) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_mask_loadu_ps(identity, valid, p);
+  } else {
+    const __m256i halves = _mm256_maskz_loadu_epi16(valid, p);
+    __m512 v;
+    if constexpr (std::is_same_v<T, bf16_t>) v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+    else v = _mm512_cvtph_ps(halves);
+    return _mm512_mask_mov_ps(identity, valid, v);
+  }
+}
+
+template <typename T, Reduce R>
+void reduce_one_feature_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t S, int64_t T_, T* y) {
+  const float identity = reduce_identity<R, float>();
+  std::vector<int64_t> long_segments;  // of more than a block: reduced in blocks afterwards
+  std::mutex long_mutex;
+  parallel_for(rt, 0, (S + 15) / 16, 1024, [&](int64_t g0, int64_t g1) {
+    std::vector<int64_t> local_long;
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t s0 = g * 16, n = std::min<int64_t>(16, S - s0);
+      __m512 rows[16];
+      alignas(64) int32_t count[16];
+      int64_t most = 0;
+      __mmask16 transposed = 0;  // the lanes whose results the transpose gives
+      for (int64_t j = 0; j < 16; ++j) {
+        const RowRange r = j < n ? segment_rows(offsets, s0 + j, T_) : RowRange{0, 0};
+        const int64_t len = r.end - r.begin;
+        if (len <= kTransposeRows) {
+          const __mmask16 valid = __mmask16((uint32_t(1) << len) - 1);
+          rows[j] = load_one_feature_rows(x + r.begin, valid, _mm512_set1_ps(identity));
+          most = std::max(most, len);
+          count[j] = int32_t(len);
+          if (j < n) transposed = __mmask16(transposed | (1u << j));
+          continue;
+        }
+        rows[j] = _mm512_set1_ps(identity);  // a lane left out of the store
+        count[j] = 0;
+        if (len > kReduceBlockRows) {
+          local_long.push_back(s0 + j);
+          continue;
+        }
+        float acc = identity;
+        for (int64_t t = r.begin; t < r.end; ++t) acc = reduce_combine<R, float>(acc, to_acc(x[t]));
+        y[s0 + j] = from_acc<T>(reduce_finalize<R, float>(acc, len));
+      }
+      transpose16(rows);
+      __m512 acc = _mm512_set1_ps(identity);
+      for (int64_t k = 0; k < most; ++k) {
+        if constexpr (R == Reduce::kSum || R == Reduce::kMean) {
+          acc = _mm512_add_ps(acc, rows[k]);
+        } else {  // combine (above): the first NaN stays, ties keep the earlier value
+          const __mmask16 acc_nan = _mm512_cmp_ps_mask(acc, acc, _CMP_UNORD_Q);
+          const __mmask16 v_nan = _mm512_cmp_ps_mask(rows[k], rows[k], _CMP_UNORD_Q);
+          const __mmask16 better = _mm512_cmp_ps_mask(rows[k], acc, R == Reduce::kMax ? _CMP_GT_OQ : _CMP_LT_OQ);
+          acc = _mm512_mask_mov_ps(acc, __mmask16(~acc_nan) & (v_nan | better), rows[k]);
+        }
+      }
+      // reduce_finalize: an empty word gives 0, a mean divides by the rows
+      const __m512i counts = _mm512_load_si512(count);
+      const __mmask16 empty = _mm512_cmpeq_epi32_mask(counts, _mm512_setzero_si512());
+      if constexpr (R == Reduce::kMean) acc = _mm512_mask_div_ps(acc, __mmask16(~empty), acc, _mm512_cvtepi32_ps(counts));
+      acc = _mm512_mask_mov_ps(acc, empty, _mm512_setzero_ps());
+      if constexpr (std::is_same_v<T, float>) {
+        _mm512_mask_storeu_ps(y + s0, transposed, acc);
+      } else {  // rounded as from_acc rounds, lane by lane
+        alignas(64) float results[16];
+        _mm512_store_ps(results, acc);
+        for (int64_t j = 0; j < n; ++j)
+          if (transposed & (1u << j)) y[s0 + j] = from_acc<T>(results[j]);
+      }
+    }
+    if (!local_long.empty()) {
+      const std::lock_guard<std::mutex> lock(long_mutex);
+      long_segments.insert(long_segments.end(), local_long.begin(), local_long.end());
+    }
+  });
+  if (long_segments.empty()) return;
+  std::sort(long_segments.begin(), long_segments.end());
+  reduce_shared_blocks<T, R, false>(rt, x, offsets, T_, 1, std::move(long_segments), y);
+}
+#endif
+
 template <typename T, Reduce R, bool kStream>
 void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t S, int64_t T_,
                  int64_t D, T* y) {
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<T, double>) {
+    if (D == 1) return reduce_one_feature_rows<T, R>(rt, x, offsets, S, T_, y);
+  }
+#endif
   using A = acc_t<T>;
   // Loads per wide tile: 16 accumulator vectors (bf16 fills two per load).
   constexpr int kWideLoads = 16 / Lanes<T>::K;

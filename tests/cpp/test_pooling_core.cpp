@@ -12,6 +12,7 @@
 #include "pooling/pooling_cpu_segments.h"
 #include "pooling/pooling_cpu_words.h"
 #include "pooling/pooling_kernels.h"
+#include "tokcore/common/cpu_isa.h"
 
 using namespace tokcore;
 using namespace tokcore::pooling;
@@ -299,6 +300,92 @@ TEST(SegmentParts, NarrowRowsMatchRowByRowForRangesCutAnywhere) {
   for (int64_t D : {1, 2, 4, 8, 16}) check_narrow_rows<f16_t>(DType::kFloat16, D);
   for (int64_t D : {1, 2, 4}) check_narrow_rows<double>(DType::kFloat64, D);
 }
+
+#if defined(TOKCORE_HAVE_X86_ISA_KERNELS)
+namespace {
+// A quiet NaN of T with a payload from `bits`.
+template <typename T> T quiet_nan_with_payload(uint32_t bits);
+template <> float quiet_nan_with_payload<float>(uint32_t bits) {
+  const uint32_t b = 0x7fc00000u | (bits & 0xffffu);
+  float v;
+  std::memcpy(&v, &b, 4);
+  return v;
+}
+template <> bf16_t quiet_nan_with_payload<bf16_t>(uint32_t bits) { return bf16_t{uint16_t(0x7fc0u | (bits & 0x3fu))}; }
+template <> f16_t quiet_nan_with_payload<f16_t>(uint32_t bits) { return f16_t{uint16_t(0x7e00u | (bits & 0x1ffu))}; }
+
+// The AVX-512 build reduces rows of one feature (f32, bf16, f16) 16 words at a time
+// through a 16 x 16 transpose (pooling_cpu_reduce.cpp); the baseline build row by
+// row. Same bits for every reduce: NaNs with payloads (max/min keep the first),
+// infinities, -0.0, ties, empty words, words of 16 and 17 rows (the transpose's
+// edge), words past a block (kReduceBlockRows) and one long enough to be shared
+// over threads, groups of 16 words cut anywhere into tasks.
+template <typename T>
+void check_one_feature_rows(DType dtype) {
+  SCOPED_TRACE("dtype " + std::to_string(int(dtype)));
+  std::mt19937 rng(5);
+  std::vector<int64_t> off = {0};
+  std::uniform_int_distribution<int> kind(0, 40), word(0, 12);
+  for (int i = 0; i < 700; ++i) {
+    const int k = kind(rng);
+    const int length = k == 0 ? 257 + word(rng) * 30 : k == 1 ? 15 + word(rng) % 4 : k == 2 ? 40 : word(rng);
+    off.push_back(off.back() + length);
+  }
+  off.push_back(off.back() + 6000);  // shared over threads (shared_segment_rows)
+  for (int i = 0; i < 5; ++i) off.push_back(off.back() + word(rng));  // a last group of 6 words
+  const int64_t S = int64_t(off.size()) - 1, T_ = off.back();
+  // Specials: one in 8 values of the words (two NaNs in a word test which one a max
+  // keeps), one in 2000 of the long segments (so that most of these have none and
+  // their sums show the blocks' order). Other values half small integers (ties),
+  // half inexact.
+  std::uniform_int_distribution<int> small(-3, 3);
+  std::vector<T> x(static_cast<size_t>(T_));
+  for (int64_t s = 0; s < S; ++s) {
+    const int every = off[s + 1] - off[s] > kReduceBlockRows ? 2000 : 8;
+    for (int64_t t = off[s]; t < off[s + 1]; ++t) {
+      const int c = int(rng() % uint32_t(4 * every));
+      const float inf = std::numeric_limits<float>::infinity();
+      if (c == 0) x[size_t(t)] = quiet_nan_with_payload<T>(rng());
+      else x[size_t(t)] = from_acc<T>(c == 1 ? inf : c == 2 ? -inf : c == 3 ? -0.0f
+                                      : c % 2 ? float(small(rng)) : float(small(rng)) * 0.37f + 1e-4f * float(c % 97));
+    }
+  }
+  for (Reduce r : {Reduce::kSum, Reduce::kMean, Reduce::kMax, Reduce::kMin}) {
+    SCOPED_TRACE("reduce " + std::to_string(int(r)));
+    Runtime serial;
+    // 16 more than S: a store past the last word shows there (the fill is a value no
+    // result here takes, so an element left unwritten shows too)
+    const T fill = from_acc<T>(-12345.0f);
+    std::vector<T> expected(size_t(S + 16), fill), transposed(size_t(S + 16), fill);
+    isa_base::segment_reduce_cpu(serial, dtype, x.data(), off.data(), S, T_, 1, r, expected.data());
+    for (int64_t piece : {int64_t(1), int64_t(3), int64_t(1000)}) {
+      g_piece = piece;
+      Runtime rt;
+      rt.parallel_for = &pieces_last_first;
+      rt.threads = 2;
+      std::fill(transposed.begin(), transposed.end(), fill);
+      isa_avx512::segment_reduce_cpu(rt, dtype, x.data(), off.data(), S, T_, 1, r, transposed.data());
+      // Sum and mean: bitwise up to NaN payloads, which the documented promise leaves
+      // out (the compiler may swap an add's operands, and x86 keeps the first
+      // operand's payload); max/min select, so their NaNs are compared too.
+      if (r == Reduce::kSum || r == Reduce::kMean) {
+        for (size_t i = 0; i < expected.size(); ++i)
+          if (std::isnan(to_acc(expected[i])) && std::isnan(to_acc(transposed[i]))) transposed[i] = expected[i];
+      }
+      EXPECT_EQ(0, std::memcmp(transposed.data(), expected.data(), expected.size() * sizeof(T)))
+          << "tasks of " << piece << " groups";
+    }
+  }
+}
+}  // namespace
+
+TEST(SegmentReduce, OneFeatureRowsTransposedGiveTheBaselineBits) {
+  if (cpu_isa_supported() != CpuIsa::kAvx512) GTEST_SKIP() << "no AVX-512 on this CPU";
+  check_one_feature_rows<float>(DType::kFloat32);
+  check_one_feature_rows<bf16_t>(DType::kBFloat16);
+  check_one_feature_rows<f16_t>(DType::kFloat16);
+}
+#endif
 
 TEST(SegmentReduce, VectorPathMatchesScalarRulesForEveryDtype) {
   // D = 45 runs 32 features through the 16-byte vector path and 13 through the
