@@ -403,19 +403,20 @@ void reduce_shared_blocks(const Runtime& rt, const T* x, const int64_t* offsets,
 
 #if defined(__AVX512F__)
 // ---- One feature per row (D = 1, f32, bf16 or f16: per-byte scores, say
-// log-probabilities, summed into words). Row by row, each word of 1-9 rows costs a mispredicted loop
-// exit and a chain of dependent adds, far more than its few bytes: on one thread
-// of the 2-core VM (T = 2^22, baseline build) 17.4 ns a word of 1-9 rows, 9.9 ns
-// when every word has 9. Here 16 words are reduced at once, one per lane: each
-// word's rows (up to 16) are loaded as one masked vector, the identity in the
-// lanes past its end; a 16 x 16 transpose turns the words' rows into row k of
-// every word; then row after row is combined into the lanes. Each lane combines
-// its word's rows in order from the identity (the identity lanes past a word's end
-// change nothing), so the result has the row-by-row bits. Words of 17-256 rows
-// are reduced row by row; longer ones go to reduce_shared_blocks, in the reduce's
-// blocks. Tried first and not used: AVX-512 gathers of row k of 16 words (random
-// lengths 14.6 -> 12.7 ms, equal lengths 4.6 -> 9.6 ms: a gather cost about 130
-// cycles there).
+// log-probabilities, summed into words). Row by row, each word of 1-9 rows costs
+// a mispredicted loop exit and a chain of dependent adds, far more than its few
+// bytes: on one thread of the 2-core VM (T = 2^22, baseline build) 17.4 ns a word
+// of 1-9 rows, 9.9 ns when every word has 9. Here 16 words are reduced at once,
+// one per lane: each word's rows (up to 16) are loaded as one masked vector, the
+// identity in the lanes past its end; a 16 x 16 transpose turns the words' rows
+// into row k of every word; then row after row is combined into the lanes. Each
+// lane combines its word's rows in order from the identity, and the identity rows
+// past a word's end change nothing (x + 0 is x for every x but -0, and a sum that
+// starts at +0 is never -0; max/min keep x against their identity), so the result
+// has the row-by-row bits. Words of 17-256 rows are reduced row by row; longer ones
+// go to reduce_shared_blocks, in the reduce's blocks. Tried first and not used:
+// AVX-512 gathers of row k of 16 words (random lengths 14.6 -> 12.7 ms, equal
+// lengths 4.6 -> 9.6 ms: a gather cost about 130 cycles there).
 
 // rows[i] -> rows[k]: element j of the result's vector k is element k of input
 // vector j (16 x 16 floats, in four rounds of shuffles).
@@ -434,7 +435,8 @@ inline void transpose16(__m512 rows[16]) {
     u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
   }
   for (int c = 0; c < 4; ++c) {  // the 4 x 4 transpose of 128-bit lanes: column 4L + c
-    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
     const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
     const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
     rows[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
@@ -456,8 +458,10 @@ inline __m512 load_one_feature_rows(const T* p, __mmask16 valid, __m512 identity
   } else {
     const __m256i halves = _mm256_maskz_loadu_epi16(valid, p);
     __m512 v;
-    if constexpr (std::is_same_v<T, bf16_t>) v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
-    else v = _mm512_cvtph_ps(halves);
+    if constexpr (std::is_same_v<T, bf16_t>)
+      v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+    else
+      v = _mm512_cvtph_ps(halves);
     return _mm512_mask_mov_ps(identity, valid, v);
   }
 }
@@ -504,14 +508,16 @@ void reduce_one_feature_rows(const Runtime& rt, const T* x, const int64_t* offse
         } else {  // combine (above): the first NaN stays, ties keep the earlier value
           const __mmask16 acc_nan = _mm512_cmp_ps_mask(acc, acc, _CMP_UNORD_Q);
           const __mmask16 v_nan = _mm512_cmp_ps_mask(rows[k], rows[k], _CMP_UNORD_Q);
-          const __mmask16 better = _mm512_cmp_ps_mask(rows[k], acc, R == Reduce::kMax ? _CMP_GT_OQ : _CMP_LT_OQ);
+          const __mmask16 better =
+              _mm512_cmp_ps_mask(rows[k], acc, R == Reduce::kMax ? _CMP_GT_OQ : _CMP_LT_OQ);
           acc = _mm512_mask_mov_ps(acc, __mmask16(~acc_nan) & (v_nan | better), rows[k]);
         }
       }
       // reduce_finalize: an empty word gives 0, a mean divides by the rows
       const __m512i counts = _mm512_load_si512(count);
       const __mmask16 empty = _mm512_cmpeq_epi32_mask(counts, _mm512_setzero_si512());
-      if constexpr (R == Reduce::kMean) acc = _mm512_mask_div_ps(acc, __mmask16(~empty), acc, _mm512_cvtepi32_ps(counts));
+      if constexpr (R == Reduce::kMean)
+        acc = _mm512_mask_div_ps(acc, __mmask16(~empty), acc, _mm512_cvtepi32_ps(counts));
       acc = _mm512_mask_mov_ps(acc, empty, _mm512_setzero_ps());
       if constexpr (std::is_same_v<T, float>) {
         _mm512_mask_storeu_ps(y + s0, transposed, acc);

@@ -311,8 +311,12 @@ template <> float quiet_nan_with_payload<float>(uint32_t bits) {
   std::memcpy(&v, &b, 4);
   return v;
 }
-template <> bf16_t quiet_nan_with_payload<bf16_t>(uint32_t bits) { return bf16_t{uint16_t(0x7fc0u | (bits & 0x3fu))}; }
-template <> f16_t quiet_nan_with_payload<f16_t>(uint32_t bits) { return f16_t{uint16_t(0x7e00u | (bits & 0x1ffu))}; }
+template <> bf16_t quiet_nan_with_payload<bf16_t>(uint32_t bits) {
+  return bf16_t{uint16_t(0x7fc0u | (bits & 0x3fu))};
+}
+template <> f16_t quiet_nan_with_payload<f16_t>(uint32_t bits) {
+  return f16_t{uint16_t(0x7e00u | (bits & 0x1ffu))};
+}
 
 // The AVX-512 build reduces rows of one feature (f32, bf16, f16) 16 words at a time
 // through a 16 x 16 transpose (pooling_cpu_reduce.cpp); the baseline build row by
@@ -345,9 +349,9 @@ void check_one_feature_rows(DType dtype) {
     for (int64_t t = off[s]; t < off[s + 1]; ++t) {
       const int c = int(rng() % uint32_t(4 * every));
       const float inf = std::numeric_limits<float>::infinity();
-      if (c == 0) x[size_t(t)] = quiet_nan_with_payload<T>(rng());
-      else x[size_t(t)] = from_acc<T>(c == 1 ? inf : c == 2 ? -inf : c == 3 ? -0.0f
-                                      : c % 2 ? float(small(rng)) : float(small(rng)) * 0.37f + 1e-4f * float(c % 97));
+      const float value = c == 1 ? inf : c == 2 ? -inf : c == 3 ? -0.0f
+                        : c % 2 ? float(small(rng)) : float(small(rng)) * 0.37f + 1e-4f * float(c % 97);
+      x[size_t(t)] = c == 0 ? quiet_nan_with_payload<T>(rng()) : from_acc<T>(value);
     }
   }
   for (Reduce r : {Reduce::kSum, Reduce::kMean, Reduce::kMax, Reduce::kMin}) {
