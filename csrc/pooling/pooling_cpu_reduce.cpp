@@ -496,9 +496,7 @@ void reduce_one_feature_rows(const Runtime& rt, const T* x, const int64_t* offse
           local_long.push_back(s0 + j);
           continue;
         }
-        float acc = identity;
-        for (int64_t t = r.begin; t < r.end; ++t) acc = reduce_combine<R, float>(acc, to_acc(x[t]));
-        y[s0 + j] = from_acc<T>(reduce_finalize<R, float>(acc, len));
+        reduce_tile<T, R, 1>(x, 1, r.begin, r.end, 0, y + s0 + j);  // row by row
       }
       transpose16(rows);
       __m512 acc = _mm512_set1_ps(identity);

@@ -97,7 +97,8 @@ struct RowWriter {
   void copy(void* dst, const void* src, size_t bytes) const {
     // Rows of a few bytes (D = 1 to 4): a copy of a size known here is a move or two;
     // a memcpy call per row cost more than its data (f32 D = 1: expand ran at 0.36x
-    // index_select, the mean backward at 0.5x its torch form). Such rows never stream.
+    // index_select, the mean backward at 0.5x its torch form, before both moved to
+    // fill_narrow_rows; pack and unpack still copy such rows here). Such rows never stream.
     switch (bytes) {
       case 2: std::memcpy(dst, src, 2); return;
       case 4: std::memcpy(dst, src, 4); return;
