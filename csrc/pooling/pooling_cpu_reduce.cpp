@@ -151,6 +151,10 @@ inline void select_halves(const f16_t* p, const M& take, f16_t* out) {
 // NaN is made canonical first, as float_to_f16 makes it); the baseline converts
 // lane by lane.
 #if defined(__AVX512F__) || defined(__AVX2__)
+// Every NaN lane made the quiet NaN of its sign, as float_to_f16 makes it.
+inline f32xN canonical_nans(f32xN v) {
+  return (v != v) ? as_f32((as_u32(v) & 0x80000000u) | 0x7fc00000u) : v;
+}
 template <> struct Lanes<f16_t> {
   using V = f32xN;
   static constexpr int N = kVecBytes / 4, K = 1;  // N halves fill one float vector
@@ -168,8 +172,7 @@ template <> struct Lanes<f16_t> {
   }
   template <bool kStream>
   static void store(f16_t* p, const V* v) {
-    const u32xN u = as_u32(v[0]);
-    const V r = (v[0] != v[0]) ? as_f32((u & 0x80000000u) | 0x7fc00000u) : v[0];
+    const V r = canonical_nans(v[0]);
     constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 #if defined(__AVX512F__)
     __m512 f;
@@ -402,25 +405,46 @@ void reduce_shared_blocks(const Runtime& rt, const T* x, const int64_t* offsets,
 }
 
 #if defined(__AVX512F__)
-// ---- One feature per row (D = 1, f32, bf16 or f16: per-byte scores, say
-// log-probabilities, summed into words). Row by row, each word of 1-9 rows costs
-// a mispredicted loop exit and a chain of dependent adds, far more than its few
-// bytes: on one thread of the 2-core VM (T = 2^22, baseline build) 17.4 ns a word
-// of 1-9 rows, 9.9 ns when every word has 9. Here 16 words are reduced at once,
-// one per lane: each word's rows (up to 16) are loaded as one masked vector, the
-// identity in the lanes past its end; a 16 x 16 transpose turns the words' rows
-// into row k of every word; then row after row is combined into the lanes. Each
-// lane combines its word's rows in order from the identity, and the identity rows
-// past a word's end change nothing (x + 0 is x for every x but -0, and a sum that
-// starts at +0 is never -0; max/min keep x against their identity), so the result
-// has the row-by-row bits. Words of 17-256 rows are reduced row by row; longer ones
-// go to reduce_shared_blocks, in the reduce's blocks. Tried first and not used:
-// AVX-512 gathers of row k of 16 words (random lengths 14.6 -> 12.7 ms, equal
-// lengths 4.6 -> 9.6 ms: a gather cost about 130 cycles there).
+// ---- Narrow rows: 1, 2, 4 or 8 features of f32, bf16 or f16 (per-byte scores,
+// say log-probabilities, or small per-byte vectors, summed into words). Row by
+// row, each word of 1-9 rows costs a mispredicted loop exit and a chain of
+// dependent adds, far more than its few bytes: on one thread of the 2-core VM
+// (T = 2^22, baseline build, D = 1) 17.4 ns a word of 1-9 rows, 9.9 ns when every
+// word has 9. Here 16 words are reduced at once. Each word's rows are loaded 16
+// elements at a time as masked vectors, the identity past its end; a transpose of
+// whole rows (16 / D words to a transpose) turns them into vectors that hold row k
+// of each of those words; row after row is combined into one vector, which then
+// holds the words' results in the output's layout. Each element combines its
+// word's rows in order from the identity, and the identity rows past a word's end
+// change nothing (x + 0 is x for every x but -0, and a sum that starts at +0 is
+// never -0; max/min keep x against their identity), so the result has the
+// row-by-row bits. The 16 words take as many rounds of 16 elements as the longest
+// needs. Words of 17-256 rows are reduced row by row; longer ones go to
+// reduce_shared_blocks, in the reduce's blocks.
+// Measured (T = 2^22, words 1..9, mean, calls of each variant taking turns):
+// f32 D = 4 7.6 -> 4.1 ms (the row-by-row variant chosen before was the
+// baseline's), D = 8 7.7 -> 6.3, bf16 D = 4 12.8 -> 4.4, bf16 D = 8 8.6 -> 6.1,
+// f32 D = 2 8.4 -> 3.1. Tried and not used: AVX-512 gathers of row k of 16 words
+// (D = 1, equal lengths 4.6 -> 9.6 ms: a gather cost about 130 cycles there); one
+// 16 x 16 transpose for every D, then the features interleaved back (f32 D = 4
+// 11.7 ms); per-word branches on what is left of each word (mispredicted: f32
+// D = 4 8.4 ms); D = 16, one row per round (f32 25 ms against 11.4 row by row,
+// since every word pays for the rounds of the group's longest).
+
+// The 4 x 4 transpose of 128-bit lanes: lane L of vector i goes to lane i of
+// vector L.
+inline void transpose_lanes4x4(__m512& a, __m512& b, __m512& c, __m512& d) {
+  const __m512 ab_low = _mm512_shuffle_f32x4(a, b, 0x44), ab_high = _mm512_shuffle_f32x4(a, b, 0xEE);
+  const __m512 cd_low = _mm512_shuffle_f32x4(c, d, 0x44), cd_high = _mm512_shuffle_f32x4(c, d, 0xEE);
+  a = _mm512_shuffle_f32x4(ab_low, cd_low, 0x88);
+  b = _mm512_shuffle_f32x4(ab_low, cd_low, 0xDD);
+  c = _mm512_shuffle_f32x4(ab_high, cd_high, 0x88);
+  d = _mm512_shuffle_f32x4(ab_high, cd_high, 0xDD);
+}
 
 // rows[i] -> rows[k]: element j of the result's vector k is element k of input
 // vector j (16 x 16 floats, in four rounds of shuffles).
-inline void transpose16(__m512 rows[16]) {
+inline void transpose16(__m512 (&rows)[16]) {
   __m512 t[16], u[16];
   for (int i = 0; i < 8; ++i) {  // per 128-bit lane: pairs of rows interleaved
     t[2 * i] = _mm512_unpacklo_ps(rows[2 * i], rows[2 * i + 1]);
@@ -434,25 +458,50 @@ inline void transpose16(__m512 rows[16]) {
     u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
     u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
   }
-  for (int c = 0; c < 4; ++c) {  // the 4 x 4 transpose of 128-bit lanes: column 4L + c
-    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44);
-    const __m512 v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
-    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
-    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
-    rows[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
-    rows[4 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
-    rows[8 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
-    rows[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  for (int c = 0; c < 4; ++c) {  // column 4L + c: its four runs of rows, from lane L of four vectors
+    rows[c] = u[c], rows[4 + c] = u[4 + c], rows[8 + c] = u[8 + c], rows[12 + c] = u[12 + c];
+    transpose_lanes4x4(rows[c], rows[4 + c], rows[8 + c], rows[12 + c]);
   }
 }
+
+// The same for rows of kD floats, 16 / kD to a vector: row k of the result's vector
+// i is row i of input vector k (a transpose of whole rows: 16 x 16 floats for
+// kD = 1, 8 x 8 pairs, 4 x 4 lanes, 2 x 2 halves for kD = 8).
+template <int kD>
+inline void transpose_rows(__m512 (&v)[16 / kD]) {
+  if constexpr (kD == 1) {
+    transpose16(v);
+  } else if constexpr (kD == 2) {  // 8 x 8 doubles
+    __m512 u[8];
+    for (int i = 0; i < 4; ++i) {  // u[2i + c], lane L: rows 2i, 2i + 1 of column 2L + c
+      const __m512d a = _mm512_castps_pd(v[2 * i]), b = _mm512_castps_pd(v[2 * i + 1]);
+      u[2 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      u[2 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+    for (int c = 0; c < 2; ++c) {  // column 2L + c: from lane L of u[c], u[2 + c], u[4 + c], u[6 + c]
+      v[c] = u[c], v[2 + c] = u[2 + c], v[4 + c] = u[4 + c], v[6 + c] = u[6 + c];
+      transpose_lanes4x4(v[c], v[2 + c], v[4 + c], v[6 + c]);
+    }
+  } else if constexpr (kD == 4) {
+    transpose_lanes4x4(v[0], v[1], v[2], v[3]);
+  } else {
+    static_assert(kD == 8, "rows of 1, 2, 4 or 8 floats");
+    const __m512 low = _mm512_shuffle_f32x4(v[0], v[1], 0x44), high = _mm512_shuffle_f32x4(v[0], v[1], 0xEE);
+    v[0] = low;
+    v[1] = high;
+  }
+}
+
+// The row widths (features) that reduce_narrow_rows takes.
+constexpr bool transposes_rows_of(int64_t D) { return D == 1 || D == 2 || D == 4 || D == 8; }
 
 // Words of at most this many rows go through the transpose.
 constexpr int64_t kTransposeRows = 16;
 
-// Up to 16 rows of one feature at p (the lanes of `valid`) as floats, the identity
+// Up to 16 elements of T at p (the lanes of `valid`) as floats, the identity
 // elsewhere; the conversions are exact, as to_acc's.
 template <typename T>
-inline __m512 load_one_feature_rows(const T* p, __mmask16 valid, __m512 identity) {
+inline __m512 load_narrow_elements(const T* p, __mmask16 valid, __m512 identity) {
   if constexpr (std::is_same_v<T, float>) {
     return _mm512_mask_loadu_ps(identity, valid, p);
   } else {
@@ -466,64 +515,118 @@ inline __m512 load_one_feature_rows(const T* p, __mmask16 valid, __m512 identity
   }
 }
 
-template <typename T, Reduce R>
-void reduce_one_feature_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t S, int64_t T_, T* y) {
-  const float identity = reduce_identity<R, float>();
+// 16 floats stored as T at the lanes of `keep`, each rounded as from_acc rounds.
+template <typename T>
+inline void store_narrow_elements(T* p, __mmask16 keep, __m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(p, keep, v);
+  } else {
+    f32xN f;
+    std::memcpy(&f, &v, sizeof f);
+    __m512 rounded;
+    if constexpr (std::is_same_v<T, bf16_t>) {
+      const u32xN bits = bf16_bits(f);  // the bf16 in each lane's low half
+      std::memcpy(&rounded, &bits, sizeof rounded);
+      _mm256_mask_storeu_epi16(p, keep, _mm512_cvtepi32_epi16(_mm512_castps_si512(rounded)));
+    } else {
+      const f32xN r = canonical_nans(f);
+      std::memcpy(&rounded, &r, sizeof rounded);
+      _mm256_mask_storeu_epi16(p, keep, _mm512_cvtps_ph(rounded, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+  }
+}
+
+// combine (above) on intrinsics: the first NaN stays, ties keep the earlier value.
+template <Reduce R>
+inline __m512 combine_lanes(__m512 acc, __m512 v) {
+  if constexpr (R == Reduce::kSum || R == Reduce::kMean) {
+    return _mm512_add_ps(acc, v);
+  } else {
+    const __mmask16 acc_nan = _mm512_cmp_ps_mask(acc, acc, _CMP_UNORD_Q);
+    const __mmask16 v_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __mmask16 better = _mm512_cmp_ps_mask(v, acc, R == Reduce::kMax ? _CMP_GT_OQ : _CMP_LT_OQ);
+    return _mm512_mask_mov_ps(acc, __mmask16(~acc_nan) & (v_nan | better), v);
+  }
+}
+
+template <typename T, Reduce R, int kD>
+void reduce_narrow_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t S, int64_t T_, T* y) {
+  static_assert(16 % kD == 0, "a vector holds whole rows");
+  constexpr int kWords = 16 / kD;  // words per transpose, whose results fill one vector
+  const __m512 identity = _mm512_set1_ps(reduce_identity<R, float>());
+  alignas(64) int32_t element_words[16];  // the word (of kWords) of each element of a result vector
+  for (int e = 0; e < 16; ++e) element_words[e] = e / kD;
+  const __m512i element_word = _mm512_load_si512(element_words);
   std::vector<int64_t> long_segments;  // of more than a block: reduced in blocks afterwards
   std::mutex long_mutex;
   parallel_for(rt, 0, (S + 15) / 16, 1024, [&](int64_t g0, int64_t g1) {
     std::vector<int64_t> local_long;
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t s0 = g * 16, n = std::min<int64_t>(16, S - s0);
-      __m512 rows[16];
-      alignas(64) int32_t count[16];
+      int64_t first[16];           // the word's first element
+      alignas(64) int32_t elements[16];  // its rows * kD
+      alignas(64) int32_t count[16];  // its rows
       int64_t most = 0;
-      __mmask16 transposed = 0;  // the lanes whose results the transpose gives
+      __mmask16 transposed = 0;  // the words whose results the transpose gives
       for (int64_t j = 0; j < 16; ++j) {
         const RowRange r = j < n ? segment_rows(offsets, s0 + j, T_) : RowRange{0, 0};
         const int64_t len = r.end - r.begin;
+        first[j] = r.begin * kD;
         if (len <= kTransposeRows) {
-          const __mmask16 valid = __mmask16((uint32_t(1) << len) - 1);
-          rows[j] = load_one_feature_rows(x + r.begin, valid, _mm512_set1_ps(identity));
-          most = std::max(most, len);
+          elements[j] = int32_t(len * kD);
           count[j] = int32_t(len);
+          most = std::max(most, len);
           if (j < n) transposed = __mmask16(transposed | (1u << j));
           continue;
         }
-        rows[j] = _mm512_set1_ps(identity);  // a lane left out of the store
-        count[j] = 0;
+        elements[j] = count[j] = 0;  // identity lanes, left out of the store
         if (len > kReduceBlockRows) {
           local_long.push_back(s0 + j);
           continue;
         }
-        reduce_tile<T, R, 1>(x, 1, r.begin, r.end, 0, y + s0 + j);  // row by row
+        reduce_tile<T, R, kD>(x, kD, r.begin, r.end, 0, y + (s0 + j) * kD);  // row by row
       }
-      transpose16(rows);
-      __m512 acc = _mm512_set1_ps(identity);
-      for (int64_t k = 0; k < most; ++k) {
-        if constexpr (R == Reduce::kSum || R == Reduce::kMean) {
-          acc = _mm512_add_ps(acc, rows[k]);
-        } else {  // combine (above): the first NaN stays, ties keep the earlier value
-          const __mmask16 acc_nan = _mm512_cmp_ps_mask(acc, acc, _CMP_UNORD_Q);
-          const __mmask16 v_nan = _mm512_cmp_ps_mask(rows[k], rows[k], _CMP_UNORD_Q);
-          const __mmask16 better =
-              _mm512_cmp_ps_mask(rows[k], acc, R == Reduce::kMax ? _CMP_GT_OQ : _CMP_LT_OQ);
-          acc = _mm512_mask_mov_ps(acc, __mmask16(~acc_nan) & (v_nan | better), rows[k]);
+      // Vector b holds the results of words b * kWords .. b * kWords + kWords - 1, in
+      // the output's layout.
+      __m512 acc[kD];
+      for (int b = 0; b < kD; ++b) acc[b] = identity;
+      const __m512i word_elements = _mm512_load_si512(elements);
+      for (int32_t c = 0; c * 16 < most * kD; ++c) {  // 16 elements of every word at a time
+        // Without branches (a branch here mispredicts per word): each word's mask of
+        // elements 16c.. 16c + 15 that it has, and where they start, clamped to its end.
+        const __m512i start = _mm512_min_epi32(_mm512_set1_epi32(16 * c), word_elements);
+        const __m512i left = _mm512_min_epi32(_mm512_sub_epi32(word_elements, start), _mm512_set1_epi32(16));
+        alignas(64) uint32_t masks[16], starts[16];
+        _mm512_store_si512(masks, _mm512_sub_epi32(_mm512_sllv_epi32(_mm512_set1_epi32(1), left), _mm512_set1_epi32(1)));
+        _mm512_store_si512(starts, start);
+#pragma GCC unroll 16
+        for (int b = 0; b < kD; ++b) {
+          __m512 rows[kWords];
+#pragma GCC unroll 16
+          for (int i = 0; i < kWords; ++i) {
+            const int j = b * kWords + i;
+            rows[i] = load_narrow_elements(x + first[j] + starts[j], __mmask16(masks[j]), identity);
+          }
+          transpose_rows<kD>(rows);  // rows[k]: row c * kWords + k of each word
+#pragma GCC unroll 16
+          for (int k = 0; k < kWords; ++k) acc[b] = combine_lanes<R>(acc[b], rows[k]);
         }
       }
       // reduce_finalize: an empty word gives 0, a mean divides by the rows
       const __m512i counts = _mm512_load_si512(count);
-      const __mmask16 empty = _mm512_cmpeq_epi32_mask(counts, _mm512_setzero_si512());
-      if constexpr (R == Reduce::kMean)
-        acc = _mm512_mask_div_ps(acc, __mmask16(~empty), acc, _mm512_cvtepi32_ps(counts));
-      acc = _mm512_mask_mov_ps(acc, empty, _mm512_setzero_ps());
-      if constexpr (std::is_same_v<T, float>) {
-        _mm512_mask_storeu_ps(y + s0, transposed, acc);
-      } else {  // rounded as from_acc rounds, lane by lane
-        alignas(64) float results[16];
-        _mm512_store_ps(results, acc);
-        for (int64_t j = 0; j < n; ++j)
-          if (transposed & (1u << j)) y[s0 + j] = from_acc<T>(results[j]);
+      for (int b = 0; b < kD; ++b) {  // element e of vector b: word b * kWords + e / kD
+        const __m512i word_of_element = _mm512_add_epi32(_mm512_set1_epi32(b * kWords), element_word);
+        const __m512i rows_of_element = _mm512_permutexvar_epi32(word_of_element, counts);
+        const __mmask16 empty = _mm512_cmpeq_epi32_mask(rows_of_element, _mm512_setzero_si512());
+        if constexpr (R == Reduce::kMean)
+          acc[b] = _mm512_mask_div_ps(acc[b], __mmask16(~empty), acc[b], _mm512_cvtepi32_ps(rows_of_element));
+        acc[b] = _mm512_mask_mov_ps(acc[b], empty, _mm512_setzero_ps());
+        __mmask16 keep = 0xffff;
+        if (transposed != 0xffff) {
+          keep = 0;
+          for (int e = 0; e < 16; ++e) keep = __mmask16(keep | (((transposed >> (b * kWords + e / kD)) & 1u) << e));
+        }
+        store_narrow_elements(y + (s0 + b * kWords) * kD, keep, acc[b]);
       }
     }
     if (!local_long.empty()) {
@@ -533,7 +636,7 @@ void reduce_one_feature_rows(const Runtime& rt, const T* x, const int64_t* offse
   });
   if (long_segments.empty()) return;
   std::sort(long_segments.begin(), long_segments.end());
-  reduce_shared_blocks<T, R, false>(rt, x, offsets, T_, 1, std::move(long_segments), y);
+  reduce_shared_blocks<T, R, false>(rt, x, offsets, T_, kD, std::move(long_segments), y);
 }
 #endif
 
@@ -542,7 +645,13 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
                  int64_t D, T* y) {
 #if defined(__AVX512F__)
   if constexpr (!std::is_same_v<T, double>) {
-    if (D == 1) return reduce_one_feature_rows<T, R>(rt, x, offsets, S, T_, y);
+    switch (D) {  // (transposes_rows_of)
+      case 1: return reduce_narrow_rows<T, R, 1>(rt, x, offsets, S, T_, y);
+      case 2: return reduce_narrow_rows<T, R, 2>(rt, x, offsets, S, T_, y);
+      case 4: return reduce_narrow_rows<T, R, 4>(rt, x, offsets, S, T_, y);
+      case 8: return reduce_narrow_rows<T, R, 8>(rt, x, offsets, S, T_, y);
+      default: break;
+    }
   }
 #endif
   using A = acc_t<T>;
@@ -815,6 +924,15 @@ void segment_reduce_backward_cpu(const Runtime& rt, DType dtype, const void* gra
     else
       max_min_backward_rows<V, false>(rt, g, xs, ys, offsets, S, T, D, out);
   });
+}
+
+bool reduces_narrow_rows(DType dtype, int64_t D) {
+#if defined(__AVX512F__)
+  return dtype != DType::kFloat64 && transposes_rows_of(D);
+#else
+  (void)dtype, (void)D;
+  return false;
+#endif
 }
 
 int64_t vector_features(DType dtype) {

@@ -318,15 +318,15 @@ template <> f16_t quiet_nan_with_payload<f16_t>(uint32_t bits) {
   return f16_t{uint16_t(0x7e00u | (bits & 0x1ffu))};
 }
 
-// The AVX-512 build reduces rows of one feature (f32, bf16, f16) 16 words at a time
-// through a 16 x 16 transpose (pooling_cpu_reduce.cpp); the baseline build row by
-// row. Same bits for every reduce: NaNs with payloads (max/min keep the first),
-// infinities, -0.0, ties, empty words, words of 16 and 17 rows (the transpose's
-// edge), words past a block (kReduceBlockRows) and one long enough to be shared
-// over threads, groups of 16 words cut anywhere into tasks.
+// The AVX-512 build reduces rows of 1, 2, 4 or 8 features (f32, bf16, f16) 16 words
+// at a time through 16 x 16 transposes (pooling_cpu_reduce.cpp); the baseline
+// build row by row. Same bits for every reduce: NaNs with payloads (max/min keep
+// the first), infinities, -0.0, ties, empty words, words of 16 and 17 rows (the
+// transpose's edge), words past a block (kReduceBlockRows) and one long enough to
+// be shared over threads, groups of 16 words cut anywhere into tasks.
 template <typename T>
-void check_one_feature_rows(DType dtype) {
-  SCOPED_TRACE("dtype " + std::to_string(int(dtype)));
+void check_transposed_reduce(DType dtype, int64_t D) {
+  SCOPED_TRACE("dtype " + std::to_string(int(dtype)) + ", D " + std::to_string(D));
   std::mt19937 rng(5);
   std::vector<int64_t> off = {0};
   std::uniform_int_distribution<int> kind(0, 40), word(0, 12);
@@ -343,10 +343,10 @@ void check_one_feature_rows(DType dtype) {
   // their sums show the blocks' order). Other values half small integers (ties),
   // half inexact.
   std::uniform_int_distribution<int> small(-3, 3);
-  std::vector<T> x(static_cast<size_t>(T_));
+  std::vector<T> x(static_cast<size_t>(T_ * D));
   for (int64_t s = 0; s < S; ++s) {
     const int every = off[s + 1] - off[s] > kReduceBlockRows ? 2000 : 8;
-    for (int64_t t = off[s]; t < off[s + 1]; ++t) {
+    for (int64_t t = off[s] * D; t < off[s + 1] * D; ++t) {
       const int c = int(rng() % uint32_t(4 * every));
       const float inf = std::numeric_limits<float>::infinity();
       const float value = c == 1 ? inf : c == 2 ? -inf : c == 3 ? -0.0f
@@ -360,15 +360,15 @@ void check_one_feature_rows(DType dtype) {
     // 16 more than S: a store past the last word shows there (the fill is a value no
     // result here takes, so an element left unwritten shows too)
     const T fill = from_acc<T>(-12345.0f);
-    std::vector<T> expected(size_t(S + 16), fill), transposed(size_t(S + 16), fill);
-    isa_base::segment_reduce_cpu(serial, dtype, x.data(), off.data(), S, T_, 1, r, expected.data());
+    std::vector<T> expected(size_t((S + 16) * D), fill), transposed(size_t((S + 16) * D), fill);
+    isa_base::segment_reduce_cpu(serial, dtype, x.data(), off.data(), S, T_, D, r, expected.data());
     for (int64_t piece : {int64_t(1), int64_t(3), int64_t(1000)}) {
       g_piece = piece;
       Runtime rt;
       rt.parallel_for = &pieces_last_first;
       rt.threads = 2;
       std::fill(transposed.begin(), transposed.end(), fill);
-      isa_avx512::segment_reduce_cpu(rt, dtype, x.data(), off.data(), S, T_, 1, r, transposed.data());
+      isa_avx512::segment_reduce_cpu(rt, dtype, x.data(), off.data(), S, T_, D, r, transposed.data());
       // Sum and mean: bitwise up to NaN payloads, which the documented promise leaves
       // out (the compiler may swap an add's operands, and x86 keeps the first
       // operand's payload); max/min select, so their NaNs are compared too.
@@ -383,11 +383,13 @@ void check_one_feature_rows(DType dtype) {
 }
 }  // namespace
 
-TEST(SegmentReduce, OneFeatureRowsTransposedGiveTheBaselineBits) {
+TEST(SegmentReduce, NarrowRowsTransposedGiveTheBaselineBits) {
   if (cpu_isa_supported() != CpuIsa::kAvx512) GTEST_SKIP() << "no AVX-512 on this CPU";
-  check_one_feature_rows<float>(DType::kFloat32);
-  check_one_feature_rows<bf16_t>(DType::kBFloat16);
-  check_one_feature_rows<f16_t>(DType::kFloat16);
+  for (int64_t D : {1, 2, 4, 8}) {
+    check_transposed_reduce<float>(DType::kFloat32, D);
+    check_transposed_reduce<bf16_t>(DType::kBFloat16, D);
+    check_transposed_reduce<f16_t>(DType::kFloat16, D);
+  }
 }
 #endif
 
