@@ -790,8 +790,8 @@ def test_narrow_rows_expand_and_backward_over_many_row_ranges(device, dtype, D):
     for reduce in ("sum", "mean"):
         grad_x = ops().segment_reduce_backward(y.to(device), dev_offsets, T, reduce).cpu()
         check_reduce_grad(grad_x, y, x, offsets, reduce)
-    # the forward: on AVX-512 CPUs rows of 1-8 f32/bf16/f16 features go 16 words at a
-    # time through transposes, words of 17 rows and more row by row or in blocks
+    # the forward: on AVX-512 CPUs rows of 1-8 f32/bf16/f16 features (16 bytes at most) go
+    # 16 words at a time through transposes, words of 17 rows and more row by row or in blocks
     x = (torch.randn(T, D, generator=g, dtype=torch.float64) * 3).to(dtype)
     x[::97] = float("nan")
     for reduce in REDUCES:

@@ -405,31 +405,33 @@ void reduce_shared_blocks(const Runtime& rt, const T* x, const int64_t* offsets,
 }
 
 #if defined(__AVX512F__)
-// ---- Narrow rows: 1, 2, 4 or 8 features of f32, bf16 or f16 (per-byte scores,
-// say log-probabilities, or small per-byte vectors, summed into words). Row by
-// row, each word of 1-9 rows costs a mispredicted loop exit and a chain of
-// dependent adds, far more than its few bytes: on one thread of the 2-core VM
-// (T = 2^22, baseline build, D = 1) 17.4 ns a word of 1-9 rows, 9.9 ns when every
-// word has 9. Here 16 words are reduced at once. Each word's rows are loaded 16
-// elements at a time as masked vectors, the identity past its end; a transpose of
-// whole rows (16 / D words to a transpose) turns them into vectors that hold row k
-// of each of those words; row after row is combined into one vector, which then
-// holds the words' results in the output's layout. Each element combines its
-// word's rows in order from the identity, and the identity rows past a word's end
-// change nothing (x + 0 is x for every x but -0, and a sum that starts at +0 is
-// never -0; max/min keep x against their identity), so the result has the
-// row-by-row bits. The 16 words take as many rounds of 16 elements as the longest
-// needs. Words of 17-256 rows are reduced row by row; longer ones go to
-// reduce_shared_blocks, in the reduce's blocks.
+// ---- Narrow rows: 1, 2, 4 or 8 features of f32, bf16 or f16, 16 bytes at most
+// (per-byte scores, say log-probabilities, or small per-byte vectors, summed into
+// words). Row by row, each word of 1-9 rows costs a mispredicted loop exit and a
+// chain of dependent adds, far more than its few bytes: on one thread of the
+// 2-core VM (T = 2^22, baseline build, D = 1) 17.4 ns a word of 1-9 rows, 9.9 ns
+// when every word has 9. Here 16 words are reduced at once. Each word's rows are
+// read 16 elements at a time, the identity put in the lanes past its end; a
+// transpose of whole rows (16 / D words to a transpose) turns them into vectors
+// that hold row k of each of those words; row after row is combined into one
+// vector, which then holds the words' results in the output's layout. Each
+// element combines its word's rows in order from the identity, and the identity
+// rows past a word's end change nothing (x + 0 is x for every x but -0, and a sum
+// that starts at +0 is never -0; max/min keep x against their identity), so the
+// result has the row-by-row bits. The 16 words take as many rounds of 16 elements
+// as the longest needs. Words of 17-256 rows are reduced row by row; longer ones
+// go to reduce_shared_blocks, in the reduce's blocks.
 // Measured (T = 2^22, words 1..9, mean, calls of each variant taking turns):
-// f32 D = 4 7.6 -> 4.1 ms (the row-by-row variant chosen before was the
-// baseline's), D = 8 7.7 -> 6.3, bf16 D = 4 12.8 -> 4.4, bf16 D = 8 8.6 -> 6.1,
-// f32 D = 2 8.4 -> 3.1. Tried and not used: AVX-512 gathers of row k of 16 words
-// (D = 1, equal lengths 4.6 -> 9.6 ms: a gather cost about 130 cycles there); one
-// 16 x 16 transpose for every D, then the features interleaved back (f32 D = 4
-// 11.7 ms); per-word branches on what is left of each word (mispredicted: f32
-// D = 4 8.4 ms); D = 16, one row per round (f32 25 ms against 11.4 row by row,
-// since every word pays for the rounds of the group's longest).
+// f32 D = 4 7.5 -> 4.1 ms (the row-by-row variant chosen before was the
+// baseline's), f32 D = 2 8.4 -> 3.1, bf16 D = 4 12.8 -> 4.4, bf16 D = 8 8.5 ->
+// 5.9. Tried and not used: AVX-512 gathers of row k of 16 words (D = 1, equal
+// lengths 4.6 -> 9.6 ms: a gather cost about 130 cycles there); one 16 x 16
+// transpose for every D, then the features interleaved back (f32 D = 4 11.7 ms);
+// per-word branches on what is left of each word (mispredicted: f32 D = 4 8.4 ms);
+// masked loads of every word (where whole loads are safe, they are faster: f32
+// D = 8 on words of real text 16.4 -> 12.1 ms); D = 16, one row per round (f32
+// 25 ms against 11.4 row by row, since every word pays for the rounds of the
+// group's longest).
 
 // The 4 x 4 transpose of 128-bit lanes: lane L of vector i goes to lane i of
 // vector L.
@@ -492,20 +494,28 @@ inline void transpose_rows(__m512 (&v)[16 / kD]) {
   }
 }
 
-// The row widths (features) that reduce_narrow_rows takes.
-constexpr bool transposes_rows_of(int64_t D) { return D == 1 || D == 2 || D == 4 || D == 8; }
+// The rows that reduce_narrow_rows takes: 1, 2, 4 or 8 features, 16 bytes at most.
+// (f32 D = 8 is faster row by row on words of real text, where most groups of 16
+// words hold one of 13-16 rows: 12.1 ms against 8.0 for the AVX2 build, on 4.7 MB
+// of the standard library's source; bf16 D = 8 6.6 against 7.4.)
+constexpr bool transposes_rows_of(int64_t D, int64_t element_bytes) {
+  return (D == 1 || D == 2 || D == 4 || D == 8) && D * element_bytes <= 16;
+}
 
 // Words of at most this many rows go through the transpose.
 constexpr int64_t kTransposeRows = 16;
 
 // Up to 16 elements of T at p (the lanes of `valid`) as floats, the identity
-// elsewhere; the conversions are exact, as to_acc's.
+// elsewhere; the conversions are exact, as to_acc's. `whole`: all 16 lie inside
+// the buffer, so a plain load can read them (the masked load is slower here).
 template <typename T>
-inline __m512 load_narrow_elements(const T* p, __mmask16 valid, __m512 identity) {
+inline __m512 load_narrow_elements(const T* p, __mmask16 valid, __m512 identity, bool whole) {
   if constexpr (std::is_same_v<T, float>) {
+    if (whole) return _mm512_mask_mov_ps(identity, valid, _mm512_loadu_ps(p));
     return _mm512_mask_loadu_ps(identity, valid, p);
   } else {
-    const __m256i halves = _mm256_maskz_loadu_epi16(valid, p);
+    const __m256i halves = whole ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                 : _mm256_maskz_loadu_epi16(valid, p);
     __m512 v;
     if constexpr (std::is_same_v<T, bf16_t>)
       v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
@@ -557,6 +567,7 @@ void reduce_narrow_rows(const Runtime& rt, const T* x, const int64_t* offsets, i
   alignas(64) int32_t element_words[16];  // the word (of kWords) of each element of a result vector
   for (int e = 0; e < 16; ++e) element_words[e] = e / kD;
   const __m512i element_word = _mm512_load_si512(element_words);
+  const int64_t last_whole = T_ * kD - 16;  // the last element where 16 can be read
   std::vector<int64_t> long_segments;  // of more than a block: reduced in blocks afterwards
   std::mutex long_mutex;
   parallel_for(rt, 0, (S + 15) / 16, 1024, [&](int64_t g0, int64_t g1) {
@@ -605,7 +616,8 @@ void reduce_narrow_rows(const Runtime& rt, const T* x, const int64_t* offsets, i
 #pragma GCC unroll 16
           for (int i = 0; i < kWords; ++i) {
             const int j = b * kWords + i;
-            rows[i] = load_narrow_elements(x + first[j] + starts[j], __mmask16(masks[j]), identity);
+            const int64_t at = first[j] + starts[j];
+            rows[i] = load_narrow_elements(x + at, __mmask16(masks[j]), identity, at <= last_whole);
           }
           transpose_rows<kD>(rows);  // rows[k]: row c * kWords + k of each word
 #pragma GCC unroll 16
@@ -645,7 +657,7 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
                  int64_t D, T* y) {
 #if defined(__AVX512F__)
   if constexpr (!std::is_same_v<T, double>) {
-    switch (D) {  // (transposes_rows_of)
+    if (transposes_rows_of(D, sizeof(T))) switch (D) {
       case 1: return reduce_narrow_rows<T, R, 1>(rt, x, offsets, S, T_, y);
       case 2: return reduce_narrow_rows<T, R, 2>(rt, x, offsets, S, T_, y);
       case 4: return reduce_narrow_rows<T, R, 4>(rt, x, offsets, S, T_, y);
@@ -928,7 +940,7 @@ void segment_reduce_backward_cpu(const Runtime& rt, DType dtype, const void* gra
 
 bool reduces_narrow_rows(DType dtype, int64_t D) {
 #if defined(__AVX512F__)
-  return dtype != DType::kFloat64 && transposes_rows_of(D);
+  return dtype != DType::kFloat64 && transposes_rows_of(D, dtype == DType::kFloat32 ? 4 : 2);
 #else
   (void)dtype, (void)D;
   return false;

@@ -318,9 +318,9 @@ template <> f16_t quiet_nan_with_payload<f16_t>(uint32_t bits) {
   return f16_t{uint16_t(0x7e00u | (bits & 0x1ffu))};
 }
 
-// The AVX-512 build reduces rows of 1, 2, 4 or 8 features (f32, bf16, f16) 16 words
-// at a time through 16 x 16 transposes (pooling_cpu_reduce.cpp); the baseline
-// build row by row. Same bits for every reduce: NaNs with payloads (max/min keep
+// The AVX-512 build reduces rows of 1, 2, 4 or 8 features (f32, bf16, f16) of 16
+// bytes at most 16 words at a time through transposes of whole rows
+// (pooling_cpu_reduce.cpp), f32 D = 8 row by row; the baseline build row by row. Same bits for every reduce: NaNs with payloads (max/min keep
 // the first), infinities, -0.0, ties, empty words, words of 16 and 17 rows (the
 // transpose's edge), words past a block (kReduceBlockRows) and one long enough to
 // be shared over threads, groups of 16 words cut anywhere into tasks.
