@@ -259,9 +259,9 @@ def row_width_workloads(T: int, device: torch.device) -> dict[str, tuple]:
 
 def bench_narrow_rows(T: int, device: torch.device, table: harness.Table, quick: bool) -> None:
     """Per-word scalars and small vectors expanded to every row of their word, the
-    mean backward, which writes the same rows, and the forward (per-byte scores
-    pooled into words): rows of a few bytes, where a segment's bytes cost less than
-    stepping from one segment to the next."""
+    mean backward, which writes the same rows, the forward (per-byte scores pooled
+    into words) and, for one feature, the max backward: rows of a few bytes, where a
+    segment's bytes cost less than stepping from one segment to the next."""
     offsets = random_offsets(T, 1, 9, device)
     S = offsets.numel() - 1
     lengths = offsets.diff()
@@ -269,7 +269,7 @@ def bench_narrow_rows(T: int, device: torch.device, table: harness.Table, quick:
     ops = torch.ops.tokcore
     timing = dict(rounds=2 if quick else 9, warmup_seconds=warmup_seconds(device, quick))
     for dtype, D in ((torch.float32, 1), (torch.float32, 4), (torch.float32, 8), (torch.bfloat16, 1),
-                     (torch.bfloat16, 16)):
+                     (torch.bfloat16, 8), (torch.bfloat16, 16)):
         name, size = f"{str(dtype).replace('torch.', '')}, D={D}", dtype.itemsize
         y = torch.randn(S, D, dtype=dtype, device=device)
         reused = torch.empty(T, D, dtype=dtype, device=device)
@@ -278,20 +278,30 @@ def bench_narrow_rows(T: int, device: torch.device, table: harness.Table, quick:
         nbytes = (T + S) * D * size
         rows = [
             ("segment_reduce mean fwd", lambda x=x: ops.segment_reduce(x.detach(), offsets, "mean"), {
-                "torch.segment_reduce": lambda x=x: torch.segment_reduce(x.detach(), "mean", lengths=lengths, axis=0)}),
+                "torch.segment_reduce": lambda x=x: torch.segment_reduce(x.detach(), "mean", lengths=lengths, axis=0)},
+             nbytes),
             ("segment_expand fwd", lambda y=y: ops.segment_expand(y, offsets, T), {
                 "index_select": lambda y=y: y.index_select(0, segment_ids),
                 "index_select into a reused buffer":
-                    lambda y=y, out=reused: torch.index_select(y, 0, segment_ids, out=out)}),
+                    lambda y=y, out=reused: torch.index_select(y, 0, segment_ids, out=out)}, nbytes),
             ("segment_reduce mean bwd", lambda y=y: ops.segment_reduce_backward(y, offsets, T, "mean"), {
-                "torch.segment_reduce": lambda y=y, p=pooled, x=x: torch.autograd.grad(p, x, y, retain_graph=True)}),
+                "torch.segment_reduce": lambda y=y, p=pooled, x=x: torch.autograd.grad(p, x, y, retain_graph=True)},
+             nbytes),
         ]
-        for workload, tok, peers in rows:
+        if D == 1:
+            result = ops.segment_reduce(x.detach(), offsets, "max")
+            pooled_max = torch.segment_reduce(x, "max", lengths=lengths, axis=0)
+            rows.append(("segment_reduce max bwd",
+                         lambda y=y, x=x, r=result: ops.segment_reduce_backward(y, offsets, T, "max", x.detach(), r), {
+                             "torch.segment_reduce":
+                                 lambda y=y, p=pooled_max, x=x: torch.autograd.grad(p, x, y, retain_graph=True)},
+                         2 * nbytes))  # reads x, y and grad_y, writes grad_x
+        for workload, tok, peers, moved in rows:
             times = harness.time_interleaved({"tokcore": tok, **peers}, device, **timing)
             t_tok = times.pop("tokcore")
             for peer, t_peer in times.items():
                 table.add(f"{workload} {name}", peer, t_tok * 1e3, t_peer * 1e3, t_peer / t_tok,
-                          harness.gbps(nbytes, t_tok))
+                          harness.gbps(moved, t_tok))
 
 
 def bench_setting_on_off(variable: str, on: str | None, off: str, workloads: dict[str, tuple],
@@ -481,12 +491,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = (1 << 14) if args.quick else (1 << 22)
         narrow = harness.Table(f"narrow rows: per-word scalars and small vectors (T={rows}, word lengths 1..9)",
                                ["workload", "peer", "tokcore ms", "peer ms", "speedup (peer/tokcore)", "tokcore GB/s"])
-        narrow.notes.append("the forward of one feature (D=1) reduces 16 words at a time through a 16 x 16 transpose "
-                            "on AVX-512 CPUs (csrc/pooling/pooling_cpu_reduce.cpp); expand and the backward write rows "
+        narrow.notes.append("on AVX-512 CPUs the forward of 1, 2, 4 or 8 features of at most 16 bytes reduces 16 "
+                            "words at a time through transposes of whole rows, and the max backward of one "
+                            "feature takes a word with one load, compare and store "
+                            "(csrc/pooling/pooling_cpu_reduce.cpp); expand and the sum/mean backward write rows "
                             "of 2 to 32 bytes in runs of one segment's row repeated, spilling into "
                             "the next segment's rows (csrc/pooling/pooling_cpu_segments.h); GB/s counts T*D + S*D "
-                            "for the forward, S*D read "
-                            "+ T*D written; tokcore's outputs under 16 MB (its output cache's threshold) and "
+                            "for the forward, S*D read + T*D written for expand and the mean backward, twice that "
+                            "for the max backward; tokcore's outputs under 16 MB (its output cache's threshold) and "
                             "index_select's come fresh from the allocator, page faults included; the reused-buffer "
                             "peer's do not")
         tables.append(narrow)
