@@ -574,9 +574,9 @@ void reduce_narrow_rows(const Runtime& rt, const T* x, const int64_t* offsets, i
     std::vector<int64_t> local_long;
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t s0 = g * 16, n = std::min<int64_t>(16, S - s0);
-      int64_t first[16];           // the word's first element
-      alignas(64) int32_t elements[16];  // its rows * kD
-      alignas(64) int32_t count[16];  // its rows
+      int64_t first[16];                 // each word's first element
+      alignas(64) int32_t elements[16];  // its elements (rows * kD)
+      alignas(64) int32_t count[16];     // its rows
       int64_t most = 0;
       __mmask16 transposed = 0;  // the words whose results the transpose gives
       for (int64_t j = 0; j < 16; ++j) {
@@ -603,8 +603,9 @@ void reduce_narrow_rows(const Runtime& rt, const T* x, const int64_t* offsets, i
       for (int b = 0; b < kD; ++b) acc[b] = identity;
       const __m512i word_elements = _mm512_load_si512(elements);
       for (int32_t c = 0; c * 16 < most * kD; ++c) {  // 16 elements of every word at a time
-        // Without branches (a branch here mispredicts per word): each word's mask of
-        // elements 16c.. 16c + 15 that it has, and where they start, clamped to its end.
+        // Without branches (one here would mispredict per word): the mask of the
+        // elements 16c .. 16c + 15 that each word has, and where they start (clamped
+        // to the word's end).
         const __m512i start = _mm512_min_epi32(_mm512_set1_epi32(16 * c), word_elements);
         const __m512i left = _mm512_min_epi32(_mm512_sub_epi32(word_elements, start), _mm512_set1_epi32(16));
         alignas(64) uint32_t masks[16], starts[16];
