@@ -903,20 +903,6 @@ void max_min_backward_shared(const Runtime& rt, const T* grad_y, const T* x, con
 // same thread writes afterwards (or, for a segment too long for one thread, the
 // shared pass after this one); near the task's end it is masked.
 template <typename T>
-inline __m512 load_one_feature(const T* p, __mmask16 valid, bool whole) {  // exact, as to_acc
-  if constexpr (std::is_same_v<T, float>) {
-    return whole ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(valid, p);
-  } else {
-    const __m256i halves = whole ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                 : _mm256_maskz_loadu_epi16(valid, p);
-    if constexpr (std::is_same_v<T, bf16_t>)
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
-    else
-      return _mm512_cvtph_ps(halves);
-  }
-}
-
-template <typename T>
 void max_min_backward_one_feature(const Runtime& rt, const T* grad_y, const T* x, const T* y,
                                   const int64_t* offsets, int64_t S, int64_t T_, T* grad_x) {
   using A = acc_t<T>;
@@ -943,7 +929,7 @@ void max_min_backward_one_feature(const Runtime& rt, const T* grad_y, const T* x
         continue;
       }
       const __mmask16 valid = __mmask16((1u << len) - 1);
-      const __m512 v = load_one_feature(x + rows.begin, valid, rows.begin + 16 <= T_);
+      const __m512 v = load_narrow_elements(x + rows.begin, valid, _mm512_setzero_ps(), rows.begin + 16 <= T_);
       const __m512 r = _mm512_set1_ps(to_acc(y[s]));
       __mmask16 attaining = _mm512_cmp_ps_mask(v, r, _CMP_EQ_OQ);
       if (to_acc(y[s]) != to_acc(y[s])) attaining = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);  // NaN: a NaN row
