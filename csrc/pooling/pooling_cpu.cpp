@@ -83,8 +83,9 @@ void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int
   // The forward and backward reduce are the CPU kernels whose speed is
   // arithmetic-bound: built per instruction set (pooling_cpu_reduce.cpp), picked here.
 #if defined(TOKCORE_HAVE_X86_ISA_KERNELS)
-  // Rows of 1-8 features: the AVX-512 forward reduces 16 words at a time, faster
-  // than any variant that goes row by row, whatever its vectors' fit.
+  // Rows of 1, 2, 4 or 8 features and at most 16 bytes (reduces_narrow_rows): the
+  // AVX-512 forward reduces 16 words at a time, faster than any variant that goes
+  // row by row, whatever its vectors' fit.
   const bool narrow = cpu_isa() == CpuIsa::kAvx512 && isa_avx512::reduces_narrow_rows(dtype, D);
   switch (narrow ? CpuIsa::kAvx512 : reduce_isa(dtype, D)) {
     case CpuIsa::kAvx512: return isa_avx512::segment_reduce_cpu(rt, dtype, x, offsets, S, T, D, reduce, y);

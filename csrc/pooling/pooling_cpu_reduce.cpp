@@ -662,7 +662,9 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
       case 1: return reduce_narrow_rows<T, R, 1>(rt, x, offsets, S, T_, y);
       case 2: return reduce_narrow_rows<T, R, 2>(rt, x, offsets, S, T_, y);
       case 4: return reduce_narrow_rows<T, R, 4>(rt, x, offsets, S, T_, y);
-      case 8: return reduce_narrow_rows<T, R, 8>(rt, x, offsets, S, T_, y);
+      case 8:
+        if constexpr (transposes_rows_of(8, sizeof(T))) return reduce_narrow_rows<T, R, 8>(rt, x, offsets, S, T_, y);
+        break;
       default: break;
     }
   }
