@@ -547,15 +547,17 @@ inline void store_narrow_elements(T* p, __mmask16 keep, __m512 v) {
 }
 
 // combine (above) on intrinsics: the first NaN stays, ties keep the earlier value.
+// For max, v replaces acc where acc is not NaN and !(v <= acc), which holds where v
+// is greater or NaN (an unordered compare is true): two compares, the first one
+// masking the second.
 template <Reduce R>
 inline __m512 combine_lanes(__m512 acc, __m512 v) {
   if constexpr (R == Reduce::kSum || R == Reduce::kMean) {
     return _mm512_add_ps(acc, v);
   } else {
-    const __mmask16 acc_nan = _mm512_cmp_ps_mask(acc, acc, _CMP_UNORD_Q);
-    const __mmask16 v_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    const __mmask16 better = _mm512_cmp_ps_mask(v, acc, R == Reduce::kMax ? _CMP_GT_OQ : _CMP_LT_OQ);
-    return _mm512_mask_mov_ps(acc, __mmask16(~acc_nan) & (v_nan | better), v);
+    const __mmask16 acc_number = _mm512_cmp_ps_mask(acc, acc, _CMP_ORD_Q);
+    const __mmask16 take = _mm512_mask_cmp_ps_mask(acc_number, v, acc, R == Reduce::kMax ? _CMP_NLE_UQ : _CMP_NGE_UQ);
+    return _mm512_mask_mov_ps(acc, take, v);
   }
 }
 
