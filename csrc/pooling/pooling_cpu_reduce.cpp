@@ -806,6 +806,19 @@ inline void first_attaining_tiles(const T* g, const T* x, const T* result, int64
   }
 }
 
+// Feature d of rows [rows.begin, rows.end), one row at a time: g[d] at the first
+// row that attains result[d], 0 elsewhere.
+template <typename T>
+inline void first_attaining_feature(const T* g, const T* x, const T* result, int64_t D, int64_t d, RowRange rows,
+                                    T* grad_x) {
+  bool found = false;
+  for (int64_t t = rows.begin; t < rows.end; ++t) {
+    const bool take = !found && attains(to_acc(x[t * D + d]), to_acc(result[d]));
+    found = found || take;
+    grad_x[t * D + d] = take ? g[d] : from_acc<T>(acc_t<T>(0));
+  }
+}
+
 // The max/min backward of segments too long for one thread, in pieces
 // (SegmentPieces) that all threads share, reading x once: (1) each piece finds,
 // per feature, the first of its rows that attains the result (that row's index in
@@ -909,7 +922,6 @@ void max_min_backward_shared(const Runtime& rt, const T* grad_y, const T* x, con
 template <typename T>
 void max_min_backward_one_feature(const Runtime& rt, const T* grad_y, const T* x, const T* y,
                                   const int64_t* offsets, int64_t S, int64_t T_, T* grad_x) {
-  using A = acc_t<T>;
   const int64_t shared_rows = shared_segment_rows(rt.threads, T_);
   std::vector<int64_t> long_segments;
   std::mutex long_mutex;
@@ -924,12 +936,7 @@ void max_min_backward_one_feature(const Runtime& rt, const T* grad_y, const T* x
           local_long.push_back(s);
           continue;
         }
-        bool found = false;  // row by row, as max_min_backward_rows
-        for (int64_t t = rows.begin; t < rows.end; ++t) {
-          const bool take = !found && attains(to_acc(x[t]), to_acc(y[s]));
-          found = found || take;
-          grad_x[t] = take ? grad_y[s] : from_acc<T>(A(0));
-        }
+        first_attaining_feature(grad_y + s, x, y + s, 1, 0, rows, grad_x);  // row by row
         continue;
       }
       const __mmask16 valid = __mmask16((1u << len) - 1);
@@ -967,7 +974,6 @@ void max_min_backward_rows(const Runtime& rt, const T* grad_y, const T* x, const
     if (D == 1) return max_min_backward_one_feature<T>(rt, grad_y, x, y, offsets, S, T_, grad_x);
   }
 #endif
-  using A = acc_t<T>;
   std::vector<int64_t> long_segments = for_each_short_segment(
       rt, S, segment_grain(S, T_, D), shared_segment_rows(rt.threads, T_),
       [&](int64_t s) { return segment_rows(offsets, s, T_); },
@@ -977,14 +983,7 @@ void max_min_backward_rows(const Runtime& rt, const T* grad_y, const T* x, const
         int64_t d0 = 0;
         first_attaining_tiles<T, 4, kStream>(g, x, result, D, rows, d0, grad_x);
         first_attaining_tiles<T, 1, kStream>(g, x, result, D, rows, d0, grad_x);
-        for (; d0 < D; ++d0) {  // the last D % N features, one at a time
-          bool found = false;
-          for (int64_t t = rows.begin; t < rows.end; ++t) {
-            const bool take = !found && attains(to_acc(x[t * D + d0]), to_acc(result[d0]));
-            found = found || take;
-            grad_x[t * D + d0] = take ? g[d0] : from_acc<T>(A(0));
-          }
-        }
+        for (; d0 < D; ++d0) first_attaining_feature(g, x, result, D, d0, rows, grad_x);  // the last D % N, one at a time
       },
       [] { if (kStream) fence_streaming_stores(); });
   if (!long_segments.empty())
