@@ -34,6 +34,7 @@ from tokcore.pooling.lm import (
     count_parameters,
     matched_byte_config,
 )
+from tokcore.pooling import modules
 from tokcore.pooling.modules import BytePoolingEncoder, SegmentAttention, SegmentTransformer
 from tokcore.pooling.ops import segment_reduce, word_boundaries
 from reference.pooling import split_words as ref_split_words
@@ -169,6 +170,66 @@ def test_segment_attention_matches_dense_per_segment_reference(causal):
         ref = _ref_segment_attention(attn, x, offsets)
         torch.testing.assert_close(attn(x, offsets, 8), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(attn(x, offsets, 6), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_segment_attention_without_padding_matches_dense_reference():
+    # segments of one length packed into as many slots: q and k are rotated after packing
+    attn = SegmentAttention(16, 2, causal=True).eval()
+    x, offsets = torch.randn(12, 16), torch.tensor([0, 4, 8, 12])
+    assert not modules.rotates_before_packing(12, 3, 4) and modules.rotates_before_packing(12, 3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, offsets, 4), _ref_segment_attention(attn, x, offsets),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_segment_attention_rotates_before_or_after_packing_alike(causal, monkeypatch):
+    # the two places of the rotary embedding (the flat stream, the packed slots) give
+    # the same outputs and gradients, also with rows past max_len (dropped) and an
+    # empty segment
+    torch.manual_seed(0)
+    attn = SegmentAttention(16, 2, causal=causal)
+    offsets = torch.tensor([0, 3, 8, 8, 9, 20])
+    x = torch.randn(20, 16, dtype=torch.float64)
+    attn.double()
+    results = []
+    for before in (True, False):
+        monkeypatch.setattr(modules, "rotates_before_packing", lambda rows, segments, max_len, b=before: b)
+        for max_len in (11, 13, 6):  # 6: rows of the last segment past it are dropped
+            xi = x.clone().requires_grad_()
+            attn.zero_grad()
+            y = attn(xi, offsets, max_len, check_offsets=False)
+            y.backward(torch.cos(torch.arange(y.numel(), dtype=torch.float64)).view_as(y))
+            results.append((y.detach(), xi.grad, attn.qkv.weight.grad.clone()))
+    for a, b in zip(results[:3], results[3:]):
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+
+
+def test_segment_positions():
+    offsets = torch.tensor([0, 3, 3, 4, 9])
+    torch.testing.assert_close(modules.segment_positions(offsets, 9),
+                               torch.tensor([0, 1, 2, 0, 0, 1, 2, 3, 4]))
+    assert modules.segment_positions(torch.tensor([0]), 0).shape == (0,)
+    with pytest.raises(RuntimeError, match="segment_expand: offsets must be non-decreasing"):
+        modules.segment_positions(torch.tensor([0, 5, 3]), 3)
+    for n_seg in (1, 7, 40):  # random lengths, empty segments included
+        lengths = torch.randint(0, 6, (n_seg,))
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+        expected = torch.cat([torch.arange(int(k)) for k in lengths])
+        torch.testing.assert_close(modules.segment_positions(offsets, int(offsets[-1])), expected)
+
+
+def test_rotary_embedding_rotates_pairs_by_position():
+    # against the closed form: pair (i, i + Dh/2) at position p turns by p / 10000^(2i/Dh)
+    rot = modules.RotaryEmbedding(8)
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    torch.testing.assert_close(rot(x), _ref_rotary(x))
+    positions = torch.tensor([4, 0, 2, 2, 1])
+    rows = torch.randn(5, 3, 8, dtype=torch.float64)  # 3 heads per row
+    expected = torch.stack([_ref_rotary(rows[r:r + 1].transpose(0, 1).expand(3, int(p) + 1, 8).contiguous())
+                            [:, -1] for r, p in enumerate(positions)])
+    torch.testing.assert_close(rot.rotate_rows(rows, positions, 5), expected)
 
 
 def test_encoder_attention_pool_matches_dense_per_word_reference():
