@@ -5,6 +5,7 @@ Everything runs on CPU with tiny models and a tiny synthetic corpus (a few secon
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -170,6 +171,24 @@ def test_segment_attention_matches_dense_per_segment_reference(causal):
         ref = _ref_segment_attention(attn, x, offsets)
         torch.testing.assert_close(attn(x, offsets, 8), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(attn(x, offsets, 6), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segment_attention_short_and_long_segments_match_dense_reference(causal, dtype):
+    # on the CPU, short packed segments (words) take the plain attention kernel, long
+    # ones torch's default (flash): both against the reference
+    torch.manual_seed(0)
+    attn = SegmentAttention(16, 2, causal=causal).eval().to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for lengths in ([3, 5, 1, 6], [3, 70, 1, 20]):
+        offsets = torch.tensor([0] + lengths).cumsum(0)
+        x = torch.randn(int(offsets[-1]), 16, dtype=dtype)
+        q = torch.empty(len(lengths), 2, max(lengths), 8, dtype=dtype)
+        plain = not isinstance(modules.attention_kernel_for(q), contextlib.nullcontext)
+        assert plain == (max(lengths) <= (32 if dtype == torch.float32 else 64))
+        with torch.no_grad():
+            torch.testing.assert_close(attn(x, offsets, max(lengths)), _ref_segment_attention(attn, x, offsets), **tol)
 
 
 def test_segment_attention_without_padding_matches_dense_reference():
