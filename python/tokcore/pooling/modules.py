@@ -131,12 +131,15 @@ def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def attention_kernel_for(q: Tensor) -> contextlib.AbstractContextManager:
-    """The scaled_dot_product_attention kernel for q [S, H, L, Dh]: on the CPU, for
-    short segments (words: L <= 17), the plain ("math") kernel, where torch's CPU flash
-    kernel is slow (2-core CPU, causal, forward and backward, H = 4: L = 16 f32 44 ms
-    against 23, bf16 155 against 21; L = 32 f32 32 against 28, bf16 84 against 29;
-    L = 64 f32 41 against 46, bf16 110 against 49; L = 128 and longer: flash is faster
-    for both); else torch's own choice."""
+    """The scaled_dot_product_attention kernel for self-attention over q [S, H, L, Dh]:
+    on the CPU, for L up to 32 (64 in bf16 and f16; words take 16 or 17), the plain
+    ("math") kernel, since torch's CPU flash kernel is slow on short segments. Measured
+    on the 2-core CPU, forward and backward, H = 4, flash against plain: causal, L = 16:
+    f32 44 ms against 23, bf16 155 against 21, f16 70 against 34; masked, L = 16, f32: 51
+    against 18; L = 32: f32 32 against 28, bf16 84 against 29; L = 64: f32 41 against 46,
+    bf16 110 against 49, f16 147 against 50; from L = 128 flash is as fast or faster in
+    f32 and bf16 (f16: not yet, 413 against 130 at L = 128; longer not measured).
+    Elsewhere torch's own choice."""
     longest_math = 64 if q.dtype in (torch.bfloat16, torch.float16) else 32
     if q.device.type == "cpu" and q.shape[-2] <= longest_math:
         return sdpa_kernel(SDPBackend.MATH)
@@ -145,11 +148,12 @@ def attention_kernel_for(q: Tensor) -> contextlib.AbstractContextManager:
 
 def rotates_before_packing(rows: int, segments: int, max_len: int) -> bool:
     """Whether attention rotates q and k (rotary embedding) on the flat stream of
-    `rows` rows rather than on the [segments, max_len] slots it packs them into: where
-    at least a quarter of the slots are padding (words: about 2/3), whose rotation
-    that saves. It takes two projections (q and k, then v) instead of one, which cost
-    about a quarter of what rotating every slot costs (2-core CPU, ByteLM's attention
-    sizes, forward and backward: 2.8 ms more than one projection; the rotation 12 ms)."""
+    `rows` rows, before packing them into [segments, max_len] slots, rather than after:
+    where at least a quarter of the slots are padding (words: about 2/3), the padding
+    then costs no rotation. The price is two projections (q and k, then v) instead of
+    one, so that both pack without a copy; measured on the 2-core CPU at ByteLM's
+    attention sizes, forward and backward, it is about a quarter of the rotation of
+    every slot (2.8 ms more than one projection; the rotation 12 ms)."""
     return rows > 0 and segments > 0 and max_len > 0 and 3 * segments * max_len >= 4 * rows
 
 
