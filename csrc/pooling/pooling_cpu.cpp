@@ -99,9 +99,12 @@ void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int
 void segment_reduce_backward_cpu(const Runtime& rt, DType dtype, const void* grad_y, const void* x,
                                  const void* y, const int64_t* offsets, int64_t S, int64_t T,
                                  int64_t D, Reduce reduce, void* grad_x) {
-  // Built per instruction set too (pooling_cpu_reduce.cpp), and picked alike.
+  // Built per instruction set too (pooling_cpu_reduce.cpp), and picked alike; the
+  // max/min backward of narrow rows too, which AVX-512 takes 16 elements at a time.
 #if defined(TOKCORE_HAVE_X86_ISA_KERNELS)
-  switch (reduce_isa(dtype, D)) {
+  const bool narrow = (reduce == Reduce::kMax || reduce == Reduce::kMin) && cpu_isa() == CpuIsa::kAvx512 &&
+                      isa_avx512::reduces_narrow_rows(dtype, D);
+  switch (narrow ? CpuIsa::kAvx512 : reduce_isa(dtype, D)) {
     case CpuIsa::kAvx512:
       return isa_avx512::segment_reduce_backward_cpu(rt, dtype, grad_y, x, y, offsets, S, T, D, reduce, grad_x);
     case CpuIsa::kAvx2:

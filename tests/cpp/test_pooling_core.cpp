@@ -379,19 +379,19 @@ void check_transposed_reduce(DType dtype, int64_t D) {
       EXPECT_EQ(0, std::memcmp(transposed.data(), expected.data(), expected.size() * sizeof(T)))
           << "tasks of " << piece << " groups";
     }
-    if (D != 1 || r == Reduce::kSum || r == Reduce::kMean) continue;
-    // The max/min backward of one feature per row: one load, compare and store a
-    // word, the store spilling into later words' rows of the same task; tasks run
-    // last first show a spill into another task's rows. grad_y has NaNs with
+    if (r == Reduce::kSum || r == Reduce::kMean) continue;
+    // The max/min backward of narrow rows: 16 elements of a word loaded, compared and
+    // stored at a time, the store spilling into later words' rows of the same task;
+    // tasks run last first show a spill into another task's rows. grad_y has NaNs with
     // payloads and -0.0, which must arrive as they are; 16 more rows show a store
     // past the end.
-    std::vector<T> grad_y(static_cast<size_t>(S));
-    for (int64_t s = 0; s < S; ++s)
-      grad_y[size_t(s)] = s % 11 == 0 ? quiet_nan_with_payload<T>(rng()) : s % 7 == 0 ? from_acc<T>(-0.0f)
-                                                                                  : from_acc<T>(float(s % 13) - 6.5f);
-    std::vector<T> expected_grad(size_t(T_ + 16), fill), grad(size_t(T_ + 16), fill);
+    std::vector<T> grad_y(static_cast<size_t>(S * D));
+    for (int64_t i = 0; i < S * D; ++i)
+      grad_y[size_t(i)] = i % 11 == 0 ? quiet_nan_with_payload<T>(rng()) : i % 7 == 0 ? from_acc<T>(-0.0f)
+                                                                                  : from_acc<T>(float(i % 13) - 6.5f);
+    std::vector<T> expected_grad(size_t((T_ + 16) * D), fill), grad(size_t((T_ + 16) * D), fill);
     isa_base::segment_reduce_backward_cpu(serial, dtype, grad_y.data(), x.data(), expected.data(), off.data(), S, T_,
-                                          1, r, expected_grad.data());
+                                          D, r, expected_grad.data());
     for (int64_t piece : {int64_t(1), int64_t(3), int64_t(1000)}) {
       g_piece = piece;
       Runtime rt;
@@ -399,7 +399,7 @@ void check_transposed_reduce(DType dtype, int64_t D) {
       rt.threads = 2;
       std::fill(grad.begin(), grad.end(), fill);
       isa_avx512::segment_reduce_backward_cpu(rt, dtype, grad_y.data(), x.data(), expected.data(), off.data(), S, T_,
-                                              1, r, grad.data());
+                                              D, r, grad.data());
       EXPECT_EQ(0, std::memcmp(grad.data(), expected_grad.data(), grad.size() * sizeof(T)))
           << "backward, tasks of " << piece << " words";
     }
