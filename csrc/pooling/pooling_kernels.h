@@ -49,7 +49,8 @@ void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int
 #define TOKCORE_POOLING_CPU_ISA_KERNELS                                                           \
   /* features per vector load of dtype in this build (0: lane by lane) */                         \
   int64_t vector_features(DType dtype);                                                           \
-  /* whether this build's forward reduces rows of D features 16 words at a time */                \
+  /* whether this build reduces rows of D features 16 words at a time (and their max/min */       \
+  /* backward 16 elements of a word at a time) */                                                 \
   bool reduces_narrow_rows(DType dtype, int64_t D);                                               \
   void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int64_t* offsets,  \
                           int64_t S, int64_t T, int64_t D, Reduce reduce, void* y);               \
