@@ -75,6 +75,15 @@ CpuIsa reduce_isa(DType dtype, int64_t D) {
                             isa_avx512::vector_features(dtype)};
   return isa_for_row(cpu_isa(), D, lanes);
 }
+
+// reduce_isa, except for rows of 1, 2, 4 or 8 features and at most 16 bytes
+// (reduces_narrow_rows): the AVX-512 forward reduces them 16 words at a time, and
+// their max/min backward 16 elements of a word at a time, faster than any variant
+// that goes row by row, whatever its vectors' fit.
+CpuIsa narrow_rows_or_reduce_isa(DType dtype, int64_t D) {
+  if (cpu_isa() == CpuIsa::kAvx512 && isa_avx512::reduces_narrow_rows(dtype, D)) return CpuIsa::kAvx512;
+  return reduce_isa(dtype, D);
+}
 }  // namespace
 #endif
 
@@ -83,11 +92,7 @@ void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int
   // The forward and backward reduce are the CPU kernels whose speed is
   // arithmetic-bound: built per instruction set (pooling_cpu_reduce.cpp), picked here.
 #if defined(TOKCORE_HAVE_X86_ISA_KERNELS)
-  // Rows of 1, 2, 4 or 8 features and at most 16 bytes (reduces_narrow_rows): the
-  // AVX-512 forward reduces 16 words at a time, faster than any variant that goes
-  // row by row, whatever its vectors' fit.
-  const bool narrow = cpu_isa() == CpuIsa::kAvx512 && isa_avx512::reduces_narrow_rows(dtype, D);
-  switch (narrow ? CpuIsa::kAvx512 : reduce_isa(dtype, D)) {
+  switch (narrow_rows_or_reduce_isa(dtype, D)) {
     case CpuIsa::kAvx512: return isa_avx512::segment_reduce_cpu(rt, dtype, x, offsets, S, T, D, reduce, y);
     case CpuIsa::kAvx2: return isa_avx2::segment_reduce_cpu(rt, dtype, x, offsets, S, T, D, reduce, y);
     case CpuIsa::kBase: break;
@@ -99,12 +104,11 @@ void segment_reduce_cpu(const Runtime& rt, DType dtype, const void* x, const int
 void segment_reduce_backward_cpu(const Runtime& rt, DType dtype, const void* grad_y, const void* x,
                                  const void* y, const int64_t* offsets, int64_t S, int64_t T,
                                  int64_t D, Reduce reduce, void* grad_x) {
-  // Built per instruction set too (pooling_cpu_reduce.cpp), and picked alike; the
-  // max/min backward of narrow rows too, which AVX-512 takes 16 elements at a time.
+  // Built per instruction set too (pooling_cpu_reduce.cpp), and picked alike (the
+  // sum/mean backward writes rows, with nothing to reduce: by the row's fit only).
 #if defined(TOKCORE_HAVE_X86_ISA_KERNELS)
-  const bool narrow = (reduce == Reduce::kMax || reduce == Reduce::kMin) && cpu_isa() == CpuIsa::kAvx512 &&
-                      isa_avx512::reduces_narrow_rows(dtype, D);
-  switch (narrow ? CpuIsa::kAvx512 : reduce_isa(dtype, D)) {
+  const bool max_min = reduce == Reduce::kMax || reduce == Reduce::kMin;
+  switch (max_min ? narrow_rows_or_reduce_isa(dtype, D) : reduce_isa(dtype, D)) {
     case CpuIsa::kAvx512:
       return isa_avx512::segment_reduce_backward_cpu(rt, dtype, grad_y, x, y, offsets, S, T, D, reduce, grad_x);
     case CpuIsa::kAvx2:
