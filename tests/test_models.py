@@ -48,6 +48,7 @@ from tokcore.pooling.train import (
     load_checkpoint,
     load_model,
     lr_at,
+    plan_steps,
     resolve_model_config,
     save_checkpoint,
     train,
@@ -474,20 +475,37 @@ def _cfg(corpus_dir, **kw):
 
 
 def test_lr_schedule():
-    cfg = TrainConfig(lr=1.0, steps=100, warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_at(cfg, 0, 0.0) == pytest.approx(0.1)
-    assert lr_at(cfg, 50, 0.0) == pytest.approx(1.0)
-    assert lr_at(cfg, 99, 1.0) == pytest.approx(0.1)
-    assert lr_at(TrainConfig(lr=1.0, schedule="linear", min_lr_ratio=0.0, warmup_steps=1), 5, 0.5) == pytest.approx(0.5)
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    cosine = lambda p: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))  # noqa: E731
+    assert lr_at(cfg, 0, 1000) == pytest.approx(0.1 * cosine(0.0))  # warmup: 1/10
+    assert lr_at(cfg, 4, 1000) == pytest.approx(0.5 * cosine(0.004))
+    assert lr_at(cfg, 9, 1000) == pytest.approx(cosine(0.009))  # warmup over
+    assert lr_at(cfg, 500, 1000) == pytest.approx(0.55)
+    assert lr_at(cfg, 1000, 1000) == pytest.approx(0.1)
+    # a short run: the warmup takes at most a tenth of it (200 steps: 10 -> 20 is not taken,
+    # 50 steps: 5), and is over by 5% of it
+    assert lr_at(cfg, 0, 50) == pytest.approx(0.2 * cosine(0.0))
+    long_warmup = TrainConfig(lr=1.0, warmup_steps=50, min_lr_ratio=0.1)
+    assert lr_at(long_warmup, 5, 200) == pytest.approx(0.5 * cosine(5 / 200))  # 5/200 / 0.05 beats 6/20
+    assert lr_at(long_warmup, 10, 200) == pytest.approx(cosine(10 / 200))
+    assert lr_at(TrainConfig(lr=1.0, schedule="linear", min_lr_ratio=0.0, warmup_steps=1), 5, 10) == pytest.approx(0.5)
 
 
 def test_lr_schedule_constant():
-    cfg = TrainConfig(lr=2.0, steps=100, warmup_steps=10, min_lr_ratio=0.1, schedule="constant")
-    assert lr_at(cfg, 0, 0.0) == pytest.approx(0.2)  # the warmup still applies
-    for step, progress in ((9, 0.09), (50, 0.5), (99, 0.99), (100, 1.0)):
-        assert lr_at(cfg, step, progress) == pytest.approx(2.0)
-    budget = TrainConfig(lr=2.0, time_budget=10.0, warmup_steps=1, min_lr_ratio=0.1, schedule="constant")
-    assert lr_at(budget, 5, 0.9) == pytest.approx(2.0)
+    cfg = TrainConfig(lr=2.0, warmup_steps=10, min_lr_ratio=0.1, schedule="constant")
+    assert lr_at(cfg, 0, 100) == pytest.approx(0.2)  # the warmup still applies
+    for step in (9, 50, 99, 100):
+        assert lr_at(cfg, step, 100) == pytest.approx(2.0)
+
+
+def test_plan_steps():
+    cfg = TrainConfig(time_budget=10.0)
+    assert plan_steps(cfg, 0, 0.0, 0.5) == 20
+    assert plan_steps(cfg, 0, 0.0, 0.3) == 33  # rounded: 10 / 0.3 = 33.3
+    assert plan_steps(cfg, 7, 4.0, 2.0) == 10  # 7 done, 6 s left
+    assert plan_steps(cfg, 7, 9.9, 2.0) == 8  # a step more while time is left
+    assert plan_steps(cfg, 7, 10.0, 2.0) == 7 and plan_steps(cfg, 7, 12.0, 2.0) == 7  # none left
+    assert plan_steps(TrainConfig(time_budget=10.0, steps=15), 0, 0.0, 0.5) == 15  # steps cap it
 
 
 def _record_optimizer(monkeypatch, on_step=None):
@@ -509,22 +527,100 @@ def _record_optimizer(monkeypatch, on_step=None):
     return made
 
 
-def test_time_budget_run_decays_the_learning_rate(corpus_dir, monkeypatch):
-    # a fake clock: each perf_counter call is 1 s later, so each step takes 1 s of training
-    # and a 4 s budget is 4 steps; the LR follows train_time / time_budget
+def _fake_clock(monkeypatch, step_seconds):
+    """Makes train()'s perf_counter a clock under which step i (counting the timing's
+    steps) takes step_seconds(i) seconds: perf_counter is called at each step's start
+    and end."""
     import tokcore.pooling.train as train_module
 
-    clock = itertools.count()
-    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
-    lrs = []
-    _record_optimizer(monkeypatch, lambda o: lrs.append([g["lr"] for g in o.param_groups]))
-    r = train(_cfg(corpus_dir, steps=None, time_budget=4.0, warmup_steps=1, lr=1e-3, min_lr_ratio=0.1,
-                   schedule="linear"), log=lambda s: None)
-    assert r["steps"] == 4 and r["train_time_s"] == pytest.approx(4.0)
+    state = {"now": 0.0, "calls": 0}
+
+    def perf_counter():
+        if state["calls"] % 2:  # a step's end
+            state["now"] += step_seconds(state["calls"] // 2)
+        state["calls"] += 1
+        return state["now"]
+
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=perf_counter))
+
+
+def _record_lrs(monkeypatch):
+    """The LRs of each optimizer that train() makes, per step, in order of making."""
+    lrs = {}
+    made = _record_optimizer(monkeypatch, lambda o: lrs.setdefault(id(o), []).append([g["lr"] for g in o.param_groups]))
+    return lambda: [lrs.get(id(o), []) for o in made]
+
+
+def test_time_budget_run_is_the_run_of_its_planned_steps(corpus_dir, monkeypatch):
+    # each step takes 1 s, so a 4 s budget plans 4 steps (3 are timed: 2% of 4 s is less);
+    # the run is then, to the bit, the run of steps=4: the timing, on copies with a random
+    # stream of its own, leaves the model, the optimizer and the run's streams (dropout's
+    # too) as they were
+    _fake_clock(monkeypatch, lambda i: 1.0)
+    lrs = _record_lrs(monkeypatch)
+    logs = []
+    mc = dict(TINY_HIER, dropout=0.1)
+    budgeted = train(_cfg(corpus_dir, steps=None, time_budget=4.0, warmup_steps=1, lr=1e-3, min_lr_ratio=0.1,
+                          schedule="linear", model_config=mc), log=logs.append)
+    assert budgeted["steps"] == budgeted["planned_steps"] == 4 and budgeted["train_time_s"] == pytest.approx(4.0)
+    assert "planned 4 steps for the 4s budget (1s per step, the median of 3 timed steps)" in logs
+    run_lrs, probe_lrs = lrs()  # the run's optimizer, then the timing's
+    assert len(probe_lrs) == 4  # one untimed step, then the 3 timed ones
     expected = [1e-3 * (1 - 0.9 * step / 4) for step in range(4)]  # linear from 1e-3 towards 1e-4
-    assert len(lrs) == 4
-    for row, lr in zip(lrs, expected):
-        assert row == pytest.approx([lr] * len(row))
+    assert [row[0] for row in run_lrs] == pytest.approx(expected) and all(len(set(row)) == 1 for row in run_lrs)
+    stepped = train(_cfg(corpus_dir, steps=4, warmup_steps=1, lr=1e-3, min_lr_ratio=0.1, schedule="linear",
+                         model_config=mc), log=lambda s: None)
+    assert lrs()[2] == run_lrs and stepped["planned_steps"] is None
+    assert budgeted["heldout_bpb"] == stepped["heldout_bpb"] and budgeted["train_bpb_ema"] == stepped["train_bpb_ema"]
+    for (name, a), b in zip(budgeted["_model"].state_dict().items(), stepped["_model"].state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_time_budget_run_stops_when_its_steps_run_slower_than_timed(corpus_dir, monkeypatch):
+    # the timing's 4 steps take 1 s each, the run's 3 s: the 8 planned steps would take
+    # 24 s, and the run stops at 1.25 x 8 s, after 4 steps (12 s)
+    _fake_clock(monkeypatch, lambda i: 1.0 if i < 4 else 3.0)
+    logs = []
+    r = train(_cfg(corpus_dir, steps=None, time_budget=8.0), log=logs.append)
+    assert r["steps"] == 4 and r["planned_steps"] == 8 and r["train_time_s"] == pytest.approx(12.0)
+    assert "stopped at step 4 of the 8 planned: the steps ran slower than timed, and 12s is 1.25x the 8s budget" \
+        in logs
+
+
+def test_resumed_time_budget_run_keeps_its_plan_unless_the_budget_changed(corpus_dir, tmp_path, monkeypatch):
+    _fake_clock(monkeypatch, lambda i: 1.0)
+    lrs = _record_lrs(monkeypatch)
+    out = tmp_path / "run"
+
+    def run(budget, steps=None, **kw):
+        logs = []
+        r = train(_cfg(corpus_dir, out=str(out), steps=steps, time_budget=budget), log=logs.append, **kw)
+        return r, [line for line in logs if line.startswith("planned")]
+
+    r, planned = run(4.0)
+    assert r["steps"] == 4 and planned == ["planned 4 steps for the 4s budget (1s per step, the median of 3 timed steps)"]
+    # a longer budget: timed again, the 2 s left are 2 more steps
+    r, planned = run(6.0, resume=True)
+    assert r["steps"] == 6 and planned == ["planned 6 steps for the 6s budget (1s per step, the median of 3 timed steps)"]
+    # the same budget: the plan holds, here one made longer by hand, and nothing is timed
+    path = out / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    assert ckpt["state"]["counters"]["planned_steps"] == 6 and ckpt["state"]["counters"]["plan_budget"] == [6.0, None]
+    ckpt["state"]["counters"]["planned_steps"] = 8
+    torch.save(ckpt, path)
+    made_before = len(lrs())
+    r, planned = run(6.0, resume=True)
+    assert r["steps"] == 8 and planned == [] and len(lrs()) == made_before + 1  # the run's optimizer only
+    # a budget that is spent plans no more steps; a step cap changes the plan too
+    r, planned = run(6.0, steps=9, resume=True)
+    assert r["steps"] == 8 and planned == ["planned 8 steps for the 6s budget (the budget is spent)"]
+    # a checkpoint from before plans (no planned_steps) gets one
+    ckpt = load_checkpoint(path)
+    for k in ("planned_steps", "plan_budget"):
+        del ckpt["state"]["counters"][k]
+    torch.save(ckpt, path)
+    r, planned = run(10.0, resume=True)
+    assert r["steps"] == 10 and planned == ["planned 10 steps for the 10s budget (1s per step, the median of 3 timed steps)"]
 
 
 def test_grad_clip_clips_the_gradient_norm(corpus_dir, monkeypatch):

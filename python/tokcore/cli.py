@@ -351,7 +351,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="def ", help="prompt for --sample (default: 'def ')")
     _common_train_args(p, ("optimizer steps (with --resume: in total, across resumes)",
                            "seconds of training (with --resume: in total, across resumes); "
-                           "default 300 when --steps is not given"))
+                           "default 300 when --steps is not given. A few steps are timed first and the run "
+                           "trains as many as fit, on a schedule by step, so that it repeats"))
 
 
 def _train_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -409,7 +410,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
                         "(default: ./tokcore-compare); one that holds a compare's results needs --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier compare in --out")
     _common_train_args(p, ("optimizer steps per model",
-                           "seconds of training per model; default 300 when --steps is not given"))
+                           "seconds of training per model; default 300 when --steps is not given. Each "
+                           "model's steps are timed first and it trains as many as fit, so that runs repeat"))
 
 
 def _compare_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -1,15 +1,21 @@
 """Training loop, evaluation, checkpoints, report and model comparison for the
 byte-level LMs of :mod:`tokcore.pooling.lm`.
 
-Budgets (``steps`` and/or ``time_budget``) count the whole run, across resumes; the
-learning-rate schedule follows the run's progress, the larger of step/steps and
-train_time/time_budget, so a time-budgeted run decays to its final LR when the time is
-up. ``train_time`` counts training steps only (batch sampling, forward, backward,
-optimizer), not evaluation or checkpoint writing.
+Budgets (``steps`` and/or ``time_budget``) count the whole run, across resumes. A time
+budget becomes a step count before training: a few steps are timed on copies of the
+model and optimizer, and the run plans as many steps as fit the budget (`plan_steps`).
+The learning-rate schedule then follows the step, so a budgeted run repeats: with the
+same seed and the same plan it gives the same bits, like a run of ``steps`` = the plan.
+(Following the clock instead moved the held-out bits/byte of 240 s byte-level runs of
+the same code by 0.3, as the VM's speed changed within each run; a plan 4 steps longer or
+shorter moves it by 0.04.) A run whose steps turn out slower than timed stops at
+`OVERRUN_LIMIT` times its budget. ``train_time`` counts training steps only (batch
+sampling, forward, backward, optimizer), not the timing, evaluation or checkpoints.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -45,6 +51,8 @@ __all__ = [
     "resolve_device",
     "resolve_model_config",
     "lr_at",
+    "plan_steps",
+    "seconds_per_step",
     "evaluate",
     "train",
     "compare",
@@ -58,6 +66,13 @@ __all__ = [
 LN2 = math.log(2.0)
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+# Timing the steps of a time-budgeted run (`seconds_per_step`): after one untimed step
+# (lazy set-up), at least this many steps and this fraction of the budget, at most
+# PLAN_MAX_TIMED_STEPS steps.
+PLAN_MIN_TIMED_STEPS = 3
+PLAN_MIN_BUDGET_FRACTION = 0.02
+PLAN_MAX_TIMED_STEPS = 50
+OVERRUN_LIMIT = 1.25  # a budgeted run stops at this multiple of its budget, planned steps done or not
 
 
 def check_holds_no_run(out: str | os.PathLike, names: list[str] | tuple[str, ...], what: str, hint: str) -> None:
@@ -86,7 +101,7 @@ class TrainConfig:
     seq_len: int = 512
     batch_size: int = 16
     steps: int | None = None
-    time_budget: float | None = None    # seconds of training
+    time_budget: float | None = None    # seconds of training, made a step count by timing steps (plan_steps)
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
@@ -139,13 +154,13 @@ def resolve_model_config(kind: str, size: str = "small", overrides: dict[str, An
     raise UsageError(f"unknown model kind {kind!r}; choose from ['byte', 'hier']")
 
 
-def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
-    """Learning rate: linear warmup over `warmup_steps` (or over the first 5% of the run's
-    progress, whichever ends first), then decay by run progress."""
-    warm = cfg.warmup_steps
-    if cfg.steps:
-        warm = min(warm, max(1, cfg.steps // 10))
-    p = min(max(progress, 0.0), 1.0)
+def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Learning rate of 0-based `step` in a run of `total_steps` steps: linear warmup over
+    `warmup_steps` (at most a tenth of the run, and over by 5% of it), then decay by
+    step / total_steps to `min_lr_ratio` of `lr`."""
+    total = max(1, total_steps)
+    warm = min(cfg.warmup_steps, max(1, total // 10))
+    p = min(max(step / total, 0.0), 1.0)
     scale = min(1.0, max((step + 1) / max(1, warm), p / 0.05))
     lo = cfg.min_lr_ratio
     if cfg.schedule == "cosine":
@@ -159,13 +174,14 @@ def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
     return cfg.lr * scale * decay
 
 
-def _progress(cfg: TrainConfig, step: int, train_time: float) -> float:
-    p = 0.0
-    if cfg.steps:
-        p = max(p, step / cfg.steps)
-    if cfg.time_budget:
-        p = max(p, train_time / cfg.time_budget)
-    return p
+def plan_steps(cfg: TrainConfig, done_steps: int, train_time: float, seconds_per_step: float) -> int:
+    """Total steps of a time-budgeted run that has trained `done_steps` steps in
+    `train_time` seconds: the ones done, and as many more as fit the rest of the budget at
+    `seconds_per_step` (at least one while time is left), capped by ``cfg.steps``."""
+    left = cfg.time_budget - train_time
+    more = max(1, round(left / seconds_per_step)) if left > 0 else 0
+    total = done_steps + more
+    return min(total, cfg.steps) if cfg.steps else total
 
 
 def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -173,6 +189,43 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, data: np.ndarray,
+                rng: np.random.Generator, device: torch.device):
+    """One optimizer step on a batch drawn from `data` with `rng`. Returns the model's
+    output, the loss as a float (which waits for the device: the step is done), the batch
+    and the step's seconds."""
+    t0 = time.perf_counter()
+    b, cu = sample_batch(data, cfg.batch_size, cfg.seq_len, rng, device)
+    out = model(b, cu)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    loss = float(out["loss"].detach())
+    return out, loss, (b, cu), time.perf_counter() - t0
+
+
+def seconds_per_step(model: nn.Module, cfg: TrainConfig, data: np.ndarray,
+                     device: torch.device) -> tuple[float, int]:
+    """Median seconds of a training step of `model` under `cfg`, and how many steps were
+    timed. The steps run on copies of the model and a fresh optimizer, on batches of a
+    random stream of their own, with torch's random state restored afterwards: the run's
+    model, optimizer and random streams are as they were."""
+    probe = copy.deepcopy(model)
+    opt = _make_optimizer(probe, cfg)
+    rng = np.random.default_rng([cfg.seed, 1])  # the run draws from default_rng(cfg.seed)
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    times: list[float] = []
+    with torch.random.fork_rng(devices=devices):
+        _train_step(probe, opt, cfg, data, rng, device)  # untimed: lazy set-up
+        while len(times) < PLAN_MAX_TIMED_STEPS and (
+                len(times) < PLAN_MIN_TIMED_STEPS or sum(times) < PLAN_MIN_BUDGET_FRACTION * cfg.time_budget):
+            times.append(_train_step(probe, opt, cfg, data, rng, device)[3])
+    return float(np.median(times)), len(times)
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -310,21 +363,13 @@ def evaluate(model: nn.Module, windows: list[np.ndarray], batch_size: int = 16,
 
 
 # ------------------------------------------------------------------ training
-def _bar_in_seconds(cfg: TrainConfig) -> bool:
-    return bool(cfg.time_budget and not cfg.steps)
-
-
-def _make_bar(cfg: TrainConfig, step0: int, time0: float):
+def _make_bar(cfg: TrainConfig, step0: int, total: int):
     from tqdm.auto import tqdm
 
     # In a log file (no terminal) every refresh is a new line's worth of text:
     # refresh every 10 s there instead of 10 times a second.
-    common = dict(disable=not cfg.progress, desc=f"train {cfg.model}", dynamic_ncols=True,
-                  mininterval=0.1 if sys.stderr.isatty() else 10.0)
-    if _bar_in_seconds(cfg):
-        return tqdm(total=float(cfg.time_budget), initial=time0, unit="s", **common,
-                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}{postfix}]")
-    return tqdm(total=cfg.steps, initial=step0, unit="step", **common)
+    return tqdm(total=total, initial=step0, unit="step", disable=not cfg.progress, desc=f"train {cfg.model}",
+                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
 
 
 def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | os.PathLike = False,
@@ -373,8 +418,9 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
     model.to(device).train()
     opt = _make_optimizer(model, cfg)
     # counters, saved in checkpoints (the EMAs too, so a resumed run's curve goes on smoothly)
+    # planned_steps: the step count that the time budget plan_budget = [time_budget, steps] became
     state = {"step": 0, "train_time": 0.0, "bytes": 0, "words": 0, "backbone_tokens": 0, "seqs": 0,
-             "ema_loss": None, "ema_bpb": None}
+             "ema_loss": None, "ema_bpb": None, "planned_steps": None, "plan_budget": None}
     curve: list[tuple[float, float]] = []  # (seconds trained, train bits/byte EMA) per step
     if ckpt is not None:
         try:  # the optimizer's state and the counters must fit the model and this loop
@@ -397,33 +443,35 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
         return {"counters": dict(state), "curve": _thin(curve, 2000), "numpy_rng": rng.bit_generator.state,
                 "torch_rng": torch.get_rng_state()}
 
+    total = cfg.steps
+    if cfg.time_budget:
+        # a resumed run keeps its plan, unless it was made for another budget
+        if state["planned_steps"] is None or state["plan_budget"] != [cfg.time_budget, cfg.steps]:
+            if state["train_time"] < cfg.time_budget:
+                per_step, timed = seconds_per_step(model, cfg, corpus.train, device)
+                how = f"{per_step:.3g}s per step, the median of {timed} timed steps"
+            else:  # the budget is spent (a run that stopped while the budget followed the clock)
+                per_step, how = 1.0, "the budget is spent"
+            state["planned_steps"] = plan_steps(cfg, state["step"], state["train_time"], per_step)
+            state["plan_budget"] = [cfg.time_budget, cfg.steps]
+            log(f"planned {state['planned_steps']} steps for the {cfg.time_budget:g}s budget ({how})")
+        total = state["planned_steps"]
     ckpt_path = Path(cfg.out) / CHECKPOINT_NAME if cfg.out else None
     if cfg.out:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
     last_save = state["train_time"]
-    bar = _make_bar(cfg, state["step"], state["train_time"])
-    bar_seconds = _bar_in_seconds(cfg)
+    bar = _make_bar(cfg, state["step"], total)
 
-    def done() -> bool:
-        return bool((cfg.steps and state["step"] >= cfg.steps) or
-                    (cfg.time_budget and state["train_time"] >= cfg.time_budget))
+    def overran() -> bool:
+        return bool(cfg.time_budget and state["train_time"] >= OVERRUN_LIMIT * cfg.time_budget)
 
     try:
-        while not done():
-            lr = lr_at(cfg, state["step"], _progress(cfg, state["step"], state["train_time"]))
+        while state["step"] < total and not overran():
+            lr = lr_at(cfg, state["step"], total)
             for g in opt.param_groups:
                 g["lr"] = lr
-            t0 = time.perf_counter()
-            b, cu = sample_batch(corpus.train, cfg.batch_size, cfg.seq_len, rng, device)
-            out = model(b, cu)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            loss = float(out["loss"].detach())  # syncs the device: the step is done
+            out, loss, (b, cu), dt = _train_step(model, opt, cfg, corpus.train, rng, device)
             bpb = float(out["nll"].detach()) / LN2 / out["n_bytes"]
-            dt = time.perf_counter() - t0
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {state['step']}")
             n_words = out["n_words"]
@@ -438,7 +486,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
             ema_loss = state["ema_loss"] = loss if state["ema_loss"] is None else 0.95 * state["ema_loss"] + 0.05 * loss
             ema_bpb = state["ema_bpb"] = bpb if state["ema_bpb"] is None else 0.95 * state["ema_bpb"] + 0.05 * bpb
             curve.append((state["train_time"], ema_bpb))
-            bar.update(max(0.0, min(dt, cfg.time_budget - bar.n)) if bar_seconds else 1)  # n > total breaks tqdm
+            bar.update(1)
             bar.set_postfix({"loss": f"{ema_loss:.3f}", "bpb": f"{ema_bpb:.3f}",
                              "B/s": f"{state['bytes'] / state['train_time']:.0f}", "lr": f"{lr:.1e}"},
                             refresh=False)
@@ -447,6 +495,9 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
                 last_save = state["train_time"]
     finally:
         bar.close()
+    if state["step"] < total:
+        log(f"stopped at step {state['step']} of the {total} planned: the steps ran slower than timed, "
+            f"and {state['train_time']:.0f}s is {OVERRUN_LIMIT:g}x the {cfg.time_budget:g}s budget")
 
     if ckpt_path:
         save_checkpoint(ckpt_path, model, opt, checkpoint_state(), cfg)
@@ -462,6 +513,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
         "train_bpb_ema": state["ema_bpb"],
         "train_loss_ema": state["ema_loss"],
         "steps": state["step"],
+        "planned_steps": state["planned_steps"],
         "train_time_s": state["train_time"],
         "train_bytes": state["bytes"],
         "bytes_per_s": state["bytes"] / tt,
@@ -529,7 +581,7 @@ def format_compare(reports: list[dict[str, Any]], markdown: bool = False) -> str
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
 
 
-def compare_chart(reports: list[dict[str, Any]], budget: str = "same wall time") -> str:
+def compare_chart(reports: list[dict[str, Any]], budget: str = "same time budget") -> str:
     """SVG learning curves: each model's training bits/byte (EMA) against seconds trained,
     and its held-out bits/byte as a dot at the end. `budget` names what the runs shared."""
     series = {f"{r['model']} (train, EMA)": r.get("curve", []) for r in reports}
@@ -578,8 +630,8 @@ def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callab
         md = [f"# tokcore compare (budget {' or '.join(limits)} per model, "
               f"{base.batch_size} x {base.seq_len} bytes/step, device {reports[0]['device']})", "",
               format_compare(reports, markdown=True), "", f"corpus: {corpus.describe()}", ""]
-        budget = ("same wall time" if not base.steps else "same steps" if not base.time_budget
-                  else "same budget (steps or wall time)")
+        budget = ("same time budget" if not base.steps else "same steps" if not base.time_budget
+                  else "same budget (steps or time)")
         (out / "compare.svg").write_text(compare_chart(reports, budget))
         md[2:2] = ["![held-out and training bits/byte against training time](compare.svg)", ""]
         (out / "compare.md").write_text("\n".join(md))
