@@ -482,12 +482,13 @@ def test_lr_schedule():
     assert lr_at(cfg, 9, 1000) == pytest.approx(cosine(0.009))  # warmup over
     assert lr_at(cfg, 500, 1000) == pytest.approx(0.55)
     assert lr_at(cfg, 1000, 1000) == pytest.approx(0.1)
-    # a short run: the warmup takes at most a tenth of it (200 steps: 10 -> 20 is not taken,
-    # 50 steps: 5), and is over by 5% of it
+    # a short run: the warmup takes at most a tenth of it (50 steps: 5; 200 steps: 20 of 50)
     assert lr_at(cfg, 0, 50) == pytest.approx(0.2 * cosine(0.0))
+    assert lr_at(cfg, 4, 50) == pytest.approx(cosine(4 / 50))
     long_warmup = TrainConfig(lr=1.0, warmup_steps=50, min_lr_ratio=0.1)
-    assert lr_at(long_warmup, 5, 200) == pytest.approx(0.5 * cosine(5 / 200))  # 5/200 / 0.05 beats 6/20
-    assert lr_at(long_warmup, 10, 200) == pytest.approx(cosine(10 / 200))
+    assert lr_at(long_warmup, 9, 200) == pytest.approx(0.5 * cosine(9 / 200))
+    assert lr_at(long_warmup, 19, 200) == pytest.approx(cosine(19 / 200))
+    assert lr_at(long_warmup, 0, 5) == pytest.approx(cosine(0.0))  # under 10 steps: no warmup
     assert lr_at(TrainConfig(lr=1.0, schedule="linear", min_lr_ratio=0.0, warmup_steps=1), 5, 10) == pytest.approx(0.5)
 
 
@@ -552,7 +553,7 @@ def _record_lrs(monkeypatch):
 
 
 def test_time_budget_run_is_the_run_of_its_planned_steps(corpus_dir, monkeypatch):
-    # each step takes 1 s, so a 4 s budget plans 4 steps (3 are timed: 2% of 4 s is less);
+    # each step takes 1 s, so a 4 s budget plans 4 steps (5 are timed: 2% of 4 s is less);
     # the run is then, to the bit, the run of steps=4: the timing, on copies with a random
     # stream of its own, leaves the model, the optimizer and the run's streams (dropout's
     # too) as they were
@@ -563,9 +564,9 @@ def test_time_budget_run_is_the_run_of_its_planned_steps(corpus_dir, monkeypatch
     budgeted = train(_cfg(corpus_dir, steps=None, time_budget=4.0, warmup_steps=1, lr=1e-3, min_lr_ratio=0.1,
                           schedule="linear", model_config=mc), log=logs.append)
     assert budgeted["steps"] == budgeted["planned_steps"] == 4 and budgeted["train_time_s"] == pytest.approx(4.0)
-    assert "planned 4 steps for the 4s budget (1s per step, the median of 3 timed steps)" in logs
+    assert "planned 4 steps for the 4s budget (1s per step, the median of 5 timed steps)" in logs
     run_lrs, probe_lrs = lrs()  # the run's optimizer, then the timing's
-    assert len(probe_lrs) == 4  # one untimed step, then the 3 timed ones
+    assert len(probe_lrs) == 6  # one untimed step, then the 5 timed ones
     expected = [1e-3 * (1 - 0.9 * step / 4) for step in range(4)]  # linear from 1e-3 towards 1e-4
     assert [row[0] for row in run_lrs] == pytest.approx(expected) and all(len(set(row)) == 1 for row in run_lrs)
     stepped = train(_cfg(corpus_dir, steps=4, warmup_steps=1, lr=1e-3, min_lr_ratio=0.1, schedule="linear",
@@ -577,9 +578,9 @@ def test_time_budget_run_is_the_run_of_its_planned_steps(corpus_dir, monkeypatch
 
 
 def test_time_budget_run_stops_when_its_steps_run_slower_than_timed(corpus_dir, monkeypatch):
-    # the timing's 4 steps take 1 s each, the run's 3 s: the 8 planned steps would take
+    # the timing's 6 steps take 1 s each, the run's 3 s: the 8 planned steps would take
     # 24 s, and the run stops at 1.25 x 8 s, after 4 steps (12 s)
-    _fake_clock(monkeypatch, lambda i: 1.0 if i < 4 else 3.0)
+    _fake_clock(monkeypatch, lambda i: 1.0 if i < 6 else 3.0)
     logs = []
     r = train(_cfg(corpus_dir, steps=None, time_budget=8.0), log=logs.append)
     assert r["steps"] == 4 and r["planned_steps"] == 8 and r["train_time_s"] == pytest.approx(12.0)
@@ -598,10 +599,10 @@ def test_resumed_time_budget_run_keeps_its_plan_unless_the_budget_changed(corpus
         return r, [line for line in logs if line.startswith("planned")]
 
     r, planned = run(4.0)
-    assert r["steps"] == 4 and planned == ["planned 4 steps for the 4s budget (1s per step, the median of 3 timed steps)"]
+    assert r["steps"] == 4 and planned == ["planned 4 steps for the 4s budget (1s per step, the median of 5 timed steps)"]
     # a longer budget: timed again, the 2 s left are 2 more steps
     r, planned = run(6.0, resume=True)
-    assert r["steps"] == 6 and planned == ["planned 6 steps for the 6s budget (1s per step, the median of 3 timed steps)"]
+    assert r["steps"] == 6 and planned == ["planned 6 steps for the 6s budget (1s per step, the median of 5 timed steps)"]
     # the same budget: the plan holds, here one made longer by hand, and nothing is timed
     path = out / "checkpoint.pt"
     ckpt = load_checkpoint(path)
@@ -620,7 +621,7 @@ def test_resumed_time_budget_run_keeps_its_plan_unless_the_budget_changed(corpus
         del ckpt["state"]["counters"][k]
     torch.save(ckpt, path)
     r, planned = run(10.0, resume=True)
-    assert r["steps"] == 10 and planned == ["planned 10 steps for the 10s budget (1s per step, the median of 3 timed steps)"]
+    assert r["steps"] == 10 and planned == ["planned 10 steps for the 10s budget (1s per step, the median of 5 timed steps)"]
 
 
 def test_grad_clip_clips_the_gradient_norm(corpus_dir, monkeypatch):
