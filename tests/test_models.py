@@ -6,7 +6,6 @@ Everything runs on CPU with tiny models and a tiny synthetic corpus (a few secon
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import types

@@ -160,7 +160,7 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     """Learning rate of 0-based `step` in a run of `total_steps` steps: linear warmup over
     `warmup_steps` (at most a tenth of the run), then decay by step / total_steps to
     `min_lr_ratio` of `lr`."""
-    # Sessions 1-14 also ended the warmup by 5% of the run. For the byte-level model's
+    # The warmup used to end by 5% of the run too. For the byte-level model's
     # ~110-120 steps in 240 s that was 6 steps, and its held-out bits/byte then jumped
     # between runs a few steps apart (109 steps 3.92, 113 3.44, 117 3.40); over a tenth
     # of the run it fell steadily (3.47, 3.31, 3.30) and runs of 200+ steps are unchanged.
@@ -455,10 +455,10 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
         if state["planned_steps"] is None or state["plan_budget"] != [cfg.time_budget, cfg.steps]:
             if state["train_time"] < cfg.time_budget:
                 per_step, timed = seconds_per_step(model, cfg, corpus.train, device)
+                state["planned_steps"] = plan_steps(cfg, state["step"], state["train_time"], per_step)
                 how = f"{per_step:.3g}s per step, the median of {timed} timed steps"
-            else:  # the budget is spent: no more steps
-                per_step, how = 1.0, "the budget is spent"
-            state["planned_steps"] = plan_steps(cfg, state["step"], state["train_time"], per_step)
+            else:  # nothing to time: no more steps
+                state["planned_steps"], how = state["step"], "the budget is spent"
             state["plan_budget"] = [cfg.time_budget, cfg.steps]
             log(f"planned {state['planned_steps']} steps for the {cfg.time_budget:g}s budget ({how})")
         total = state["planned_steps"]
