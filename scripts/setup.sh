@@ -26,7 +26,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 
 echo "[setup] installing build and test tools"
-"${pip[@]}" install -q "scikit-build-core>=0.10" "cmake>=3.24" ninja numpy tqdm pytest hypothesis expecttest
+"${pip[@]}" install -q -c scripts/constraints.txt "scikit-build-core>=0.10" "cmake>=3.24" ninja numpy tqdm pytest hypothesis expecttest
 
 echo "[setup] building and installing tokcore"
 if [ "${EDITABLE:-0}" = 1 ]; then
