@@ -100,6 +100,7 @@ def train_argv(files, *extra):
     (["--size", "huge"], "--size"),
     (["--steps", "abc"], "--steps"),
     (["--resume"], "--resume"),                           # no path and no --out
+    (["--precision", "fp16"], "--precision"),
 ])
 def test_train_rejects_bad_values(files, capsys, extra, option):
     assert_usage_error(train_argv(files, *extra), capsys, f"argument {option}" if option != "--n-heads"

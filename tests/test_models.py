@@ -46,6 +46,7 @@ from tokcore.pooling.train import (
     format_report,
     load_checkpoint,
     load_model,
+    check_precision,
     lr_at,
     plan_steps,
     resolve_model_config,
@@ -638,6 +639,79 @@ def test_grad_clip_clips_the_gradient_norm(corpus_dir, monkeypatch):
     assert len(norms[0.0]) == len(norms[1e-3]) == 2
     assert min(norms[0.0]) > 0.01  # unclipped, the norm is far above the clip
     assert norms[1e-3] == pytest.approx([1e-3, 1e-3], rel=1e-3)
+
+
+def _linear_output_dtypes():
+    """Records (module.training, output dtype) of every nn.Linear's forward until closed."""
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.Linear):
+            seen.append((module.training, output.dtype))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    return seen, handle
+
+
+@pytest.mark.parametrize("kind,mc", [("hier", TINY_HIER), ("hier", {**TINY_HIER, "pool": "attention"}),
+                                     ("byte", TINY_BYTE)])
+def test_bf16_precision_trains_in_bf16_and_keeps_fp32_weights_and_evaluation(corpus_dir, monkeypatch, kind, mc):
+    # bf16: the training steps' linear layers compute in bf16 (autocast), while weights,
+    # gradients and optimizer state stay fp32 and the held-out evaluation runs in fp32;
+    # the run stays close to the fp32 one (same seed, batches and initial weights)
+    made = _record_optimizer(monkeypatch)
+    reports = {}
+    for precision in ("fp32", "bf16"):
+        seen, handle = _linear_output_dtypes()
+        try:
+            reports[precision] = train(_cfg(corpus_dir, model=kind, model_config=dict(mc), steps=3,
+                                            precision=precision), log=lambda s: None)
+        finally:
+            handle.remove()
+        step_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        assert {d for training, d in seen if training} == {step_dtype}
+        assert {d for training, d in seen if not training} == {torch.float32}  # evaluation
+    r = reports["bf16"]
+    model, opt = r["_model"], made[-1]
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+    assert {v.dtype for st in opt.state.values() for v in st.values() if v.is_floating_point()} == {torch.float32}
+    assert r["precision"] == "bf16" and "cpu (bf16)" in format_report(r)
+    assert r["heldout_bpb"] == pytest.approx(reports["fp32"]["heldout_bpb"], rel=0.02)
+    # the report's score is the fp32 evaluation of the final model
+    corpus = load_corpus(str(corpus_dir), 20)
+    assert evaluate(model, heldout_windows(corpus.heldout, 4, 64), 16)["bpb"] == r["heldout_bpb"]
+
+
+def test_precision_is_checked(corpus_dir, monkeypatch):
+    with pytest.raises(UsageError, match=r"unknown precision 'fp16'; choose from \['fp32', 'bf16'\]"):
+        train(_cfg(corpus_dir, precision="fp16"), log=lambda s: None)
+    check_precision("bf16", torch.device("cpu"))  # autocast runs on every CPU (fast with AVX512-BF16 or AMX)
+    # a GPU older than sm_80 is refused, with its compute capability
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(UsageError, match=r"precision 'bf16' needs a GPU with bfloat16 support .*\(7, 5\)"):
+        check_precision("bf16", torch.device("cuda"))
+    check_precision("fp32", torch.device("cuda"))
+
+
+def test_bf16_training_step_on_cuda_is_close_to_fp32(cuda_device):
+    # the GPU path of bf16: autocast on CUDA around the tokcore ops (bf16 features into
+    # segment_reduce / segment_expand / pack and back), close to the fp32 step
+    from tokcore.pooling.train import _autocast
+
+    for kind, mc in (("hier", TINY_HIER), ("hier", {**TINY_HIER, "pool": "attention"}), ("byte", TINY_BYTE)):
+        model = build_model(kind, mc).to(cuda_device)
+        b, cu = _batch([TEXT[:150], TEXT[150:], b""])
+        losses = {}
+        for precision in ("fp32", "bf16"):
+            model.zero_grad()
+            with _autocast(TrainConfig(precision=precision), torch.device(cuda_device)):
+                out = model(b.to(cuda_device), cu.to(cuda_device))
+            out["loss"].backward()
+            losses[precision] = float(out["loss"])
+            assert all(p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all())
+                       for p in model.parameters())
+        assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02), (kind, losses)
 
 
 @pytest.mark.parametrize("kind,mc", [("hier", TINY_HIER), ("byte", TINY_BYTE)])

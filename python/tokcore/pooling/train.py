@@ -13,6 +13,9 @@ the byte-level model, at 105-121 steps in 240 s, gains 0.02 bits/byte a step. A 
 steps turn out slower than timed stops at `OVERRUN_LIMIT` times its budget.
 ``train_time`` counts training steps only (batch sampling, forward, backward,
 optimizer), not the timing, evaluation or checkpoints.
+
+``precision="bf16"`` runs the training steps' forward passes under bfloat16 autocast
+(`PRECISIONS`); weights, gradients, optimizer state and the held-out evaluation stay fp32.
 """
 
 from __future__ import annotations
@@ -114,12 +117,34 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"             # fp32 | bf16 (PRECISIONS)
     out: str | None = None
     save_every: float = 300.0           # seconds of training between checkpoints
     eval_windows: int = 64
     eval_batch_size: int = 16
     progress: bool = True
     count_words_mwb: int = 16           # max_word_bytes used to count words for the byte LM's words/s
+
+
+# fp32: everything in float32. bf16: the training steps' forward passes run under
+# torch.autocast with bfloat16 (matrix products and attention in bf16; losses, norms and
+# softmax in fp32), while the weights, gradients and optimizer state stay float32; the
+# held-out evaluation and generation stay fp32, so runs of either precision are scored
+# alike. Fast where the hardware multiplies bf16 natively (CUDA GPUs from sm_80, CPUs with
+# AVX512-BF16 or AMX).
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise UsageError(f"precision 'bf16' needs a GPU with bfloat16 support (sm_80 or newer); {device} has "
+                         f"compute capability {torch.cuda.get_device_capability(device)}")
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -204,7 +229,8 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, 
     and the step's seconds."""
     t0 = time.perf_counter()
     b, cu = sample_batch(data, cfg.batch_size, cfg.seq_len, rng, device)
-    out = model(b, cu)
+    with _autocast(cfg, device):  # the forward only: backward runs in the forward's dtypes anyway
+        out = model(b, cu)
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     if cfg.grad_clip:
@@ -394,6 +420,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
         check_holds_no_run(cfg.out, [CHECKPOINT_NAME], "a run",
                            "pass resume=True to continue it, overwrite=True to start over, or another cfg.out")
     device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if corpus is None:
@@ -442,7 +469,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
             raise _mismatch(src, e, "checkpoint's training state does not fit its model") from e
         log(f"resumed from step {state['step']} ({state['train_time']:.0f}s trained)")
     n_params = count_parameters(model)
-    log(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters on {device}; "
+    log(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters on {device} ({cfg.precision}); "
         f"{cfg.batch_size} x {cfg.seq_len} bytes per step")
 
     def checkpoint_state():
@@ -529,6 +556,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
         "seq_len": cfg.seq_len,
         "batch_size": cfg.batch_size,
         "device": str(device),
+        "precision": cfg.precision,
         "torch_threads": torch.get_num_threads(),
         "model_config": asdict(model.config),
         "corpus": corpus.describe(),
@@ -557,7 +585,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"steps                 {r['steps']}  ({r['train_time_s']:.1f}s, {r['train_bytes'] / 1e6:.2f} MB)",
         f"throughput            {r['bytes_per_s']:.0f} bytes/s, {r['words_per_s']:.0f} words/s",
         f"backbone seq length   {r['backbone_seq_len']:.1f} {unit} per sequence ({r['seq_len']} bytes)",
-        f"device                {r['device']}",
+        f"device                {r['device']} ({r.get('precision', 'fp32')})",
     ]
     return "\n".join(x for x in lines if x is not None)
 
@@ -634,7 +662,8 @@ def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callab
         limits = [f"{base.time_budget:g}s"] if base.time_budget else []
         limits += [f"{base.steps} step{'s' * (base.steps != 1)}"] if base.steps else []
         md = [f"# tokcore compare (budget {' or '.join(limits)} per model, "
-              f"{base.batch_size} x {base.seq_len} bytes/step, device {reports[0]['device']})", "",
+              f"{base.batch_size} x {base.seq_len} bytes/step, device {reports[0]['device']}, "
+              f"{base.precision})", "",
               format_compare(reports, markdown=True), "", f"corpus: {corpus.describe()}", ""]
         budget = ("same time budget" if not base.steps else "same steps" if not base.time_budget
                   else "same budget (steps or time)")
