@@ -6,6 +6,7 @@ Everything runs on CPU with tiny models and a tiny synthetic corpus (a few secon
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import types
@@ -1058,6 +1059,52 @@ def test_compare_writes_table(corpus_dir, tmp_path):
     assert len(svg.findall(f"{ns}polyline")) == 2
     assert len(svg.findall(f"{ns}circle")) >= 2
     assert "compare.svg" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_compare_runs_take_turns_and_each_is_its_run_alone(corpus_dir, monkeypatch):
+    # under a clock of 1 s a step, the models time their steps in turn (one untimed and 5
+    # timed each), then train in turn; each model's result is, to the bit, its train()
+    # alone with the same settings (dropout on, so torch's random stream counts too)
+    import tokcore.pooling.train as train_module
+
+    _fake_clock(monkeypatch, lambda i: 1.0)
+    order = []
+    real_step = train_module._train_step
+
+    def step(model, opt, *args):
+        order.append(model.kind)
+        return real_step(model, opt, *args)
+
+    monkeypatch.setattr(train_module, "_train_step", step)
+    base = _cfg(corpus_dir, steps=None, time_budget=4.0, model_config=dict(TINY_HIER, dropout=0.1))
+    logs = []
+    reports = compare(base, log=logs.append)["reports"]
+    assert order == ["hier", "byte"] * (6 + 4)
+    assert [r["planned_steps"] for r in reports] == [4, 4]
+    assert "[byte] planned 4 steps for the 4s budget (1s per step, the median of 5 timed steps)" in logs
+    for r in reports:
+        mc = dict(r["model_config"])
+        alone = train(dataclasses.replace(base, model=r["model"], model_config=mc), log=lambda s: None)
+        assert alone["model_config"] == mc and alone["steps"] == r["steps"] == 4
+        assert alone["heldout_bpb"] == r["heldout_bpb"] and alone["train_bpb_ema"] == r["train_bpb_ema"], r["model"]
+
+
+def test_compare_keeps_the_runs_level_while_one_steps_slower(corpus_dir, monkeypatch):
+    # with the steps (given by count) taking turns by the fraction of the plan done, the
+    # run with fewer planned steps waits for the other: hier 6 steps, byte 3 -> hier twice,
+    # then byte once
+    import tokcore.pooling.train as train_module
+
+    order = []
+    real_step = train_module._train_step
+    monkeypatch.setattr(train_module, "_train_step",
+                        lambda model, *args: order.append(model.kind) or real_step(model, *args))
+    runs = [train_module._Run(_cfg(corpus_dir, model=kind, model_config=mc, steps=steps), None, False,
+                              lambda s: None, False)
+            for kind, mc, steps in (("hier", TINY_HIER, 6), ("byte", TINY_BYTE, 3))]
+    train_module._take_turns(runs)
+    assert order == ["hier", "byte", "hier", "hier", "byte", "hier", "hier", "byte", "hier"]
+    assert [run.finish()["steps"] for run in runs] == [6, 3]
 
 
 def test_line_chart_svg_scales_and_rejects_empty():

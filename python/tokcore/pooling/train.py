@@ -10,7 +10,10 @@ same seed and the same plan it gives the same bits, like a run of ``steps`` = th
 that moment, and the held-out bits/byte of 240 s byte-level runs of the same code moved
 by 0.3 between runs.) The result still depends on the plan where the model learns fast:
 the byte-level model, at 105-121 steps in 240 s, gains 0.02 bits/byte a step. A run whose
-steps turn out slower than timed stops at `OVERRUN_LIMIT` times its budget.
+steps turn out slower than timed stops at `OVERRUN_LIMIT` times its budget. `compare`
+has its models time and train in turns, a step at a time: on a shared VM whose speed moves
+by 20% within minutes, models that ran one after the other got unequal machines (in one
+240 s compare, one model ran 291 s against its plan's 240 and the other 211 s).
 ``train_time`` counts training steps only (batch sampling, forward, backward,
 optimizer), not the timing, evaluation or checkpoints.
 
@@ -20,6 +23,7 @@ optimizer), not the timing, evaluation or checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -240,24 +244,82 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, 
     return out, loss, (b, cu), time.perf_counter() - t0
 
 
+class _RandomState:
+    """A torch random state of its own (the CPU generator's, and the CUDA device's on a
+    GPU), swapped in around the code that draws from it: runs that take turns (`compare`)
+    then draw what each would draw alone."""
+
+    def __init__(self, device: torch.device):
+        self.cuda_index = (device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else None
+        self.cpu, self.cuda = self._get()
+
+    def make_global(self) -> None:
+        """Sets torch's random state to this one (the code after a run draws on from it)."""
+        self._set(self.cpu, self.cuda)
+
+    def _get(self):
+        cuda = torch.cuda.get_rng_state(self.cuda_index) if self.cuda_index is not None else None
+        return torch.get_rng_state(), cuda
+
+    def _set(self, cpu, cuda) -> None:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.cuda_index)
+
+    @contextlib.contextmanager
+    def active(self):
+        outside = self._get()
+        self._set(self.cpu, self.cuda)
+        try:
+            yield
+        finally:
+            self.cpu, self.cuda = self._get()
+            self._set(*outside)
+
+
+class _StepTimer:
+    """Times training steps of `model` under `cfg`, one per `step()`, on a copy of the
+    model with a fresh optimizer, batches of a random stream of its own and torch's random
+    state forked from the current one: the run's model, optimizer and random streams are
+    left as they were. One untimed step first (lazy set-up), then at least
+    PLAN_MIN_TIMED_STEPS steps and PLAN_MIN_BUDGET_FRACTION of the budget, at most
+    PLAN_MAX_TIMED_STEPS."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, data: np.ndarray, device: torch.device):
+        self.probe = copy.deepcopy(model)
+        self.opt = _make_optimizer(self.probe, cfg)
+        self.rng = np.random.default_rng([cfg.seed, 1])  # the run draws from default_rng(cfg.seed)
+        self.torch_rng = _RandomState(device)
+        self.cfg, self.data, self.device = cfg, data, device
+        self.times: list[float] | None = None  # None until the untimed step
+
+    def done(self) -> bool:
+        t = self.times
+        return t is not None and (len(t) >= PLAN_MAX_TIMED_STEPS or (
+            len(t) >= PLAN_MIN_TIMED_STEPS and sum(t) >= PLAN_MIN_BUDGET_FRACTION * self.cfg.time_budget))
+
+    def step(self) -> None:
+        with self.torch_rng.active():
+            dt = _train_step(self.probe, self.opt, self.cfg, self.data, self.rng, self.device)[3]
+        if self.times is None:
+            self.times = []
+        else:
+            self.times.append(dt)
+
+    def result(self) -> tuple[float, int]:
+        """Median seconds of a step, and how many steps were timed."""
+        return float(np.median(self.times)), len(self.times)
+
+
 def seconds_per_step(model: nn.Module, cfg: TrainConfig, data: np.ndarray,
                      device: torch.device) -> tuple[float, int]:
     """Median seconds of a training step of `model` under `cfg`, and how many steps were
-    timed. The steps run on copies of the model and a fresh optimizer, on batches of a
-    random stream of their own, with torch's random state restored afterwards: the run's
-    model, optimizer and random streams are as they were."""
-    probe = copy.deepcopy(model)
-    opt = _make_optimizer(probe, cfg)
-    rng = np.random.default_rng([cfg.seed, 1])  # the run draws from default_rng(cfg.seed)
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    times: list[float] = []
-    with torch.random.fork_rng(devices=devices):
-        _train_step(probe, opt, cfg, data, rng, device)  # untimed: lazy set-up
-        while len(times) < PLAN_MAX_TIMED_STEPS and (
-                len(times) < PLAN_MIN_TIMED_STEPS or sum(times) < PLAN_MIN_BUDGET_FRACTION * cfg.time_budget):
-            times.append(_train_step(probe, opt, cfg, data, rng, device)[3])
-    return float(np.median(times)), len(times)
+    timed (`_StepTimer`): the run's model, optimizer and random streams are as they were."""
+    timer = _StepTimer(model, cfg, data, device)
+    while not timer.done():
+        timer.step()
+    return timer.result()
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -395,13 +457,244 @@ def evaluate(model: nn.Module, windows: list[np.ndarray], batch_size: int = 16,
 
 
 # ------------------------------------------------------------------ training
-def _make_bar(cfg: TrainConfig, step0: int, total: int):
+def _make_bar(cfg: TrainConfig, step0: int, total: int, position: int = 0):
     from tqdm.auto import tqdm
 
     # In a log file (no terminal) every refresh is a new line's worth of text:
     # refresh every 10 s there instead of 10 times a second.
     return tqdm(total=total, initial=step0, unit="step", disable=not cfg.progress, desc=f"train {cfg.model}",
-                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
+                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0, position=position)
+
+
+class _Run:
+    """One model's training run, taken a step at a time, so that `compare` can have two
+    runs take turns (`_take_turns`); `train` runs one alone. Each run draws from random
+    streams of its own (numpy's for batches, torch's for initialisation and dropout), so a
+    run's steps are the same whether it runs alone or takes turns."""
+
+    def __init__(self, cfg: TrainConfig, corpus: Corpus | None, resume: bool | str | os.PathLike,
+                 log: Callable[[str], None], overwrite: bool):
+        if not cfg.steps and not cfg.time_budget:
+            raise UsageError("give steps and/or time_budget")
+        if resume and overwrite:
+            raise UsageError("resume and overwrite exclude each other: continue the run in cfg.out, or replace it")
+        if cfg.out and not resume and not overwrite:
+            check_holds_no_run(cfg.out, [CHECKPOINT_NAME], "a run",
+                               "pass resume=True to continue it, overwrite=True to start over, or another cfg.out")
+        self.cfg, self.log = cfg, log
+        device = self.device = resolve_device(cfg.device)
+        check_precision(cfg.precision, device)
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        if corpus is None:
+            corpus = load_corpus(cfg.data, cfg.holdout_every, cfg.data_pattern, cfg.max_data_bytes)
+            log(f"corpus: {corpus.describe()}")
+        if len(corpus.heldout) == 0:  # else the report's held-out bits/byte would mean nothing
+            raise UsageError(f"the held-out split of {corpus.source} is empty: give more data "
+                             f"(a single file holds out its last 1/holdout_every = 1/{cfg.holdout_every})")
+        if len(corpus.train) < cfg.seq_len:  # checked before a model is built
+            raise UsageError(f"the training split of {corpus.source} has {len(corpus.train)} bytes, fewer than "
+                             f"seq_len={cfg.seq_len} (one window): give more data or a shorter --seq-len")
+        self.corpus = corpus
+
+        ckpt = None
+        if resume:
+            src = cfg.out if resume is True else resume
+            if src is None:
+                raise UsageError("resume=True needs cfg.out")
+            ckpt = load_checkpoint(src, map_location=device)
+            if ckpt["kind"] != cfg.model:
+                raise UsageError(f"checkpoint holds a {ckpt['kind']!r} model, not {cfg.model!r}")
+            model = _model_from_checkpoint(ckpt, src)
+        else:
+            model_config = resolve_model_config(cfg.model, cfg.size, cfg.model_config)
+            if cfg.model_config.get("max_context_bytes") is None:
+                # generation then stays within the positions training showed the model
+                model_config = dataclasses.replace(model_config, max_context_bytes=cfg.seq_len)
+            model = build_model(cfg.model, asdict(model_config))
+        model.to(device).train()
+        self.model = model
+        self.opt = _make_optimizer(model, cfg)
+        # counters, saved in checkpoints (the EMAs too, so a resumed run's curve goes on smoothly)
+        # planned_steps: the step count that the time budget plan_budget = [time_budget, steps] became
+        self.state = {"step": 0, "train_time": 0.0, "bytes": 0, "words": 0, "backbone_tokens": 0, "seqs": 0,
+                      "ema_loss": None, "ema_bpb": None, "planned_steps": None, "plan_budget": None}
+        self.curve: list[tuple[float, float]] = []  # (seconds trained, train bits/byte EMA) per step
+        if ckpt is not None:
+            try:  # the optimizer's state and the counters must fit the model and this loop
+                if ckpt.get("optimizer") is not None:
+                    self.opt.load_state_dict(ckpt["optimizer"])
+                self.state.update(ckpt["state"].get("counters", {}))
+                self.curve = [tuple(p) for p in ckpt["state"].get("curve", [])]
+                if "numpy_rng" in ckpt["state"]:
+                    self.rng.bit_generator.state = ckpt["state"]["numpy_rng"]
+                if "torch_rng" in ckpt["state"]:
+                    torch.set_rng_state(ckpt["state"]["torch_rng"].cpu())
+            except _MISMATCH_ERRORS as e:
+                raise _mismatch(src, e, "checkpoint's training state does not fit its model") from e
+            log(f"resumed from step {self.state['step']} ({self.state['train_time']:.0f}s trained)")
+        self.torch_rng = _RandomState(device)  # from here on, this run's draws come from its own state
+        self.n_params = count_parameters(model)
+        log(f"model {cfg.model}: {self.n_params / 1e6:.2f}M parameters on {device} ({cfg.precision}); "
+            f"{cfg.batch_size} x {cfg.seq_len} bytes per step")
+        self.ckpt_path = Path(cfg.out) / CHECKPOINT_NAME if cfg.out else None
+        if cfg.out:
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        self.last_save = self.state["train_time"]
+        self.total = cfg.steps
+        self.bar = None
+
+    # ---- the plan of a time budget
+    def step_timer(self) -> _StepTimer | None:
+        """A timer of this run's steps if its time budget needs a plan, else None (the plan
+        is set: by steps alone, kept from the checkpoint, or the budget is spent)."""
+        cfg, state = self.cfg, self.state
+        if not cfg.time_budget:
+            return None
+        # a resumed run keeps its plan, unless it was made for another budget
+        if state["planned_steps"] is not None and state["plan_budget"] == [cfg.time_budget, cfg.steps]:
+            self.total = state["planned_steps"]
+            return None
+        if state["train_time"] >= cfg.time_budget:  # nothing to time: no more steps
+            self._set_plan(state["step"], "the budget is spent")
+            return None
+        with self.torch_rng.active():  # the timer forks this run's torch state
+            return _StepTimer(self.model, cfg, self.corpus.train, self.device)
+
+    def plan(self, timer: _StepTimer) -> None:
+        per_step, timed = timer.result()
+        self._set_plan(plan_steps(self.cfg, self.state["step"], self.state["train_time"], per_step),
+                       f"{per_step:.3g}s per step, the median of {timed} timed steps")
+
+    def _set_plan(self, steps: int, how: str) -> None:
+        self.state["planned_steps"] = self.total = steps
+        self.state["plan_budget"] = [self.cfg.time_budget, self.cfg.steps]
+        self.log(f"planned {steps} steps for the {self.cfg.time_budget:g}s budget ({how})")
+
+    # ---- training
+    def progress(self) -> float:
+        """The fraction of the planned steps done."""
+        return self.state["step"] / max(self.total, 1)
+
+    def done(self) -> bool:
+        state, cfg = self.state, self.cfg
+        return state["step"] >= self.total or bool(
+            cfg.time_budget and state["train_time"] >= OVERRUN_LIMIT * cfg.time_budget)
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {"counters": dict(self.state), "curve": _thin(self.curve, 2000),
+                "numpy_rng": self.rng.bit_generator.state, "torch_rng": self.torch_rng.cpu}
+
+    def step(self) -> None:
+        cfg, state = self.cfg, self.state
+        if self.bar is None:
+            raise RuntimeError("open_bar() first")
+        lr = lr_at(cfg, state["step"], self.total)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        with self.torch_rng.active():
+            out, loss, (b, cu), dt = _train_step(self.model, self.opt, cfg, self.corpus.train, self.rng, self.device)
+        bpb = float(out["nll"].detach()) / LN2 / out["n_bytes"]
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {state['step']}")
+        n_words = out["n_words"]
+        if n_words is None:  # byte LM: count the words of the same text, for words/s
+            n_words = word_boundaries(b, cu, cfg.count_words_mwb, "space")[0].numel() - 1
+        state["step"] += 1
+        state["train_time"] += dt
+        state["bytes"] += int(out["n_bytes"])
+        state["words"] += int(n_words)
+        state["backbone_tokens"] += int(out["backbone_tokens"])
+        state["seqs"] += int(out["n_seqs"])
+        ema_loss = state["ema_loss"] = loss if state["ema_loss"] is None else 0.95 * state["ema_loss"] + 0.05 * loss
+        ema_bpb = state["ema_bpb"] = bpb if state["ema_bpb"] is None else 0.95 * state["ema_bpb"] + 0.05 * bpb
+        self.curve.append((state["train_time"], ema_bpb))
+        self.bar.update(1)
+        self.bar.set_postfix({"loss": f"{ema_loss:.3f}", "bpb": f"{ema_bpb:.3f}",
+                              "B/s": f"{state['bytes'] / state['train_time']:.0f}", "lr": f"{lr:.1e}"},
+                             refresh=False)
+        if self.ckpt_path and state["train_time"] - self.last_save >= cfg.save_every:
+            save_checkpoint(self.ckpt_path, self.model, self.opt, self._checkpoint_state(), cfg)
+            self.last_save = state["train_time"]
+
+    def open_bar(self, position: int = 0) -> None:
+        self.bar = _make_bar(self.cfg, self.state["step"], self.total, position)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    # ---- the end
+    def finish(self) -> dict[str, Any]:
+        """Saves the final checkpoint, evaluates on the held-out windows and returns the
+        report; torch's random state is left where this run's draws brought it."""
+        cfg, state, model = self.cfg, self.state, self.model
+        if state["step"] < self.total:
+            self.log(f"stopped at step {state['step']} of the {self.total} planned: the steps ran slower than "
+                     f"timed, and {state['train_time']:.0f}s is {OVERRUN_LIMIT:g}x the {cfg.time_budget:g}s budget")
+        if self.ckpt_path:
+            save_checkpoint(self.ckpt_path, model, self.opt, self._checkpoint_state(), cfg)
+        self.torch_rng.make_global()
+        windows = heldout_windows(self.corpus.heldout, cfg.eval_windows, cfg.seq_len)
+        ev = evaluate(model, windows, cfg.eval_batch_size, self.device)
+        tt = max(state["train_time"], 1e-9)
+        report = {
+            "model": cfg.model,
+            "params": self.n_params,
+            "heldout_bpb": ev["bpb"],
+            "heldout_windows": ev["windows"],
+            "heldout_bytes": ev["bytes"],
+            "train_bpb_ema": state["ema_bpb"],
+            "train_loss_ema": state["ema_loss"],
+            "steps": state["step"],
+            "planned_steps": state["planned_steps"],
+            "train_time_s": state["train_time"],
+            "train_bytes": state["bytes"],
+            "bytes_per_s": state["bytes"] / tt,
+            "words_per_s": state["words"] / tt,
+            "bytes_per_word": state["bytes"] / max(state["words"], 1),
+            "backbone_seq_len": state["backbone_tokens"] / max(state["seqs"], 1),
+            "seq_len": cfg.seq_len,
+            "batch_size": cfg.batch_size,
+            "device": str(self.device),
+            "precision": cfg.precision,
+            "torch_threads": torch.get_num_threads(),
+            "model_config": asdict(model.config),
+            "corpus": self.corpus.describe(),
+            "curve": _thin(self.curve, 200),
+        }
+        if cfg.out:
+            (Path(cfg.out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        report["_model"] = model  # for callers in the same process (not serialized)
+        return report
+
+
+def _take_turns(runs: list[_Run]) -> None:
+    """Plans and trains `runs` taking turns, a step at a time: first their timed steps in
+    turn, then their training steps, always the run with the smallest fraction of its plan
+    done. So every run meets the machine's speed changes alike (on a shared VM they move
+    step times by 20% within minutes), and time budgets stay fair between them; alone,
+    a run just plans and trains."""
+    timers = [(run, run.step_timer()) for run in runs]
+    timers = [(run, timer) for run, timer in timers if timer is not None]
+    while not all(timer.done() for _, timer in timers):
+        for _, timer in timers:
+            if not timer.done():
+                timer.step()
+    for run, timer in timers:
+        run.plan(timer)
+    del timers  # the timers' model copies
+    try:
+        for position, run in enumerate(runs):
+            run.open_bar(position)
+        while True:
+            left = [run for run in runs if not run.done()]
+            if not left:
+                break
+            min(left, key=_Run.progress).step()
+    finally:
+        for run in runs:
+            run.close_bar()
 
 
 def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | os.PathLike = False,
@@ -412,160 +705,9 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
     overwrite: start a new run even if `cfg.out` holds one (its checkpoint and report are
     replaced); without it, or resume, such a folder raises UsageError before any work.
     """
-    if not cfg.steps and not cfg.time_budget:
-        raise UsageError("give steps and/or time_budget")
-    if resume and overwrite:
-        raise UsageError("resume and overwrite exclude each other: continue the run in cfg.out, or replace it")
-    if cfg.out and not resume and not overwrite:
-        check_holds_no_run(cfg.out, [CHECKPOINT_NAME], "a run",
-                           "pass resume=True to continue it, overwrite=True to start over, or another cfg.out")
-    device = resolve_device(cfg.device)
-    check_precision(cfg.precision, device)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    if corpus is None:
-        corpus = load_corpus(cfg.data, cfg.holdout_every, cfg.data_pattern, cfg.max_data_bytes)
-        log(f"corpus: {corpus.describe()}")
-    if len(corpus.heldout) == 0:  # else the report's held-out bits/byte would mean nothing
-        raise UsageError(f"the held-out split of {corpus.source} is empty: give more data "
-                         f"(a single file holds out its last 1/holdout_every = 1/{cfg.holdout_every})")
-    if len(corpus.train) < cfg.seq_len:  # checked before a model is built
-        raise UsageError(f"the training split of {corpus.source} has {len(corpus.train)} bytes, fewer than "
-                         f"seq_len={cfg.seq_len} (one window): give more data or a shorter --seq-len")
-
-    ckpt = None
-    if resume:
-        src = cfg.out if resume is True else resume
-        if src is None:
-            raise UsageError("resume=True needs cfg.out")
-        ckpt = load_checkpoint(src, map_location=device)
-        if ckpt["kind"] != cfg.model:
-            raise UsageError(f"checkpoint holds a {ckpt['kind']!r} model, not {cfg.model!r}")
-        model = _model_from_checkpoint(ckpt, src)
-    else:
-        model_config = resolve_model_config(cfg.model, cfg.size, cfg.model_config)
-        if cfg.model_config.get("max_context_bytes") is None:
-            # generation then stays within the positions training showed the model
-            model_config = dataclasses.replace(model_config, max_context_bytes=cfg.seq_len)
-        model = build_model(cfg.model, asdict(model_config))
-    model.to(device).train()
-    opt = _make_optimizer(model, cfg)
-    # counters, saved in checkpoints (the EMAs too, so a resumed run's curve goes on smoothly)
-    # planned_steps: the step count that the time budget plan_budget = [time_budget, steps] became
-    state = {"step": 0, "train_time": 0.0, "bytes": 0, "words": 0, "backbone_tokens": 0, "seqs": 0,
-             "ema_loss": None, "ema_bpb": None, "planned_steps": None, "plan_budget": None}
-    curve: list[tuple[float, float]] = []  # (seconds trained, train bits/byte EMA) per step
-    if ckpt is not None:
-        try:  # the optimizer's state and the counters must fit the model and this loop
-            if ckpt.get("optimizer") is not None:
-                opt.load_state_dict(ckpt["optimizer"])
-            state.update(ckpt["state"].get("counters", {}))
-            curve = [tuple(p) for p in ckpt["state"].get("curve", [])]
-            if "numpy_rng" in ckpt["state"]:
-                rng.bit_generator.state = ckpt["state"]["numpy_rng"]
-            if "torch_rng" in ckpt["state"]:
-                torch.set_rng_state(ckpt["state"]["torch_rng"].cpu())
-        except _MISMATCH_ERRORS as e:
-            raise _mismatch(src, e, "checkpoint's training state does not fit its model") from e
-        log(f"resumed from step {state['step']} ({state['train_time']:.0f}s trained)")
-    n_params = count_parameters(model)
-    log(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters on {device} ({cfg.precision}); "
-        f"{cfg.batch_size} x {cfg.seq_len} bytes per step")
-
-    def checkpoint_state():
-        return {"counters": dict(state), "curve": _thin(curve, 2000), "numpy_rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state()}
-
-    total = cfg.steps
-    if cfg.time_budget:
-        # a resumed run keeps its plan, unless it was made for another budget
-        if state["planned_steps"] is None or state["plan_budget"] != [cfg.time_budget, cfg.steps]:
-            if state["train_time"] < cfg.time_budget:
-                per_step, timed = seconds_per_step(model, cfg, corpus.train, device)
-                state["planned_steps"] = plan_steps(cfg, state["step"], state["train_time"], per_step)
-                how = f"{per_step:.3g}s per step, the median of {timed} timed steps"
-            else:  # nothing to time: no more steps
-                state["planned_steps"], how = state["step"], "the budget is spent"
-            state["plan_budget"] = [cfg.time_budget, cfg.steps]
-            log(f"planned {state['planned_steps']} steps for the {cfg.time_budget:g}s budget ({how})")
-        total = state["planned_steps"]
-    ckpt_path = Path(cfg.out) / CHECKPOINT_NAME if cfg.out else None
-    if cfg.out:
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    last_save = state["train_time"]
-    bar = _make_bar(cfg, state["step"], total)
-
-    def overran() -> bool:
-        return bool(cfg.time_budget and state["train_time"] >= OVERRUN_LIMIT * cfg.time_budget)
-
-    try:
-        while state["step"] < total and not overran():
-            lr = lr_at(cfg, state["step"], total)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            out, loss, (b, cu), dt = _train_step(model, opt, cfg, corpus.train, rng, device)
-            bpb = float(out["nll"].detach()) / LN2 / out["n_bytes"]
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {state['step']}")
-            n_words = out["n_words"]
-            if n_words is None:  # byte LM: count the words of the same text, for words/s
-                n_words = word_boundaries(b, cu, cfg.count_words_mwb, "space")[0].numel() - 1
-            state["step"] += 1
-            state["train_time"] += dt
-            state["bytes"] += int(out["n_bytes"])
-            state["words"] += int(n_words)
-            state["backbone_tokens"] += int(out["backbone_tokens"])
-            state["seqs"] += int(out["n_seqs"])
-            ema_loss = state["ema_loss"] = loss if state["ema_loss"] is None else 0.95 * state["ema_loss"] + 0.05 * loss
-            ema_bpb = state["ema_bpb"] = bpb if state["ema_bpb"] is None else 0.95 * state["ema_bpb"] + 0.05 * bpb
-            curve.append((state["train_time"], ema_bpb))
-            bar.update(1)
-            bar.set_postfix({"loss": f"{ema_loss:.3f}", "bpb": f"{ema_bpb:.3f}",
-                             "B/s": f"{state['bytes'] / state['train_time']:.0f}", "lr": f"{lr:.1e}"},
-                            refresh=False)
-            if ckpt_path and state["train_time"] - last_save >= cfg.save_every:
-                save_checkpoint(ckpt_path, model, opt, checkpoint_state(), cfg)
-                last_save = state["train_time"]
-    finally:
-        bar.close()
-    if state["step"] < total:
-        log(f"stopped at step {state['step']} of the {total} planned: the steps ran slower than timed, "
-            f"and {state['train_time']:.0f}s is {OVERRUN_LIMIT:g}x the {cfg.time_budget:g}s budget")
-
-    if ckpt_path:
-        save_checkpoint(ckpt_path, model, opt, checkpoint_state(), cfg)
-    windows = heldout_windows(corpus.heldout, cfg.eval_windows, cfg.seq_len)
-    ev = evaluate(model, windows, cfg.eval_batch_size, device)
-    tt = max(state["train_time"], 1e-9)
-    report = {
-        "model": cfg.model,
-        "params": n_params,
-        "heldout_bpb": ev["bpb"],
-        "heldout_windows": ev["windows"],
-        "heldout_bytes": ev["bytes"],
-        "train_bpb_ema": state["ema_bpb"],
-        "train_loss_ema": state["ema_loss"],
-        "steps": state["step"],
-        "planned_steps": state["planned_steps"],
-        "train_time_s": state["train_time"],
-        "train_bytes": state["bytes"],
-        "bytes_per_s": state["bytes"] / tt,
-        "words_per_s": state["words"] / tt,
-        "bytes_per_word": state["bytes"] / max(state["words"], 1),
-        "backbone_seq_len": state["backbone_tokens"] / max(state["seqs"], 1),
-        "seq_len": cfg.seq_len,
-        "batch_size": cfg.batch_size,
-        "device": str(device),
-        "precision": cfg.precision,
-        "torch_threads": torch.get_num_threads(),
-        "model_config": asdict(model.config),
-        "corpus": corpus.describe(),
-        "curve": _thin(curve, 200),
-    }
-    if cfg.out:
-        (Path(cfg.out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    report["_model"] = model  # for callers in the same process (not serialized)
-    return report
+    run = _Run(cfg, corpus, resume, log, overwrite)
+    _take_turns([run])
+    return run.finish()
 
 
 def _thin(points: list, n: int) -> list:
@@ -628,7 +770,9 @@ def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callab
             models: tuple[str, ...] = ("hier", "byte"), overwrite: bool = False) -> dict[str, Any]:
     """Train each model of `models` with the same data, budget and settings; print and
     write (`out`/compare.json, compare.md, compare.svg) a side-by-side table and learning
-    curves. The byte LM is sized to the hierarchical model's parameter count.
+    curves. The byte LM is sized to the hierarchical model's parameter count. The models
+    time their steps and train in turns, a step at a time (`_take_turns`), so that a time
+    budget means the same machine for each; each model's result is that of its run alone.
 
     overwrite: replace the results of an earlier compare in `out`; without it such a
     folder raises UsageError before any training."""
@@ -638,16 +782,24 @@ def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callab
     corpus = load_corpus(base.data, base.holdout_every, base.data_pattern, base.max_data_bytes)
     log(f"corpus: {corpus.describe()}")
     hier_cfg = resolve_model_config("hier", base.size, base.model_config)
-    reports = []
+    runs = []
     for kind in models:
         mc = asdict(hier_cfg) if kind == "hier" else asdict(matched_byte_config(hier_cfg))
         if base.model_config.get("max_context_bytes") is None:
-            del mc["max_context_bytes"]  # unset: train() gives it its window length
+            del mc["max_context_bytes"]  # unset: the run gives it its window length
         cfg = dataclasses.replace(base, model=kind, model_config=mc,
                                   out=str(Path(out) / kind) if out else None)
-        log(f"\n== {kind} ==")
-        r = train(cfg, corpus, log=log, overwrite=True)  # (checked above for the whole compare)
+        runs.append(_Run(cfg, corpus, False, lambda line, kind=kind: log(f"[{kind}] {line}"),
+                         overwrite=True))  # (checked above for the whole compare)
+    # the models take turns, a step at a time, so that the machine's speed changes
+    # reach both alike: each one's steps are still what they would be alone
+    log(f"timing, then training, {' and '.join(models)} in turns, a step at a time")
+    _take_turns(runs)
+    reports = []
+    for kind, run in zip(models, runs):
+        r = run.finish()
         r.pop("_model", None)
+        log(f"\n== {kind} ==")
         log(format_report(r))
         reports.append(r)
     table = format_compare(reports)
