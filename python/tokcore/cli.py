@@ -522,7 +522,7 @@ register("demo", "run every op family's end-to-end demo (quick on CPU)", _demo_a
          check=_demo_check)
 register("train", "train a byte-level LM (hierarchical or plain) and report held-out bits/byte",
          _train_args, _train_run, check=_train_check)
-register("compare", "train the hierarchical and the byte LM for the same budget; side-by-side table",
+register("compare", "train the hierarchical and the byte LM for the same budget, in turns; side-by-side table",
          _compare_args, _compare_run, check=_compare_check)
 register("generate", "sample from a trained checkpoint (printed as UTF-8: bytes that do not decode show as U+FFFD)",
          _generate_args, _generate_run, check=_generate_check)
