@@ -672,9 +672,10 @@ class _Run:
 def _take_turns(runs: list[_Run]) -> None:
     """Plans and trains `runs` taking turns, a step at a time: first their timed steps in
     turn, then their training steps, always the run with the smallest fraction of its plan
-    done. So every run meets the machine's speed changes alike (on a shared VM they move
-    step times by 20% within minutes), and time budgets stay fair between them; alone,
-    a run just plans and trains."""
+    done. So the runs share the machine's speed changes (on a shared VM they move step
+    times by 20% within minutes) instead of one meeting a fast machine and the next a
+    slow one; a plan made from the first steps can still miss for all of them. Alone, a
+    run just plans and trains."""
     timers = [(run, run.step_timer()) for run in runs]
     timers = [(run, timer) for run, timer in timers if timer is not None]
     while not all(timer.done() for _, timer in timers):
