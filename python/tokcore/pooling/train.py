@@ -317,9 +317,16 @@ def seconds_per_step(model: nn.Module, cfg: TrainConfig, data: np.ndarray,
     """Median seconds of a training step of `model` under `cfg`, and how many steps were
     timed (`_StepTimer`): the run's model, optimizer and random streams are as they were."""
     timer = _StepTimer(model, cfg, data, device)
-    while not timer.done():
-        timer.step()
+    _time_in_turns([timer])
     return timer.result()
+
+
+def _time_in_turns(timers: list[_StepTimer]) -> None:
+    """Steps the timers in turn until each has timed enough."""
+    while not all(timer.done() for timer in timers):
+        for timer in timers:
+            if not timer.done():
+                timer.step()
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -541,8 +548,12 @@ class _Run:
         if cfg.out:
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
         self.last_save = self.state["train_time"]
-        self.total = cfg.steps
         self.bar = None
+
+    @property
+    def total(self) -> int:
+        """The steps this run trains: its plan under a time budget, else ``cfg.steps``."""
+        return self.state["planned_steps"] if self.cfg.time_budget else self.cfg.steps
 
     # ---- the plan of a time budget
     def step_timer(self) -> _StepTimer | None:
@@ -553,7 +564,6 @@ class _Run:
             return None
         # a resumed run keeps its plan, unless it was made for another budget
         if state["planned_steps"] is not None and state["plan_budget"] == [cfg.time_budget, cfg.steps]:
-            self.total = state["planned_steps"]
             return None
         if state["train_time"] >= cfg.time_budget:  # nothing to time: no more steps
             self._set_plan(state["step"], "the budget is spent")
@@ -567,7 +577,7 @@ class _Run:
                        f"{per_step:.3g}s per step, the median of {timed} timed steps")
 
     def _set_plan(self, steps: int, how: str) -> None:
-        self.state["planned_steps"] = self.total = steps
+        self.state["planned_steps"] = steps
         self.state["plan_budget"] = [self.cfg.time_budget, self.cfg.steps]
         self.log(f"planned {steps} steps for the {self.cfg.time_budget:g}s budget ({how})")
 
@@ -678,10 +688,7 @@ def _take_turns(runs: list[_Run]) -> None:
     run just plans and trains."""
     timers = [(run, run.step_timer()) for run in runs]
     timers = [(run, timer) for run, timer in timers if timer is not None]
-    while not all(timer.done() for _, timer in timers):
-        for _, timer in timers:
-            if not timer.done():
-                timer.step()
+    _time_in_turns([timer for _, timer in timers])
     for run, timer in timers:
         run.plan(timer)
     del timers  # the timers' model copies
