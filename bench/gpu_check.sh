@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with a CUDA GPU and no network, build tokcore, run
 # the CUDA tests and the GPU benchmarks, and print one table; then a memcheck run.
-# Writes its logs and table to $OUT when that is set. Meant to finish well under
-# 8 minutes.
+# Writes its logs and table to $OUT when that is set. Finishes within
+# GPU_CHECK_BUDGET seconds (default 420: 7 minutes), so that a session's 15 minutes
+# of device time hold the machine's start, this check, and a rerun of what failed.
 #   bash bench/gpu_check.sh
+#   GPU_CHECK_STAGES="tests" bash bench/gpu_check.sh   # a rerun of some stages only:
+#     any of tests, bench, variants, memcheck (default: all four, in that order); the
+#     install and its smoke test always run
 #   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh   # on a machine without a GPU: every
-#     step on the CPU instead (wheel install, smoke test, test collection, a quick
+#     step on the CPU instead (wheel install, smoke test, the CPU tests, a quick
 #     benchmark, the variants' build), so that a broken step costs no GPU time
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT" || exit 1
 export OUT
 PY=${PYTHON:-python3}
 start=$(date +%s)
@@ -18,7 +23,15 @@ stamp() { echo "[gpu_check +$(( $(date +%s) - start ))s] $*"; }
 # Every stage runs under a timeout, so that one that hangs (a kernel that never ends)
 # leaves time for the stages after it: at most its own limit, and never past
 # GPU_CHECK_BUDGET seconds from the start (the device tool stops a command at 600 s).
-budget=${GPU_CHECK_BUDGET:-540}
+budget=${GPU_CHECK_BUDGET:-420}
+all_stages="tests bench variants memcheck"
+stages=${GPU_CHECK_STAGES:-$all_stages}
+for s in $stages; do
+  case " $all_stages " in *" $s "*) ;; *)
+    echo "GPU_CHECK_STAGES: unknown stage '$s' (choose from: $all_stages)" >&2; exit 2 ;;
+  esac
+done
+wants() { case " $stages " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 stage_limit() {  # stage_limit MAX: seconds for the next stage
   local left=$(( budget - ($(date +%s) - start) ))
   [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"
@@ -111,49 +124,73 @@ $PY -c 'import pytest, hypothesis, numpy, tqdm' 2>/dev/null || stamp "WARNING: p
 
 stamp "built: $($PY -c 'import tokcore; print(tokcore.LIBRARY_PATH, "cuda kernels:", tokcore.has_cuda_kernels())')"
 
-tests=cuda
-[ "$dry" = 1 ] && tests="not cuda"  # the CUDA cases would all skip: the CPU ones, on this wheel and torch
-limit=$(stage_limit 240)
-stamp "tests: -k '$tests' (at most $limit s)"
-timeout "$limit" $PY -m pytest -q tests -k "$tests" -p no:cacheprovider --maxfail=20 > "$OUT/tests_${device}.log" 2>&1
-rc=$?; [ "$rc" = 0 ] || status=1; timed_out "$rc" "TESTS"
-tail -n 15 "$OUT/tests_${device}.log"
+stamp "stages: $stages (budget $budget s)"
 
-stamp "GPU benchmarks"
-bench_args=(--device cuda)
-[ "$dry" = 1 ] && bench_args=(--device cpu --quick --no-save)
-for bench in bench/bench_*.py; do  # every family's benchmark takes --device
-  family=$(basename "$bench" .py)
-  limit=$(stage_limit 200)
-  stamp "$family (at most $limit s)"
-  timeout "$limit" $PY "$bench" "${bench_args[@]}" 2>&1 | tee "$OUT/${family}_${device}.log"
-  rc=$?; [ "$rc" = 0 ] || status=1; timed_out "$rc" "$family"
-done
+if wants tests; then
+  tests=cuda
+  [ "$dry" = 1 ] && tests="not cuda"  # the CUDA cases would all skip: the CPU ones, on this wheel and torch
+  # Several pytest workers where pytest-xdist is installed (the GPU machine's image has
+  # it): the tests' CPU references then run side by side, 2 threads each.
+  # GPU_CHECK_WORKERS sets how many (default: half the cores, at most 8; 0: none).
+  workers=() threads=()
+  n=${GPU_CHECK_WORKERS:-$(( $(nproc) / 2 > 8 ? 8 : $(nproc) / 2 ))}
+  if [ "$n" -ge 2 ] && $PY -c 'import xdist' 2>/dev/null; then
+    workers=(-n "$n") threads=(OMP_NUM_THREADS=2)
+  fi
+  limit=$(stage_limit 180)
+  stamp "tests: -k '$tests' ${workers[*]} (at most $limit s)"
+  env "${threads[@]}" timeout "$limit" $PY -m pytest -q tests -k "$tests" -p no:cacheprovider --maxfail=20 \
+    "${workers[@]}" > "$OUT/tests_${device}.log" 2>&1
+  rc=$?; [ "$rc" = 0 ] || status=1; timed_out "$rc" "TESTS"
+  tail -n 15 "$OUT/tests_${device}.log"
+fi
+
+if wants bench; then
+  stamp "GPU benchmarks"
+  bench_args=(--device cuda)
+  [ "$dry" = 1 ] && bench_args=(--device cpu --quick --no-save)
+  for bench in bench/bench_*.py; do  # every family's benchmark takes --device
+    family=$(basename "$bench" .py)
+    limit=$(stage_limit 180)
+    stamp "$family (at most $limit s)"
+    timeout "$limit" $PY "$bench" "${bench_args[@]}" 2>&1 | tee "$OUT/${family}_${device}.log"
+    rc=$?; [ "$rc" = 0 ] || status=1; timed_out "$rc" "$family"
+  done
+fi
 
 # The forward kernel against variants that keep more loads in flight (torch-free,
 # bench/cuda): which one a later change should adopt, if the target is missed.
-stamp "CUDA kernel variants (bench/cuda, sm_${arch})"
-if cmake -S . -B build/cuda_bench $generator -DTOKCORE_BUILD_EXTENSION=OFF -DTOKCORE_CUDA=ON -DTOKCORE_BUILD_CUDA_BENCH=ON \
-     "-DTOKCORE_CUDA_ARCHS=${arch}-real" > "$OUT/cuda_bench_build.log" 2>&1 \
-   && cmake --build build/cuda_bench -j --target tokcore_cuda_bench >> "$OUT/cuda_bench_build.log" 2>&1; then
-  if [ "$dry" = 1 ]; then
-    stamp "built (dry run: not run)"
+if wants variants; then
+  limit=$(stage_limit 90)
+  stamp "CUDA kernel variants (bench/cuda, sm_${arch}; the build at most $limit s)"
+  # ($1: the generator option, split into its words on purpose; $2: the architecture)
+  if timeout "$limit" bash -c 'cmake -S . -B build/cuda_bench $1 -DTOKCORE_BUILD_EXTENSION=OFF -DTOKCORE_CUDA=ON \
+       -DTOKCORE_BUILD_CUDA_BENCH=ON "-DTOKCORE_CUDA_ARCHS=$2-real" \
+       && cmake --build build/cuda_bench -j --target tokcore_cuda_bench' _ "$generator" "$arch" \
+       > "$OUT/cuda_bench_build.log" 2>&1; then
+    if [ "$dry" = 1 ]; then
+      stamp "built (dry run: not run)"
+    else
+      timeout "$(stage_limit 60)" build/cuda_bench/bench/cuda/tokcore_cuda_bench 2>&1 | tee "$OUT/cuda_variants.md"
+      rc=$?; [ "$rc" = 0 ] || status=1; timed_out "$rc" "CUDA VARIANT BENCHMARK"
+    fi
   else
-    timeout "$(stage_limit 90)" build/cuda_bench/bench/cuda/tokcore_cuda_bench 2>&1 | tee "$OUT/cuda_variants.md"
-    rc=$?; [ "$rc" = 0 ] || status=1; timed_out "$rc" "CUDA VARIANT BENCHMARK"
+    tail -n 20 "$OUT/cuda_bench_build.log"; stamp "CUDA VARIANT BENCHMARK DID NOT BUILD (or not in time)"; status=1
   fi
-else
-  tail -n 20 "$OUT/cuda_bench_build.log"; stamp "CUDA VARIANT BENCHMARK DID NOT BUILD"; status=1
 fi
 
 # Last, since the table above is what this check is for: compute-sanitizer's memcheck
 # over the small CUDA cases (bad offsets included), with torch's caching allocator off
 # so that every tensor is its own allocation and any out-of-bounds access is seen.
+memcheck_seconds=120
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
-if [ "$dry" = 1 ]; then
+if ! wants memcheck; then
+  :
+elif [ "$dry" = 1 ]; then
   stamp "memcheck skipped (dry run)"
-elif [ "$(stage_limit 150)" -lt 150 ]; then
-  stamp "memcheck skipped: less than 150 s left of GPU_CHECK_BUDGET=$budget"
+elif [ "$(stage_limit $memcheck_seconds)" -lt $memcheck_seconds ]; then
+  stamp "memcheck skipped: less than $memcheck_seconds s left of GPU_CHECK_BUDGET=$budget" \
+    "(rerun it alone: GPU_CHECK_STAGES=memcheck)"
 elif [ -n "$sanitizer" ]; then
   # The invalid-offsets cases first, on their own: with the offsets check off (for the
   # process or, with check_offsets=False, for one call), they are where an out-of-bounds
@@ -170,9 +207,9 @@ elif [ -n "$sanitizer" ]; then
       *) tail -n 30 "$OUT/$log"; stamp "MEMCHECK FAILED (see $log)"; status=1 ;;
     esac
   }
-  stamp "compute-sanitizer memcheck: invalid offsets, then the small CUDA cases (at most 150 s)"
-  memcheck memcheck_invalid_offsets.log 60 tests/test_pooling.py -k "cuda and (invalid_offsets or check_offsets_false)"
-  memcheck memcheck.log 90 tests -k "cuda and (fixed or empty or random or few_long) and not stdlib"
+  stamp "compute-sanitizer memcheck: invalid offsets, then the small CUDA cases (at most $memcheck_seconds s)"
+  memcheck memcheck_invalid_offsets.log 45 tests/test_pooling.py -k "cuda and (invalid_offsets or check_offsets_false)"
+  memcheck memcheck.log 75 tests -k "cuda and (fixed or empty or random or few_long) and not stdlib"
 else
   stamp "memcheck skipped: no compute-sanitizer on this machine"
 fi

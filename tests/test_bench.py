@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,15 @@ def test_gpu_target_notes_judge_each_workload():
     assert notes[0].endswith("86% met")
     assert notes[1].endswith("79% NOT MET")
     assert notes[2].endswith("NOT MEASURED")  # segment_expand has no row here
+
+
+def test_gpu_check_parses_and_names_an_unknown_stage(tmp_path):
+    # the GPU check runs only where a GPU is lent, rarely: CI at least parses it and
+    # sees it refuse a stage list it cannot run, before it does any work
+    script = BENCH_DIR / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = dict(os.environ, GPU_CHECK_STAGES="tests bogus", OUT=str(tmp_path))
+    run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "unknown stage 'bogus' (choose from: tests bench variants memcheck)" in run.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing was installed or run
