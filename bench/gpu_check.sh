@@ -122,7 +122,8 @@ if [ -d build/gpu_wheels ]; then  # made by bench/gpu_prepare.sh on the CPU mach
 fi
 $PY -c 'import pytest, hypothesis, numpy, tqdm' 2>/dev/null || stamp "WARNING: pytest, hypothesis, numpy or tqdm missing: run bench/gpu_prepare.sh first and carry build/gpu_wheels"
 
-stamp "built: $($PY -c 'import tokcore; print(tokcore.LIBRARY_PATH, "cuda kernels:", tokcore.has_cuda_kernels())')"
+stamp "installed:"
+$PY -m tokcore info 2>&1  # (to the log only: the device tool brings back at most 8 files of $OUT, all taken below)
 
 stamp "stages: $stages (budget $budget s)"
 

@@ -4,6 +4,7 @@ options it ignores. Every error case here fails before any training starts."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
@@ -297,3 +298,48 @@ def test_train_options_reach_the_checkpoint(files, capsys):
     assert rc == 0 and "Traceback" not in err, err
     mc = load_checkpoint(run)["model_config"]
     assert (mc["d_model"], mc["n_layers"], mc["n_heads"]) == (32, 3, 4)
+
+
+# ------------------------------------------------------------------------------ --version and info
+def test_version_is_the_installed_packages(capsys):
+    import importlib.metadata
+
+    import tokcore
+
+    rc, out, _ = run_cli(["--version"], capsys)
+    assert rc == 0 and out.strip() == f"tokcore {tokcore.__version__}"
+    # one version: the package's metadata (pyproject.toml) and tokcore.__version__ agree
+    assert importlib.metadata.version("tokcore") == tokcore.__version__
+
+
+def info_fields(capsys) -> dict[str, str]:
+    rc, out, err = run_cli(["info"], capsys)
+    assert rc == 0 and not err, err
+    return dict(re.split(r"\s{2,}", line, maxsplit=1) for line in out.splitlines())  # "name   value"
+
+
+def test_info_reports_the_build_and_settings_in_use(capsys, monkeypatch):
+    import tokcore
+
+    for name in ("TOKCORE_CPU_ISA", "TOKCORE_CPU_STREAM_MIN_MB", "TOKCORE_CPU_OUTPUT_CACHE_MB",
+                 "TOKCORE_CPU_HUGE_PAGES", "TOKCORE_CUDA_CHECK_OFFSETS"):
+        monkeypatch.delenv(name, raising=False)
+    fields = info_fields(capsys)
+    assert fields["tokcore"] == tokcore.__version__
+    assert fields["library"] == str(tokcore.LIBRARY_PATH)
+    assert fields["torch"].startswith(torch.__version__ + " (")
+    assert fields["cpu kernels"] == f"{tokcore.cpu_isa()} (the widest this CPU runs; TOKCORE_CPU_ISA unset)"
+    cuda = fields["cuda kernels"]
+    if not tokcore.has_cuda_kernels():
+        assert cuda.startswith("not built")
+    elif torch.cuda.is_available():
+        assert cuda == "built"
+    else:
+        assert cuda.startswith("built; unused here")
+    assert ("cuda:0" in fields) == torch.cuda.is_available()
+    assert fields["settings"] == "defaults (no TOKCORE_* variable set)"
+    # the settings that are set, and one that the library ignores, by name
+    monkeypatch.setenv("TOKCORE_CPU_STREAM_MIN_MB", "0")
+    monkeypatch.setenv("TOKCORE_CPU_HUGE_PAGES", "2")
+    assert info_fields(capsys)["settings"] == (
+        "TOKCORE_CPU_STREAM_MIN_MB=0; TOKCORE_CPU_HUGE_PAGES=2 (not 0 or 1: the default is used)")

@@ -73,16 +73,24 @@ _SETTINGS = {
 }
 
 
+def settings(environ=os.environ) -> dict[str, tuple[str, str | None]]:
+    """The tokcore environment variables that are set (and not empty): name ->
+    (value, None if the library uses it, else what a valid value looks like)."""
+    found = {}
+    for name, (valid, ok) in _SETTINGS.items():
+        value = environ.get(name)
+        if value is not None and value != "":
+            found[name] = (value, None if ok(value) else valid)
+    return found
+
+
 def check_settings(environ=os.environ) -> list[str]:
     """Warns (RuntimeWarning) about each tokcore environment variable whose value
     the library would ignore, and returns the messages. Run once at import."""
     import warnings
 
-    problems = []
-    for name, (valid, ok) in _SETTINGS.items():
-        value = environ.get(name)
-        if value is not None and value != "" and not ok(value):
-            problems.append(f"tokcore: {name}={value!r} is not {valid}; the default is used instead")
+    problems = [f"tokcore: {name}={value!r} is not {valid}; the default is used instead"
+                for name, (value, valid) in settings(environ).items() if valid is not None]
     for message in problems:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
     return problems

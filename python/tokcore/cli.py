@@ -2,8 +2,9 @@
 
 Subcommands live in a registry: each one is a :class:`Command` with a function that adds
 its arguments and a function that runs it. To add one, write the two functions and call
-:func:`register` (see the end of this file). Heavy imports (torch, the compiled ops)
-happen inside the run functions, so ``tokcore --help`` is fast.
+:func:`register` (see the end of this file). What only one command needs (the models,
+training, the benchmarks) is imported inside its run function; the package itself loads
+torch and the compiled ops on import.
 """
 
 from __future__ import annotations
@@ -517,6 +518,56 @@ def _bench_run(args: argparse.Namespace) -> int:
     return status
 
 
+# ---------------------------------------------------------------------------- info
+def _info_args(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _info_lines() -> list[tuple[str, str]]:
+    import platform
+
+    import torch
+
+    import tokcore
+    from tokcore._library import settings
+
+    cuda_torch = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    lines = [
+        ("tokcore", tokcore.__version__),
+        ("library", str(tokcore.LIBRARY_PATH)),
+        ("torch", f"{torch.__version__} ({cuda_torch})"),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("cpu", f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"),
+        ("cpu kernels", tokcore.cpu_isa() + ("" if os.environ.get("TOKCORE_CPU_ISA")
+                                             else " (the widest this CPU runs; TOKCORE_CPU_ISA unset)")),
+    ]
+    if not tokcore.has_cuda_kernels():
+        cuda = "not built (a CPU-only build of tokcore)"
+    elif not torch.cuda.is_available():
+        cuda = "built; unused here: " + ("no GPU visible" if torch.version.cuda else "torch is a CPU-only build")
+    else:
+        cuda = "built"
+    lines.append(("cuda kernels", cuda))
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            lines.append((f"cuda:{i}", f"{props.name}, sm_{props.major}{props.minor}, "
+                                       f"{props.total_memory / 2**30:.0f} GiB"))
+    found = settings()
+    lines.append(("settings", "; ".join(
+        f"{name}={value}" + ("" if valid is None else f" (not {valid}: the default is used)")
+        for name, (value, valid) in found.items()) or "defaults (no TOKCORE_* variable set)"))
+    return lines
+
+
+def _info_run(args: argparse.Namespace) -> int:
+    lines = _info_lines()
+    width = max(len(name) for name, _ in lines)
+    for name, value in lines:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- registry
 register("demo", "run every op family's end-to-end demo (quick on CPU)", _demo_args, _demo_run,
          check=_demo_check)
@@ -528,6 +579,7 @@ register("generate", "sample from a trained checkpoint (printed as UTF-8: bytes 
          _generate_args, _generate_run, check=_generate_check)
 register("bench", "run the benchmarks (tokcore against its peers) from a tokcore checkout",
          _bench_args, _bench_run, check=_bench_check)
+register("info", "print the versions, build and settings in use (for bug reports)", _info_args, _info_run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -535,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tokcore",
         description="tokcore: fast token-level kernels for tokenizer-free and adaptive-token models.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"tokcore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
