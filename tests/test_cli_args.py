@@ -310,6 +310,8 @@ def test_version_is_the_installed_packages(capsys):
     assert rc == 0 and out.strip() == f"tokcore {tokcore.__version__}"
     # one version: the package's metadata (pyproject.toml) and tokcore.__version__ agree
     assert importlib.metadata.version("tokcore") == tokcore.__version__
+    # and the package is marked as typed (PEP 561), so type checkers read its hints
+    assert (Path(tokcore.__file__).parent / "py.typed").is_file()
 
 
 def info_fields(capsys) -> dict[str, str]:
