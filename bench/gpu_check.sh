@@ -11,6 +11,16 @@
 #   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh   # on a machine without a GPU: every
 #     step on the CPU instead (wheel install, smoke test, the CPU tests, a quick
 #     benchmark, the variants' build), so that a broken step costs no GPU time
+#
+# A session with a GPU machine (15 minutes of device time in all, its start included):
+#   1. on the CPU machine: `make wheel && bash bench/gpu_prepare.sh`, unless
+#      wheelhouse/SOURCE_HASH already equals `bash scripts/source_hash.sh`;
+#   2. one device run: command `bash bench/gpu_check.sh`, carry ["wheelhouse",
+#      "build/gpu_wheels"], timeout_s 480 (the budget and the install's minute);
+#   3. a failed stage, once fixed: the same run with GPU_CHECK_STAGES=<that stage>,
+#      while the machine is warm; then give it back;
+#   4. copy $OUT's nvidia-*.md (the benchmark tables) into bench/results/, and the
+#      test counts and the targets' lines into the issue note.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
