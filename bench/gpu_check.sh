@@ -41,6 +41,14 @@ for s in $stages; do
     echo "GPU_CHECK_STAGES: unknown stage '$s' (choose from: $all_stages)" >&2; exit 2 ;;
   esac
 done
+# The numeric settings, checked before any work, as the stages are (empty: the default).
+for setting in "GPU_CHECK_BUDGET:seconds" "GPU_CHECK_WORKERS:pytest workers"; do
+  name=${setting%%:*}
+  value=${!name-}
+  case "$value" in *[!0-9]*)
+    echo "$name must be a whole number (${setting#*:}), got '$value'" >&2; exit 2 ;;
+  esac
+done
 wants() { case " $stages " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 stage_limit() {  # stage_limit MAX: seconds for the next stage
   local left=$(( budget - ($(date +%s) - start) ))

@@ -77,3 +77,9 @@ def test_gpu_check_parses_and_names_an_unknown_stage(tmp_path):
     assert run.returncode == 2
     assert "unknown stage 'bogus' (choose from: tests bench variants memcheck)" in run.stderr
     assert list(tmp_path.iterdir()) == []  # nothing was installed or run
+    for name, value, unit in (("GPU_CHECK_WORKERS", "4x", "pytest workers"), ("GPU_CHECK_BUDGET", "7m", "seconds")):
+        env = dict(os.environ, GPU_CHECK_STAGES="tests", OUT=str(tmp_path), **{name: value})
+        run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2
+        assert f"{name} must be a whole number ({unit}), got '{value}'" in run.stderr
+        assert list(tmp_path.iterdir()) == []
