@@ -26,13 +26,18 @@ test-cpu-variants: setup
 	    -k "random or fixed or gradcheck or ties or few_long or a_long_segment or narrow_rows" || exit 1; \
 	done
 
+# The C++ builds' cmake (>= 3.24): the venv's, from pip, once make setup has run,
+# else the system's.
+CMAKE ?= $(if $(wildcard $(VENV)/bin/cmake),$(VENV)/bin/cmake,cmake)
+CTEST ?= $(if $(wildcard $(VENV)/bin/ctest),$(VENV)/bin/ctest,ctest)
+
 # The torch-free core's GoogleTest suite and a short Google Benchmark run
-# (needs libgtest-dev and libbenchmark-dev; .ci/run installs them); then the check
-# that no AVX code hides in a symbol the baseline kernels may share.
+# (needs libgtest-dev, libbenchmark-dev and ninja-build; .ci/run installs them); then
+# the check that no AVX code hides in a symbol the baseline kernels may share.
 cpp-test:
-	cmake -S . -B build/cpp -G Ninja -DTOKCORE_BUILD_EXTENSION=OFF -DTOKCORE_CUDA=OFF -DTOKCORE_BUILD_CPP_TESTS=ON
-	cmake --build build/cpp
-	cd build/cpp && ctest --output-on-failure
+	$(CMAKE) -S . -B build/cpp -G Ninja -DTOKCORE_BUILD_EXTENSION=OFF -DTOKCORE_CUDA=OFF -DTOKCORE_BUILD_CPP_TESTS=ON
+	$(CMAKE) --build build/cpp
+	$(CTEST) --test-dir build/cpp --output-on-failure
 	bash scripts/check_isa_objects.sh build/cpp
 
 cpp-bench: cpp-test
@@ -42,9 +47,9 @@ cpp-bench: cpp-test
 # it where a GPU is visible. TOKCORE_CUDA_ARCHS picks the architectures.
 TOKCORE_CUDA_ARCHS ?= 80-real;90-real;90-virtual
 cuda-bench:
-	cmake -S . -B build/cuda_bench -G Ninja -DTOKCORE_BUILD_EXTENSION=OFF -DTOKCORE_CUDA=ON \
+	$(CMAKE) -S . -B build/cuda_bench -G Ninja -DTOKCORE_BUILD_EXTENSION=OFF -DTOKCORE_CUDA=ON \
 	  -DTOKCORE_BUILD_CUDA_BENCH=ON "-DTOKCORE_CUDA_ARCHS=$(TOKCORE_CUDA_ARCHS)"
-	cmake --build build/cuda_bench
+	$(CMAKE) --build build/cuda_bench
 	@if nvidia-smi -L >/dev/null 2>&1; then build/cuda_bench/bench/cuda/tokcore_cuda_bench; \
 	  else echo "cuda-bench: built; no GPU here to run it on"; fi
 

@@ -134,6 +134,10 @@ if [ "$installed" = 0 ]; then
   if ! $PY -m pip install --force-reinstall --no-build-isolation --no-deps --no-index . >> "$OUT/build.log" 2>&1; then
     tail -n 40 "$OUT/build.log"; stamp "BUILD FAILED"; exit 1
   fi
+  # the same smoke test; on failure the stages still run, to show what else fails
+  if ! (cd /tmp && $PY -c "$smoke") >> "$OUT/build.log" 2>&1; then
+    tail -n 15 "$OUT/build.log"; stamp "THE BUILD FROM SOURCE FAILED ITS SMOKE TEST"; status=1
+  fi
 fi
 if [ -d build/gpu_wheels ]; then  # made by bench/gpu_prepare.sh on the CPU machine
   $PY -m pip install -q --no-index --find-links build/gpu_wheels -r bench/gpu_requirements.txt >> "$OUT/build.log" 2>&1

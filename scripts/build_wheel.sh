@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the one abi3 wheel, reports its platform tag (auditwheel show), repairs
 # it with torch's own libraries excluded, then installs it into a fresh virtual
-# environment with the CPU torch and runs the CPU test suite there.
+# environment with torch 2.13 (the CPU wheel on this machine's disk when present, else
+# torch==2.13.0 from the index) and runs the test suite there.
 #   VENV: the build environment (default .venv, made by scripts/setup.sh)
 #   SKIP_WHEEL_TESTS=1: stop after building and repairing
 #   TOKCORE_GLIBC_COMPAT: ON by default here: link for glibc 2.28 (manylinux_2_28) with

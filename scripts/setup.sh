@@ -35,3 +35,8 @@ else
   "${pip[@]}" install -q --no-build-isolation --no-deps .
 fi
 "$VENV/bin/python" -c "import tokcore; print('[setup] tokcore', tokcore.__version__, 'CUDA kernels:', tokcore.has_cuda_kernels())"
+if [ "${TOKCORE_CUDA:-AUTO}" != OFF ] && [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null 2>&1 \
+   && [ -x /usr/local/cuda/bin/nvcc ]; then
+  echo "[setup] note: /usr/local/cuda/bin/nvcc is not on PATH, so the CUDA kernels were not built;" \
+    "for them: export PATH=\$PATH:/usr/local/cuda/bin, and run this again"
+fi
