@@ -1209,6 +1209,47 @@ def test_vmap_with_batched_offsets_runs_each_sample():
     assert torch.equal(got, torch.stack([segment_expand(x[i, :2], offsets[i], 6) for i in range(2)]))
 
 
+@pytest.mark.parametrize("op", FUNC_OPS)
+@pytest.mark.parametrize("batched_offsets", [False, True])
+def test_vmap_over_an_empty_batch(op, batched_offsets):
+    # torch's vmap takes a batch of 0 samples: the result is [0, *one sample's result],
+    # as a pure-torch function gives (the feature width cannot be read off the folded
+    # output, and there is no sample to run the op on)
+    f, _, a = _func_case(op)
+    want = (0, *f(a).shape)
+    if not batched_offsets:
+        assert torch.func.vmap(f)(a.new_zeros(0, *a.shape)).shape == want
+        return
+    off, L, T = t64(FUNC_OFFSETS), FUNC_MAX_LEN, FUNC_OFFSETS[-1]
+    call = {"expand": lambda t, o: segment_expand(t, o, T), "pack": lambda t, o: segment_pack(t, o, L),
+            "unpack": lambda t, o: segment_unpack(t, o, T)}.get(op, lambda t, o: segment_reduce(t, o, op))
+    got = torch.func.vmap(call)(a.new_zeros(0, *a.shape), off.new_zeros(0, *off.shape))
+    assert got.shape == want and got.dtype == a.dtype
+
+
+@pytest.mark.parametrize("reduce", ["max", "min"])
+def test_max_min_derivatives_ignore_nonfinite_values_at_other_rows(reduce):
+    # forward mode and the double backward take the attaining row's value alone, as
+    # torch's amax does: an inf or NaN at another row must not turn into NaN (inf * 0)
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0], [2.0, 0.0]], dtype=torch.float64)
+    off = t64([0, 3])
+    inf, nan = float("inf"), float("nan")
+    # finite (5) only at the attaining rows: max rows 1 and 0, min rows 0 and 1
+    v = [[inf, 5.0], [5.0, nan], [nan, -inf]] if reduce == "max" else [[5.0, inf], [nan, 5.0], [-inf, nan]]
+    v = torch.tensor(v, dtype=torch.float64)
+    dense = (lambda t: t.amax(0, keepdim=True)) if reduce == "max" else (lambda t: t.amin(0, keepdim=True))
+    f = lambda t: segment_reduce(t, off, reduce)  # noqa: E731
+    want = torch.func.jvp(dense, (x,), (v,))[1]
+    assert torch.equal(torch.func.jvp(f, (x,), (v,))[1], want)
+    assert torch.isfinite(want).all()
+    for fn in (f, lambda t: ops().segment_reduce(t, off, reduce)):  # the Function's and the registered autograd
+        xr = x.clone().requires_grad_(True)
+        g = torch.ones(1, 2, dtype=torch.float64, requires_grad=True)
+        (gx,) = torch.autograd.grad(fn(xr), xr, g, create_graph=True)
+        (gg,) = torch.autograd.grad((gx * v).sum(), g)
+        assert torch.equal(gg, want)
+
+
 def test_vmap_of_the_raw_backward_op():
     # the backward op's vmap rule: grad_y batched, x and y shared (and the reverse)
     off, x = t64([0, 2, 5]), torch.randn(5, 3)
@@ -1316,6 +1357,12 @@ def test_compile_dynamic_pack_of_nothing(device, fresh_dynamo):
     for offsets in ([0, 0, 0, 5, 6], [0, 6], [0, 2, 4, 6]):
         out = cf(torch.randn(6, 3, device=device), t64(offsets).to(device), 0)
         assert out.shape == (len(offsets) - 1, 0, 3)
+    # more feature dimensions: the wrapper builds the result, which stays differentiable
+    x = torch.randn(6, 2, 3, device=device, requires_grad=True)
+    out = cf(x, t64([0, 2, 6]).to(device), 0)
+    assert out.shape == (2, 0, 2, 3) and out.requires_grad
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
 
 
 def test_compile_never_drops_a_tangent(fresh_dynamo):

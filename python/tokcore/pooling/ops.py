@@ -127,7 +127,8 @@ def _as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
 def _unflatten(out: torch.Tensor, leading: int, features: tuple) -> torch.Tensor:
     """out [*lead, F] -> [*lead, *features]. With one feature dimension nothing is
     reshaped: under torch.compile with dynamic shapes, reshaping a tensor with no
-    elements can fail inside torch (segment_pack with max_len 0)."""
+    elements can fail inside torch (segment_pack with max_len 0, which builds its
+    result instead where there are more)."""
     if len(features) == 1:
         return out
     return out.reshape(tuple(out.shape[:leading]) + tuple(features))
@@ -192,6 +193,11 @@ def segment_pack(x: torch.Tensor, offsets: torch.Tensor, max_len: int, *,
     _check_arg_types("segment_pack", offsets=offsets, max_len=max_len)
     rows = _as_rows(x, "x")
     packed = _pack(rows, offsets, max_len, check_offsets)
+    if max_len == 0 and x.dim() > 2:
+        # no slots: the result is built, not reshaped, since under torch.compile with
+        # dynamic shapes torch fails to reshape it (see _unflatten); adding the empty
+        # sum keeps it in the autograd graph
+        return packed.new_zeros((packed.shape[0], 0, *x.shape[1:])) + packed.sum()
     return _unflatten(packed, 2, tuple(x.shape[1:]))
 
 
@@ -406,7 +412,8 @@ def _segment_reduce_backward_backward(ctx, grad_grad_x):
         attaining = _ops.segment_reduce_backward(
             torch.ones(offsets.shape[0] - 1, grad_grad_x.shape[1], dtype=grad_grad_x.dtype,
                        device=grad_grad_x.device), offsets, ctx.total, ctx.reduce, x, y, check_offsets=False)
-        grad_grad_y = _ops.segment_reduce(grad_grad_x * attaining, offsets, "sum", check_offsets=False)
+        grad_grad_y = _ops.segment_reduce(_at_attaining_rows(grad_grad_x, attaining), offsets, "sum",
+                                          check_offsets=False)
     return grad_grad_y, None, None, None, None, None
 
 
@@ -513,6 +520,13 @@ def _attaining_rows(offsets, total, reduce, x, y):
     return _reduce_backward(torch.ones_like(y), offsets, total, reduce, x, y)
 
 
+def _at_attaining_rows(t, attaining):
+    """t where `attaining` (_attaining_rows) is 1, else 0: selected, not multiplied, so
+    that an inf or NaN at another row does not turn into NaN (inf * 0), as in torch's
+    own max and amax."""
+    return torch.where(attaining != 0, t, 0)
+
+
 class _SegmentReduce(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -539,7 +553,7 @@ class _SegmentReduce(torch.autograd.Function):
         offsets, *values = ctx.saved_tensors
         if ctx.reduce in ("sum", "mean"):
             return _reduce(x_tangent, offsets, ctx.reduce, False)
-        x_tangent = x_tangent * _attaining_rows(offsets, ctx.total, ctx.reduce, *values)
+        x_tangent = _at_attaining_rows(x_tangent, _attaining_rows(offsets, ctx.total, ctx.reduce, *values))
         return _reduce(x_tangent, offsets, "sum", False)
 
 
@@ -566,7 +580,7 @@ class _SegmentReduceBackward(torch.autograd.Function):
         if ctx.reduce in ("sum", "mean"):
             grad_grad_y = _reduce(grad_grad_x, offsets, ctx.reduce, False)
         else:
-            grad_grad_x = grad_grad_x * _attaining_rows(offsets, ctx.total, ctx.reduce, *values)
+            grad_grad_x = _at_attaining_rows(grad_grad_x, _attaining_rows(offsets, ctx.total, ctx.reduce, *values))
             grad_grad_y = _reduce(grad_grad_x, offsets, "sum", False)
         return grad_grad_y, None, None, None, None, None, None
 
@@ -669,14 +683,24 @@ def _fold(t, bdim, batch_size):
     return t.flatten(-2)
 
 
-def _unfold(out, batch_size):
-    """[..., B * D] -> [..., B, D], and the batch's dimension."""
-    out = out.unflatten(-1, (batch_size, out.shape[-1] // batch_size if batch_size else 0))
+def _sample_shape(t, bdim):
+    """The shape of one sample of t (its batch dimension dropped; None: not batched)."""
+    return tuple(t.shape) if bdim is None else tuple(t.movedim(bdim, 0).shape[1:])
+
+
+def _unfold(out, batch_size, width):
+    """[..., B * D] -> [..., B, D] (D = width: with B = 0 it cannot be read off the
+    output), and the batch's dimension."""
+    out = out.unflatten(-1, (batch_size, width))
     return out, out.dim() - 2
 
 
-def _per_sample(op, info, in_dims, args, kwargs):
-    """The op once per sample, stacked (for batched offsets)."""
+def _per_sample(op, info, in_dims, args, kwargs, empty_sample_shape):
+    """The op once per sample, stacked (for batched offsets). An empty batch has no
+    sample to run it on: its result is [0, *empty_sample_shape], zeros of the first
+    argument's dtype (a size the op would read from each sample's offsets is 0)."""
+    if info.batch_size == 0:
+        return args[0].new_zeros((0, *empty_sample_shape)), 0
     outs = [op(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)), **kwargs)
             for i in range(info.batch_size)]
     return torch.stack(outs), 0
@@ -687,45 +711,56 @@ def _pad(in_dims, n):
     return tuple(in_dims) + (None,) * (n - len(in_dims))
 
 
+def _segments(offsets, bdim):
+    return _sample_shape(offsets, bdim)[0] - 1
+
+
 @torch.library.register_vmap("tokcore::segment_reduce")
 def _segment_reduce_vmap(info, in_dims, x, offsets, reduce, **kwargs):
+    width = _sample_shape(x, in_dims[0])[-1]
     if in_dims[1] is not None:
-        return _per_sample(_ops.segment_reduce, info, in_dims, (x, offsets, reduce), kwargs)
+        return _per_sample(_ops.segment_reduce, info, in_dims, (x, offsets, reduce), kwargs,
+                           (_segments(offsets, in_dims[1]), width))
     return _unfold(_ops.segment_reduce(_fold(x, in_dims[0], info.batch_size), offsets, reduce, **kwargs),
-                   info.batch_size)
+                   info.batch_size, width)
 
 
 @torch.library.register_vmap("tokcore::segment_reduce_backward")
 def _segment_reduce_backward_vmap(info, in_dims, grad_y, offsets, total, reduce, x=None, y=None, **kwargs):
     args, in_dims = (grad_y, offsets, total, reduce, x, y), _pad(in_dims, 6)
+    width = _sample_shape(grad_y, in_dims[0])[-1]
     if in_dims[1] is not None:
-        return _per_sample(_ops.segment_reduce_backward, info, in_dims, args, kwargs)
+        return _per_sample(_ops.segment_reduce_backward, info, in_dims, args, kwargs, (total, width))
     b = info.batch_size
     folded = (_fold(grad_y, in_dims[0], b), offsets, total, reduce, _fold(x, in_dims[4], b), _fold(y, in_dims[5], b))
-    return _unfold(_ops.segment_reduce_backward(*folded, **kwargs), b)
+    return _unfold(_ops.segment_reduce_backward(*folded, **kwargs), b, width)
 
 
 @torch.library.register_vmap("tokcore::segment_expand")
 def _segment_expand_vmap(info, in_dims, y, offsets, total=None, **kwargs):
     in_dims = _pad(in_dims, 3)
+    width = _sample_shape(y, in_dims[0])[-1]
     if in_dims[1] is not None:
-        return _per_sample(_ops.segment_expand, info, in_dims, (y, offsets, total), kwargs)
+        return _per_sample(_ops.segment_expand, info, in_dims, (y, offsets, total), kwargs, (total or 0, width))
     return _unfold(_ops.segment_expand(_fold(y, in_dims[0], info.batch_size), offsets, total, **kwargs),
-                   info.batch_size)
+                   info.batch_size, width)
 
 
 @torch.library.register_vmap("tokcore::segment_pack")
 def _segment_pack_vmap(info, in_dims, x, offsets, max_len, **kwargs):
+    width = _sample_shape(x, in_dims[0])[-1]
     if in_dims[1] is not None:
-        return _per_sample(_ops.segment_pack, info, in_dims, (x, offsets, max_len), kwargs)
+        return _per_sample(_ops.segment_pack, info, in_dims, (x, offsets, max_len), kwargs,
+                           (_segments(offsets, in_dims[1]), max_len, width))
     return _unfold(_ops.segment_pack(_fold(x, in_dims[0], info.batch_size), offsets, max_len, **kwargs),
-                   info.batch_size)
+                   info.batch_size, width)
 
 
 @torch.library.register_vmap("tokcore::segment_unpack")
 def _segment_unpack_vmap(info, in_dims, packed, offsets, total=None, **kwargs):
     in_dims = _pad(in_dims, 3)
+    width = _sample_shape(packed, in_dims[0])[-1]
     if in_dims[1] is not None:
-        return _per_sample(_ops.segment_unpack, info, in_dims, (packed, offsets, total), kwargs)
+        return _per_sample(_ops.segment_unpack, info, in_dims, (packed, offsets, total), kwargs, (total or 0, width))
     return _unfold(_ops.segment_unpack(_fold(packed, in_dims[0], info.batch_size), offsets, total, **kwargs),
-                   info.batch_size)
+                   info.batch_size, width)
