@@ -20,7 +20,7 @@ from test_models import TINY_HIER
 from tokcore import cli
 from tokcore.errors import UsageError
 from tokcore.pooling.lm import ByteLM, ByteLMConfig, HierarchicalByteLM, HierConfig
-from tokcore.pooling.train import load_checkpoint, load_model, save_checkpoint
+from tokcore.pooling.train import TrainConfig, load_checkpoint, load_model, save_checkpoint, train
 
 TINY_CPU = TINY + ["--no-progress", "--device", "cpu"]  # quiet, and on the CPU whatever the machine has
 
@@ -216,3 +216,173 @@ def test_bench_errors_are_usage_errors(tmp_path, capsys, monkeypatch):
     (repo / "bench").mkdir(parents=True)
     (repo / "bench" / "harness.py").write_text("")
     assert_usage_error(["bench", "--repo", repo, "--family", "nosuch"], capsys, "nosuch")
+
+
+# ------------------------------------------------------------------------------ resuming
+def test_resuming_another_run_does_not_replace_out(data, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(train_argv(data, "--out", a, "--steps", "3"), capsys)[0] == 0
+    assert run_cli(train_argv(data, "--out", b, "--steps", "1", "--seed", "2"), capsys)[0] == 0
+    assert_usage_error(train_argv(data, "--out", a, "--resume", b, "--steps", "2"), capsys,
+                       "argument --out", str(a), "a run of its own", "another --out")
+    assert steps_in(a) == 3
+    with pytest.raises(UsageError, match="resuming .* there would replace it"):
+        train(TrainConfig(data=str(data), out=str(a), steps=2, seq_len=32, batch_size=2, device="cpu"),
+              resume=str(b), log=lambda s: None)
+    assert steps_in(a) == 3
+    # out's own checkpoint, named by path, or an empty folder: resumed there
+    assert run_cli(train_argv(data, "--out", a, "--resume", a / "checkpoint.pt", "--steps", "4"), capsys)[0] == 0
+    assert steps_in(a) == 4
+    assert run_cli(train_argv(data, "--out", tmp_path / "c", "--resume", b, "--steps", "2"), capsys)[0] == 0
+    assert steps_in(tmp_path / "c") == 2 and steps_in(b) == 1
+
+
+def test_a_resumed_run_keeps_its_training_settings_and_budget(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(train_argv(data, "--out", run, "--steps", "2", "--lr", "0.001"), capsys)[0] == 0
+    # other settings given: named, and not used (the report tells what the run ran with)
+    rc, out, err = run_cli(["train", "--data", data, "--out", run, "--resume", "--steps", "3", "--seq-len", "16",
+                            "--seed", "5", "--no-progress", "--device", "cpu", "--eval-windows", "2"], capsys)
+    assert rc == 0, err
+    assert "keeps its training settings: lr=0.001 (not 0.002)" not in out  # --lr not given here: not named
+    assert "seq_len=32 (not 16)" in out and "seed=0 (not 5)" in out
+    assert "(32 bytes)" in out  # the report's window
+    saved = load_checkpoint(run)["train_config"]
+    assert (saved["seq_len"], saved["seed"], saved["lr"], saved["batch_size"]) == (32, 0, 0.001, 2)
+    assert steps_in(run) == 3
+    # no budget given: the run's own (3 steps, done), not the 300 s default
+    rc, out, err = run_cli(["train", "--data", data, "--out", run, "--resume", "--no-progress", "--device", "cpu"],
+                           capsys)
+    assert rc == 0, err
+    assert "keeps its own: steps=3" in out and "planned" not in out
+    assert steps_in(run) == 3
+
+
+def test_resume_takes_the_model_kind_from_the_checkpoint(data, tmp_path, capsys):
+    run = tmp_path / "byte"
+    assert run_cli(train_argv(data, "--model", "byte", "--out", run, "--steps", "1"), capsys)[0] == 0
+    assert_usage_error(train_argv(data, "--model", "hier", "--out", run, "--resume", "--steps", "2"), capsys,
+                       "argument --model", "'byte' model", "--model byte")
+    rc, out, err = run_cli(train_argv(data, "--out", run, "--resume", "--steps", "2"), capsys)
+    assert rc == 0, err
+    assert "model                 byte" in out and steps_in(run) == 2
+
+
+def test_cli_defaults_are_the_train_configs():
+    # a resumed run names the settings given otherwise than TrainConfig's defaults:
+    # the command line's defaults must be those, or every resume would name them
+    from tokcore.pooling.train import RUN_SETTINGS
+
+    args = cli.build_parser().parse_args(["train"])
+    names = {"data_pattern": "pattern", "warmup_steps": "warmup"}
+    for key in RUN_SETTINGS:
+        if hasattr(args, names.get(key, key)):
+            assert getattr(args, names.get(key, key)) == getattr(TrainConfig(), key), key
+
+
+def test_held_interrupts_wait_for_the_step():
+    import signal
+
+    from tokcore.pooling.train import _HeldInterrupts
+
+    with _HeldInterrupts() as held:
+        os.kill(os.getpid(), signal.SIGINT)  # during a step: held
+        assert held.pending
+        with pytest.raises(KeyboardInterrupt):  # a second one: at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_saves_the_steps_done(data, tmp_path):
+    import signal
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-u", "-m", "tokcore", *(str(a) for a in train_argv(data, "--out", run))]
+    proc = subprocess.Popen(argv + ["--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for line in proc.stdout:  # training starts after this line
+        if line.startswith("model hier"):
+            break
+    import time
+
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted at step" in out and "saved in" in out
+    done = steps_in(run)
+    assert done >= 1
+    assert subprocess.run(argv + ["--resume", "--steps", str(done + 2)], capture_output=True,
+                          timeout=120).returncode == 0
+    assert steps_in(run) == done + 2
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+def test_a_checkpoint_that_cannot_be_written_is_one_message(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt.tmp").symlink_to("/dev/full")  # writes there fail: no space left on device
+    rc, out, err = run_cli(train_argv(data, "--out", run, "--steps", "1"), capsys)
+    assert rc == 1 and "Traceback" not in err
+    assert f"tokcore train: error: cannot write checkpoint {run / 'checkpoint.pt'}: No space left on device" in err
+    assert "held-out bits/byte" in out  # the run's result is still shown
+    assert not (run / "checkpoint.pt.tmp").exists() and not (run / "checkpoint.pt").exists()
+
+
+def test_truncated_and_unreadable_checkpoints_say_so(tmp_path):
+    good = _tiny_checkpoint(tmp_path / "good.pt")
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(UsageError, match="damaged \\(truncated"):
+        load_checkpoint(cut)
+    if os.geteuid() != 0:  # (root reads any file)
+        good.chmod(0)
+        with pytest.raises(UsageError, match="cannot read .*Permission denied"):
+            load_checkpoint(good)
+
+
+def test_empty_paths_and_stray_files_are_usage_errors(data, tmp_path, capsys):
+    assert_usage_error(train_argv(data, "--out", "", "--steps", "1"), capsys, "argument --out", "an empty path")
+    assert_usage_error(["train", "--data", "", *TINY_CPU, "--steps", "1"], capsys, "argument --data", "empty path")
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "byte").write_text("not a folder\n")
+    assert_usage_error(["compare", "--data", data, *TINY_CPU, "--steps", "1", "--out", out], capsys,
+                       str(out / "byte"), "not a folder")
+
+
+def test_compare_counts_both_models_words_alike(data, tmp_path, capsys):
+    # the byte model's words are counted with the hierarchical model's max_word_bytes;
+    # both draw the same batches (same seed), so they count the same words
+    rc, out, err = run_cli(["compare", "--data", data, *TINY_CPU, "--steps", "2", "--max-word-bytes", "4",
+                            "--out", tmp_path / "cmp"], capsys)
+    assert rc == 0, err
+    import json
+
+    hier, byte = json.loads((tmp_path / "cmp" / "compare.json").read_text())["reports"]
+    assert hier["train_bytes"] == byte["train_bytes"]
+    assert hier["bytes_per_word"] == pytest.approx(byte["bytes_per_word"]) and hier["bytes_per_word"] < 4
+
+
+def test_cpu_allocation_failures_are_out_of_memory():
+    e = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                     "you tried to allocate 1099511627776 bytes.")
+    assert cli._is_out_of_memory(e)
+    assert not cli._is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_a_closed_pipe_ends_quietly():
+    # `tokcore info | head -1`: the reader is gone before tokcore writes
+    proc = subprocess.Popen([sys.executable, "-m", "tokcore", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == ""
+
+
+def test_each_named_demo_runs_once(monkeypatch, capsys):
+    import tokcore.demo as demo
+
+    calls = []
+    monkeypatch.setattr(demo, "DEMOS", [demo.Demo("x", "a demo", lambda opts: calls.append(1))])
+    demo.run_demos(["x", "x"])
+    assert calls == [1]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import UsageError
+from .errors import OutputWriteError, UsageError
 
 __all__ = ["Command", "COMMANDS", "register", "build_parser", "main"]
 
@@ -153,6 +153,8 @@ def _check_device(parser: argparse.ArgumentParser, device: str, allow_auto: bool
 
 def _check_out_dir(parser: argparse.ArgumentParser, path: str) -> None:
     """--out: an existing folder, or one that can be created (it is created now)."""
+    if not path:
+        parser.error("argument --out: an empty path")
     p = Path(path)
     if p.exists() and not p.is_dir():
         parser.error(f"argument --out: {p} exists and is not a folder")
@@ -298,6 +300,8 @@ def _check_common_train_args(parser: argparse.ArgumentParser, args: argparse.Nam
     from .pooling.lm import SIZES
 
     _check_device(parser, args.device)
+    if args.data == "":
+        parser.error("argument --data: an empty path")
     if args.precision == "bf16":
         from .pooling.train import check_precision, resolve_device
 
@@ -333,7 +337,7 @@ def _train_config(args: argparse.Namespace, model: str):
     from .pooling.train import TrainConfig
 
     steps, budget = args.steps, args.time_budget
-    if not steps and not budget:
+    if not steps and not budget and not getattr(args, "resume", False):  # (a resumed run keeps its own)
         budget = 300.0
     return TrainConfig(
         model=model, size=args.size or DEFAULT_SIZE,
@@ -348,14 +352,16 @@ def _train_config(args: argparse.Namespace, model: str):
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=["hier", "byte"], default="hier",
-                   help="hier: HierarchicalByteLM; byte: plain byte transformer (default: hier)")
+    p.add_argument("--model", choices=["hier", "byte"],
+                   help="hier: HierarchicalByteLM; byte: plain byte transformer (default: hier; with --resume, "
+                        "the checkpoint's)")
     p.add_argument("--out", metavar="DIR",
                    help="run folder: checkpoint.pt (periodic and final) and report.json (without it nothing is saved); "
                         "a folder that holds a run needs --resume or --overwrite")
     once = p.add_mutually_exclusive_group()
     once.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
-                      help="resume from --out's checkpoint, or from the given checkpoint file / run folder")
+                      help="resume from --out's checkpoint, or from the given checkpoint file / run folder; the "
+                           "run keeps its model, training settings and, without --steps or --time-budget, its budget")
     once.add_argument("--overwrite", action="store_true",
                       help="start a new run even if --out holds one (its checkpoint and report are replaced)")
     p.add_argument("--sample", type=_nonnegative_int, default=0, metavar="N",
@@ -363,13 +369,27 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="def ", help="prompt for --sample (default: 'def ')")
     _common_train_args(p, ("optimizer steps (with --resume: in total, across resumes)",
                            "seconds of training (with --resume: in total, across resumes); "
-                           "default 300 when --steps is not given. A few steps are timed first and the run "
-                           "trains as many as fit, on a schedule by step, so that it repeats"))
+                           "default 300 when --steps is not given (with --resume: the run's own). A few steps "
+                           "are timed first and the run trains as many as fit, on a schedule by step, so that "
+                           "it repeats"))
 
 
 def _train_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from .pooling.train import CHECKPOINT_NAME, _checkpoint_file
+    from .pooling.train import CHECKPOINT_NAME, _same_checkpoint, load_checkpoint
 
+    if args.resume is True and not args.out:
+        parser.error("argument --resume: --resume without a path needs --out")
+    if args.resume:
+        source = args.out if args.resume is True else args.resume
+        try:
+            kind = load_checkpoint(source)["kind"]  # checks the file too
+        except UsageError as e:
+            parser.error(f"argument --resume: {e}")
+        if args.model is not None and args.model != kind:
+            parser.error(f"argument --model: the checkpoint holds a {kind!r} model; pass --model {kind}, or "
+                         "leave --model out")
+        args.model = kind
+    args.model = args.model or "hier"
     _check_common_train_args(parser, args, hier=args.model == "hier")
     if args.model == "byte":
         ignored = [_opt(k) for k in _HIER_ONLY_OPTS if getattr(args, k) is not None]
@@ -379,20 +399,17 @@ def _train_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         given = [_opt(k) for k in ("size",) + _MODEL_OPTS if getattr(args, k) is not None]
         if given:
             _warn("train", f"ignoring {', '.join(given)}: a resumed run keeps its checkpoint's model")
-    if args.resume is True and not args.out:
-        parser.error("argument --resume: --resume without a path needs --out")
-    if args.resume:
-        try:
-            _checkpoint_file(args.out if args.resume is True else args.resume)
-        except UsageError as e:
-            parser.error(f"argument --resume: {e}")
-        if not args.out:
-            _warn("train", "--resume without --out: the resumed run is not saved; pass --out DIR to keep it")
-    if args.out:
+    if args.resume and not args.out:
+        _warn("train", "--resume without --out: the resumed run is not saved; pass --out DIR to keep it")
+    if args.out is not None:
         _check_out_dir(parser, args.out)
         if not args.resume and not args.overwrite:  # a new run would replace the checkpoint
             _check_out_holds_no_run(parser, args.out, [CHECKPOINT_NAME], "a run",
                                     "pass --resume to continue it, --overwrite to start over, or another --out")
+        elif args.resume and not _same_checkpoint(args.resume, args.out):  # so would another run's
+            _check_out_holds_no_run(parser, args.out, [CHECKPOINT_NAME], "a run of its own",
+                                    f"resuming {args.resume} there would replace it: give another --out, or "
+                                    "--resume alone to continue that run")
 
 
 def _train_run(args: argparse.Namespace) -> int:
@@ -599,10 +616,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
-    """numpy's and Python's MemoryError, torch's OutOfMemoryError (CUDA) and a tokcore
-    op that could not allocate its output."""
+    """numpy's and Python's MemoryError, torch's OutOfMemoryError (CUDA), torch's CPU
+    allocator failing (a RuntimeError) and a tokcore op that could not allocate its output."""
+    message = str(e)
     return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
-            or "could not allocate" in str(e))
+            or "could not allocate" in message or "can't allocate memory" in message
+            or "DefaultCPUAllocator" in message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -614,10 +633,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args._check is not None:
             args._check(args._parser, args)  # parser.error(...): usage, the message, exit status 2
-        return int(args._run(args) or 0)
+        status = int(args._run(args) or 0)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below, not at exit
+        return status
     except UsageError as e:  # a bad path or option: the message, not a traceback
         print(f"tokcore {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OutputWriteError as e:  # a full disk, a folder without write permission
+        print(f"tokcore {args.command}: error: {e.strerror}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `tokcore info | head -1`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (Python's final flush would fail again)
+        return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe stopped
     except FloatingPointError as e:  # the training loss became NaN or infinite
         print(f"tokcore {args.command}: error: {e}: the run diverged; try a lower --lr", file=sys.stderr)
         return 1

@@ -98,7 +98,7 @@ def run_demos(names: list[str] | None = None, opts: DemoOptions | None = None) -
     unknown = [n for n in (names or []) if n not in known]
     if unknown:
         raise SystemExit(f"unknown demo(s) {unknown}; available: {sorted(known)}")
-    for demo in ([known[n] for n in names] if names else DEMOS):
+    for demo in ([known[n] for n in dict.fromkeys(names)] if names else DEMOS):  # (each named demo once)
         _header(f"demo {demo.name}: {demo.description}")
         t0 = time.perf_counter()
         demo.run(opts)

@@ -12,3 +12,9 @@ class UsageError(ValueError):
 
 class InputNotFoundError(UsageError, FileNotFoundError):
     """A file or folder that the user named does not exist."""
+
+
+class OutputWriteError(OSError):
+    """A file that tokcore had to write could not be written (a full disk, a folder
+    without write permission). The command line prints its message as
+    ``tokcore <command>: error: ...`` and exits with status 1, without a traceback."""

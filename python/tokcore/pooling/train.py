@@ -30,7 +30,9 @@ import json
 import math
 import os
 import pickle
+import signal
 import sys
+import threading
 import time
 import zipfile
 import zlib
@@ -43,7 +45,7 @@ import torch
 from torch import nn
 
 from ..data import Corpus, batched, heldout_windows, load_corpus, sample_batch
-from ..errors import InputNotFoundError, UsageError
+from ..errors import InputNotFoundError, OutputWriteError, UsageError
 from .lm import (
     SIZES,
     ByteLMConfig,
@@ -345,9 +347,26 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         "train_config": asdict(cfg) if cfg is not None else None,
     }
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        # through a Python file, so that a failed write raises the OSError that says why
+        # (torch.save given a path reports a full disk as "unexpected pos 64 vs 0")
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputWriteError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e}") from e
     return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Path(path).write_text(text), raising OutputWriteError (which names the file) when
+    the file cannot be written."""
+    try:
+        Path(path).write_text(text)
+    except OSError as e:
+        raise OutputWriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
 
 
 def _checkpoint_path(path: str | os.PathLike) -> Path:
@@ -364,7 +383,14 @@ def _checkpoint_file(path: str | os.PathLike) -> Path:
         raise InputNotFoundError(f"no checkpoint at {p}")
     if not p.is_file():  # opening a FIFO or a device could block forever
         raise UsageError(f"{p} is not a regular file (give a checkpoint file or a run folder)")
+    try:  # (is_zipfile says False for a file it cannot read: ask first)
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise UsageError(f"cannot read {p}: {e.strerror or e}") from e
     if not zipfile.is_zipfile(p):
+        if magic == b"PK\x03\x04":  # a zip archive's start without its end: cut short
+            raise UsageError(f"{p} is damaged (truncated: a zip archive without its end)")
         raise UsageError(f"{p} is not a tokcore checkpoint (not a file written by torch.save)")
     # torch.load does not check the CRCs: flipped bytes would load as wrong weights.
     # One pass over the file, cheap next to loading it.
@@ -473,6 +499,46 @@ def _make_bar(cfg: TrainConfig, step0: int, total: int, position: int = 0):
                 dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0, position=position)
 
 
+# What a run was trained with, beside its model: a resumed run keeps them (they are in
+# its checkpoint), so that it goes on as it began and its report tells what it ran with.
+# The budget (steps, time_budget), device, out, saving, evaluation and progress may change.
+RUN_SETTINGS = ("data", "data_pattern", "max_data_bytes", "holdout_every", "seq_len", "batch_size", "lr",
+                "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
+                "precision", "count_words_mwb")
+
+
+def _same_checkpoint(resume: bool | str | os.PathLike, out: str | os.PathLike) -> bool:
+    """Whether `resume` (True: out's own checkpoint) names the checkpoint in folder `out`."""
+    if resume is True:
+        return True
+    return _checkpoint_path(resume).resolve() == (Path(out) / CHECKPOINT_NAME).resolve()
+
+
+def _resumed_config(cfg: TrainConfig, saved: dict[str, Any] | None, log: Callable[[str], None]) -> TrainConfig:
+    """cfg with the RUN_SETTINGS of the run being resumed (`saved`: its checkpoint's
+    train_config), and its budget when cfg gives none. A setting that cfg sets to other
+    than its default and that the run had otherwise is named in the log: it is not used."""
+    if not saved:  # a checkpoint written without its training settings: cfg's apply
+        return cfg
+    defaults = TrainConfig()
+    kept = {k: saved[k] for k in RUN_SETTINGS if k in saved}
+    ignored = [f"{k}={saved[k]!r} (not {getattr(cfg, k)!r})" for k in kept
+               if getattr(cfg, k) != saved[k] and getattr(cfg, k) != getattr(defaults, k)]
+    if ignored:
+        log(f"a resumed run keeps its training settings: {', '.join(ignored)}")
+    if not cfg.steps and not cfg.time_budget:  # no budget given: the run's own
+        kept.update(steps=saved.get("steps"), time_budget=saved.get("time_budget"))
+        budget = [f"{k}={kept[k]:g}" for k in ("steps", "time_budget") if kept[k]]
+        log(f"a resumed run without a budget keeps its own: {', '.join(budget) or 'none'}")
+    return dataclasses.replace(cfg, **kept)
+
+
+def log_corpus(corpus: Corpus, log: Callable[[str], None]) -> None:
+    log(f"corpus: {corpus.describe()}")
+    for note in corpus.notes:
+        log(f"corpus: {note}")
+
+
 class _Run:
     """One model's training run, taken a step at a time, so that `compare` can have two
     runs take turns (`_take_turns`); `train` runs one alone. Each run draws from random
@@ -481,13 +547,30 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, corpus: Corpus | None, resume: bool | str | os.PathLike,
                  log: Callable[[str], None], overwrite: bool):
-        if not cfg.steps and not cfg.time_budget:
-            raise UsageError("give steps and/or time_budget")
         if resume and overwrite:
             raise UsageError("resume and overwrite exclude each other: continue the run in cfg.out, or replace it")
-        if cfg.out and not resume and not overwrite:
+        if cfg.out is not None and not str(cfg.out):
+            raise UsageError("cfg.out is an empty path (None saves nothing)")
+        if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+            raise UsageError(f"{cfg.out} exists and is not a folder (cfg.out: the run's folder)")
+        if cfg.out and not overwrite and (not resume or not _same_checkpoint(resume, cfg.out)):
+            # a new run, or one resumed from elsewhere, would replace the run in cfg.out
             check_holds_no_run(cfg.out, [CHECKPOINT_NAME], "a run",
-                               "pass resume=True to continue it, overwrite=True to start over, or another cfg.out")
+                               "pass resume=True to continue it, overwrite=True to start over, or another cfg.out"
+                               if not resume else f"resuming {resume} there would replace it: give another cfg.out")
+        ckpt = None
+        if resume:
+            src = cfg.out if resume is True else resume
+            if src is None:
+                raise UsageError("resume=True needs cfg.out")
+            # first, so that a wrong checkpoint fails before the corpus loads
+            ckpt = load_checkpoint(src, map_location="cpu")
+            if ckpt["kind"] != cfg.model:
+                raise UsageError(f"{_checkpoint_path(src)} holds a {ckpt['kind']!r} model, not {cfg.model!r} "
+                                 f"(cfg.model; the command line's --model)")
+            cfg = _resumed_config(cfg, ckpt.get("train_config"), log)
+        if not cfg.steps and not cfg.time_budget:
+            raise UsageError("give steps and/or time_budget")
         self.cfg, self.log = cfg, log
         device = self.device = resolve_device(cfg.device)
         check_precision(cfg.precision, device)
@@ -495,7 +578,7 @@ class _Run:
         self.rng = np.random.default_rng(cfg.seed)
         if corpus is None:
             corpus = load_corpus(cfg.data, cfg.holdout_every, cfg.data_pattern, cfg.max_data_bytes)
-            log(f"corpus: {corpus.describe()}")
+            log_corpus(corpus, log)
         if len(corpus.heldout) == 0:  # else the report's held-out bits/byte would mean nothing
             raise UsageError(f"the held-out split of {corpus.source} is empty: give more data "
                              f"(a single file holds out its last 1/holdout_every = 1/{cfg.holdout_every})")
@@ -504,14 +587,7 @@ class _Run:
                              f"seq_len={cfg.seq_len} (one window): give more data or a shorter --seq-len")
         self.corpus = corpus
 
-        ckpt = None
-        if resume:
-            src = cfg.out if resume is True else resume
-            if src is None:
-                raise UsageError("resume=True needs cfg.out")
-            ckpt = load_checkpoint(src, map_location=device)
-            if ckpt["kind"] != cfg.model:
-                raise UsageError(f"checkpoint holds a {ckpt['kind']!r} model, not {cfg.model!r}")
+        if ckpt is not None:
             model = _model_from_checkpoint(ckpt, src)
         else:
             model_config = resolve_model_config(cfg.model, cfg.size, cfg.model_config)
@@ -548,6 +624,7 @@ class _Run:
         if cfg.out:
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
         self.last_save = self.state["train_time"]
+        self.saved_step = self.state["step"] if ckpt is not None else None  # the step in cfg.out's checkpoint
         self.bar = None
 
     @property
@@ -624,8 +701,22 @@ class _Run:
                               "B/s": f"{state['bytes'] / state['train_time']:.0f}", "lr": f"{lr:.1e}"},
                              refresh=False)
         if self.ckpt_path and state["train_time"] - self.last_save >= cfg.save_every:
-            save_checkpoint(self.ckpt_path, self.model, self.opt, self._checkpoint_state(), cfg)
+            self._save()
             self.last_save = state["train_time"]
+
+    def _save(self) -> None:
+        save_checkpoint(self.ckpt_path, self.model, self.opt, self._checkpoint_state(), self.cfg)
+        self.saved_step = self.state["step"]
+
+    def save_interrupted(self) -> None:
+        """After an interrupt between steps: save the steps done (if cfg.out), and say so."""
+        step = self.state["step"]
+        if not self.ckpt_path:
+            self.log(f"interrupted at step {step}: nothing saved (no out folder)")
+            return
+        if self.saved_step != step:
+            self._save()
+        self.log(f"interrupted at step {step}: saved in {self.ckpt_path}; resume continues from there")
 
     def open_bar(self, position: int = 0) -> None:
         self.bar = _make_bar(self.cfg, self.state["step"], self.total, position)
@@ -642,8 +733,12 @@ class _Run:
         if state["step"] < self.total:
             self.log(f"stopped at step {state['step']} of the {self.total} planned: the steps ran slower than "
                      f"timed, and {state['train_time']:.0f}s is {OVERRUN_LIMIT:g}x the {cfg.time_budget:g}s budget")
+        write_error = None  # a checkpoint or report that cannot be written: raised after the report is logged
         if self.ckpt_path:
-            save_checkpoint(self.ckpt_path, model, self.opt, self._checkpoint_state(), cfg)
+            try:
+                self._save()
+            except OutputWriteError as e:
+                write_error = e
         self.torch_rng.make_global()
         windows = heldout_windows(self.corpus.heldout, cfg.eval_windows, cfg.seq_len)
         ev = evaluate(model, windows, cfg.eval_batch_size, self.device)
@@ -673,36 +768,79 @@ class _Run:
             "corpus": self.corpus.describe(),
             "curve": _thin(self.curve, 200),
         }
-        if cfg.out:
-            (Path(cfg.out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if cfg.out and write_error is None:
+            try:
+                write_text(Path(cfg.out) / "report.json", json.dumps(report, indent=2) + "\n")
+            except OutputWriteError as e:
+                write_error = e
+        if write_error is not None:  # the run's result is not lost with its files
+            self.log(format_report(report))
+            raise write_error
         report["_model"] = model  # for callers in the same process (not serialized)
         return report
 
 
-def _take_turns(runs: list[_Run]) -> None:
+class _HeldInterrupts:
+    """Holds a Ctrl-C (SIGINT) that comes during a training step until the step is done
+    (`pending`), so that the run can save whole steps: stopped inside the optimizer's
+    step, a model would be half updated. A second Ctrl-C interrupts at once. Only where
+    Python's own handler is in place, in the main thread (where signals arrive)."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.previous = None
+
+    def __enter__(self) -> "_HeldInterrupts":
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self.previous = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _take_turns(runs: list[_Run], save_on_interrupt: bool = False) -> None:
     """Plans and trains `runs` taking turns, a step at a time: first their timed steps in
     turn, then their training steps, always the run with the smallest fraction of its plan
     done. So the runs share the machine's speed changes (on a shared VM they move step
     times by 20% within minutes) instead of one meeting a fast machine and the next a
     slow one; a plan made from the first steps can still miss for all of them. Alone, a
-    run just plans and trains."""
+    run just plans and trains. Ctrl-C stops the runs after the step in progress (and,
+    with save_on_interrupt, saves each one's checkpoint), then raises KeyboardInterrupt."""
     timers = [(run, run.step_timer()) for run in runs]
     timers = [(run, timer) for run, timer in timers if timer is not None]
     _time_in_turns([timer for _, timer in timers])
     for run, timer in timers:
         run.plan(timer)
     del timers  # the timers' model copies
+    interrupted = False
     try:
         for position, run in enumerate(runs):
             run.open_bar(position)
-        while True:
-            left = [run for run in runs if not run.done()]
-            if not left:
-                break
-            min(left, key=_Run.progress).step()
+        with _HeldInterrupts() as held:
+            while True:
+                left = [run for run in runs if not run.done()]
+                if not left:
+                    break
+                min(left, key=_Run.progress).step()
+                if held.pending:
+                    interrupted = True
+                    break
     finally:
         for run in runs:
             run.close_bar()
+    if interrupted:
+        if save_on_interrupt:
+            for run in runs:
+                run.save_interrupted()
+        raise KeyboardInterrupt
 
 
 def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | os.PathLike = False,
@@ -710,11 +848,18 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
     """Train one model; returns the report dict (see `format_report`).
 
     resume: False; True (the checkpoint in `cfg.out`); or a checkpoint file / run folder.
+    A resumed run keeps its training settings (`RUN_SETTINGS`, from its checkpoint; the
+    log names any that cfg sets otherwise) and, when cfg gives no steps or time_budget,
+    its budget. Resuming another run's checkpoint into a `cfg.out` that holds a run of
+    its own raises UsageError (it would replace that run).
     overwrite: start a new run even if `cfg.out` holds one (its checkpoint and report are
     replaced); without it, or resume, such a folder raises UsageError before any work.
+    Ctrl-C stops after the step in progress, saves a checkpoint of the steps done (in
+    `cfg.out`) and raises KeyboardInterrupt. A checkpoint or report that cannot be
+    written raises OutputWriteError (after logging the report).
     """
     run = _Run(cfg, corpus, resume, log, overwrite)
-    _take_turns([run])
+    _take_turns([run], save_on_interrupt=True)
     return run.finish()
 
 
@@ -787,15 +932,19 @@ def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callab
     if out and not overwrite:
         check_holds_no_run(out, compare_run_files(models), "the results of a compare",
                            "pass overwrite=True to replace them, or another out")
+    for kind in models:  # each model's run goes into a folder of that name
+        if out and (Path(out) / kind).exists() and not (Path(out) / kind).is_dir():
+            raise UsageError(f"{Path(out) / kind} exists and is not a folder (out holds each model's run in one)")
     corpus = load_corpus(base.data, base.holdout_every, base.data_pattern, base.max_data_bytes)
-    log(f"corpus: {corpus.describe()}")
+    log_corpus(corpus, log)
     hier_cfg = resolve_model_config("hier", base.size, base.model_config)
     runs = []
     for kind in models:
         mc = asdict(hier_cfg) if kind == "hier" else asdict(matched_byte_config(hier_cfg))
         if base.model_config.get("max_context_bytes") is None:
             del mc["max_context_bytes"]  # unset: the run gives it its window length
-        cfg = dataclasses.replace(base, model=kind, model_config=mc,
+        # count_words_mwb: the byte model's words are counted as the hierarchical model's
+        cfg = dataclasses.replace(base, model=kind, model_config=mc, count_words_mwb=hier_cfg.max_word_bytes,
                                   out=str(Path(out) / kind) if out else None)
         runs.append(_Run(cfg, corpus, False, lambda line, kind=kind: log(f"[{kind}] {line}"),
                          overwrite=True))  # (checked above for the whole compare)
@@ -817,7 +966,7 @@ def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callab
     if out:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        write_text(out / "compare.json", json.dumps(result, indent=2, default=str) + "\n")
         # each model trains until the first of its limits is reached
         limits = [f"{base.time_budget:g}s"] if base.time_budget else []
         limits += [f"{base.steps} step{'s' * (base.steps != 1)}"] if base.steps else []
@@ -827,8 +976,8 @@ def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callab
               format_compare(reports, markdown=True), "", f"corpus: {corpus.describe()}", ""]
         budget = ("same time budget" if not base.steps else "same steps" if not base.time_budget
                   else "same budget (steps or time)")
-        (out / "compare.svg").write_text(compare_chart(reports, budget))
+        write_text(out / "compare.svg", compare_chart(reports, budget))
         md[2:2] = ["![held-out and training bits/byte against training time](compare.svg)", ""]
-        (out / "compare.md").write_text("\n".join(md))
+        write_text(out / "compare.md", "\n".join(md))
         log(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and {out / 'compare.svg'} (learning curves)")
     return result
