@@ -882,6 +882,65 @@ def test_generate_rejects_bad_arguments_and_restores_train_mode(monkeypatch):
         assert model.training
 
 
+def _old_sample(logits, temperature, top_k, generator):
+    """_sample as it was before tiny and huge temperatures worked: ordinary ones must
+    still draw the very same symbols."""
+    logits = logits.float()
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def test_sampling_at_ordinary_temperatures_is_unchanged():
+    from tokcore.pooling.lm import _sample
+
+    g = torch.Generator().manual_seed(7)
+    for i in range(60):
+        logits = torch.randn(257, generator=g) * 3
+        if i % 2:
+            logits[torch.rand(257, generator=g) < 0.5] = float("-inf")  # the hierarchical model's masks
+        for t, k in ((0.8, 40), (1.0, None), (0.3, 10), (5.0, 1), (1e-20, None), (1e30, 7), (3e38, 5), (0.0, None)):
+            seed = int(torch.randint(0, 2**31, (1,), generator=g))
+            new = _sample(logits, t, k, torch.Generator().manual_seed(seed))
+            assert new == _old_sample(logits, t, k, torch.Generator().manual_seed(seed)), (i, t, k)
+
+
+@pytest.mark.parametrize("kind", ["hier", "byte"])
+def test_generate_takes_any_finite_temperature(kind):
+    # logits / temperature in float32 overflowed: a tiny temperature (inf - inf) or a
+    # huge one (-inf / inf, with the hierarchical model's masked logits) made softmax
+    # NaN, and multinomial raised; 10**400 made the argument check raise OverflowError
+    torch.manual_seed(0)
+    model = HierarchicalByteLM(HierConfig(**TINY_HIER)) if kind == "hier" else ByteLM(ByteLMConfig(**TINY_BYTE))
+    greedy = model.generate(b"def f(x):", 24, temperature=0)
+    for t in (1e-45, 1e-300, 5e-324, 1e-38):  # towards 0: greedy, as at 0
+        for k in (None, 3):
+            assert model.generate(b"def f(x):", 24, t, k, torch.Generator().manual_seed(0)) == greedy, (t, k)
+    for t in (3.5e38, 1e300, sys.float_info.max, 10**400):  # huge: uniform over the allowed symbols
+        for k in (None, 3):
+            out = model.generate(b"def f(x):", 24, t, k, torch.Generator().manual_seed(0))
+            assert len(out) == 24, (t, k)
+
+
+def test_sampling_at_a_huge_temperature_is_uniform_over_the_allowed_symbols():
+    from tokcore.pooling.lm import _sample
+
+    logits = torch.arange(257, dtype=torch.float32)
+    logits[[256, 250, 3]] = float("-inf")  # masked: never drawn
+    g = torch.Generator().manual_seed(0)
+    for t in (3.5e38, 10**400):
+        drawn = {_sample(logits, t, None, g) for _ in range(3000)}
+        assert drawn <= set(range(257)) - {256, 250, 3} and len(drawn) > 240, t
+        # within top_k: used to be every symbol (scaled to 0, all tied with the k-th)
+        assert {_sample(logits, t, 4, g) for _ in range(200)} == {255, 254, 253, 252}, t
+    assert _sample(logits, 1e-45, 4, g) == 255  # greedy
+
+
 def _checked_before(offsets: torch.Tensor, checked: list[torch.Tensor]) -> bool:
     """offsets equal offsets checked earlier, or derive from them as the decoder's
     stream offsets do (word_offsets[w] + w: valid whenever word_offsets are)."""
@@ -892,43 +951,122 @@ def _checked_before(offsets: torch.Tensor, checked: list[torch.Tensor]) -> bool:
     return False
 
 
+@pytest.fixture
+def offsets_checks(recorded_pooling_ops, monkeypatch):
+    """recorded_pooling_ops, with each Python check of offsets (check_segment_offsets,
+    which check_word_lengths calls too) recorded among the ops' calls, as a check, in
+    call order: a check either way (on CUDA each is a host sync)."""
+    import tokcore.pooling.lm as lm
+    real = modules.check_segment_offsets
+
+    def checked(offsets, *args, **kwargs):
+        recorded_pooling_ops.calls.append(("check_segment_offsets", offsets.detach().cpu().clone(), True))
+        return real(offsets, *args, **kwargs)
+
+    monkeypatch.setattr(modules, "check_segment_offsets", checked)
+    monkeypatch.setattr(lm, "check_segment_offsets", checked)
+    return recorded_pooling_ops
+
+
+def _checks_of(calls, offsets: torch.Tensor) -> int:
+    """How many times `offsets` were checked: by check_segment_offsets or by an op called
+    with check_offsets=True (word_boundaries checks its cu_seqlens)."""
+    return sum(check and torch.equal(o, offsets) for _, o, check in calls)
+
+
+def _assert_unchecked_uses_were_checked_before(calls, made: list[torch.Tensor]) -> None:
+    checked = list(made)  # word_boundaries' outputs: valid by construction
+    for name, offsets, check in calls:
+        if name == "word_boundaries":
+            continue  # checks its cu_seqlens itself; its outputs are in made
+        if check:
+            checked.append(offsets)
+        else:
+            assert _checked_before(offsets, checked), (name, offsets)
+
+
 @pytest.mark.parametrize("kind,pool,entry", [
     ("hier", "mean", "forward"), ("hier", "attention", "forward"), ("hier", "mean", "forward_words"),
-    ("hier", "attention", "forward_words"), ("hier", "mean", "no_local_layers"),
-    ("byte", None, "forward")])  # the byte model has no words
-def test_models_check_offsets_once_then_reuse_the_check(kind, pool, entry, recorded_pooling_ops):
+    ("hier", "attention", "forward_words"), ("hier", "mean", "no_local_layers"), ("hier", "mean", "word_states"),
+    ("hier", "attention", "word_states_no_local_layers"), ("byte", None, "forward"),
+    ("byte", None, "logits")])  # the byte model has no words
+def test_models_check_offsets_once_then_reuse_the_check(kind, pool, entry, offsets_checks):
     # On CUDA each offsets check is a host sync. A model checks each offsets tensor it
-    # is given once (its first use); later ops on the same offsets, on offsets derived
-    # from them, or on offsets that word_boundaries made skip the check. Session 5:
-    # 18 checks per forward of the small hierarchical model, 10 of the byte model.
+    # is given once (its first use, or in Python where it reads the longest segment);
+    # later ops on the same offsets, on offsets derived from them, or on offsets that
+    # word_boundaries made skip the check. Session 5: 18 checks per forward of the
+    # small hierarchical model, 10 of the byte model; then the offsets that a Python
+    # check had read were checked again by the first op (twice each).
     config = asdict(resolve_model_config(kind, "small"))
     if pool:
         config["pool"] = pool
-    if entry == "no_local_layers":
+    if "no_local_layers" in entry:
         config["n_enc_layers"] = 0  # the pooling is the encoder's first use of word_offsets
     model = build_model(kind, config)
     data = b"def f(x):\n    return x + 1  # ok\n" * 6
     b, cu = pack_sequences([data[:100], data[100:]])
     words = word_boundaries(b, cu, model.config.max_word_bytes, "space") if kind == "hier" else None
-    recorded_pooling_ops.calls.clear()
-    recorded_pooling_ops.made_offsets.clear()  # the caller's words: the model must check them
+    calls = offsets_checks.calls
+    calls.clear()
+    offsets_checks.made_offsets.clear()  # the caller's words: the model must check them
     if entry == "forward":
         model(b, cu)
+    elif entry == "logits":
+        model.logits(b, cu)
+    elif entry.startswith("word_states"):
+        model.word_states(b, *words)
     else:
         model.forward_words(b, *words)
-    checked = list(recorded_pooling_ops.made_offsets)  # word_boundaries inside forward
-    for name, offsets, check in recorded_pooling_ops.calls:
-        if name == "word_boundaries":
-            continue  # validates its cu_seqlens itself; its outputs are in made_offsets
-        if check:
-            checked.append(offsets)
-        else:
-            assert _checked_before(offsets, checked), (name, offsets)
-    segment_checks = sum(check for name, _, check in recorded_pooling_ops.calls if name != "word_boundaries")
-    # forward_words: word_offsets once by the encoder's local layers (or its pooling
-    # when it has none), word_cu_seqlens by the backbone; forward: its own words, none
-    expected = {"forward": 0, "forward_words": 2, "no_local_layers": 2}[entry] if kind == "hier" else 1
-    assert segment_checks == expected
+    _assert_unchecked_uses_were_checked_before(calls, offsets_checks.made_offsets)
+    if kind == "byte":
+        given = {"cu_seqlens": (cu, 1)}
+    elif entry == "forward":  # word_boundaries checks cu_seqlens and makes valid words: nothing else checks
+        word_offsets, word_cu = offsets_checks.made_offsets
+        given = {"cu_seqlens": (cu, 1), "word_offsets": (word_offsets, 0), "word_cu_seqlens": (word_cu, 0)}
+    else:  # the caller's words: word_offsets and word_cu_seqlens once each
+        given = {"word_offsets": (words[0], 1), "word_cu_seqlens": (words[1], 1)}
+    assert {name: _checks_of(calls, t) for name, (t, _) in given.items()} == \
+        {name: n for name, (_, n) in given.items()}
+    assert sum(check for _, _, check in calls) == sum(n for _, n in given.values())  # and no other checks
+
+
+@pytest.mark.parametrize("rows,lengths", [(64, (32, 32)), (40, (3, 5, 2, 30))])  # packs, or rotates first
+@pytest.mark.parametrize("max_len,check_max_len", [(None, True), (40, True), (None, False), (40, False)])
+def test_segment_transformer_checks_its_offsets_once(rows, lengths, max_len, check_max_len, offsets_checks):
+    st = SegmentTransformer(16, 2, 2, causal=True)
+    x, off = torch.randn(rows, 16), torch.tensor([0, *np.cumsum(lengths)])
+    assert modules.rotates_before_packing(rows, len(lengths), 40) == (len(lengths) == 4)
+    offsets_checks.calls.clear()
+    st(x, off, max_len, check_max_len=check_max_len)
+    assert _checks_of(offsets_checks.calls, off) == 1
+    _assert_unchecked_uses_were_checked_before(offsets_checks.calls, [])
+    offsets_checks.calls.clear()
+    st(x, off, max_len, check_offsets=False)  # vouched for: none
+    assert _checks_of(offsets_checks.calls, off) == 0
+
+
+def test_a_layer_with_nothing_to_attend_still_checks_its_offsets(offsets_checks):
+    # no op runs in attention over an empty stream, and the later layers trust the first
+    # layer's check: it used to check nothing (on CUDA no op checks them after it)
+    st = SegmentTransformer(16, 2, 2, causal=False)
+    x, off = torch.zeros(0, 16), torch.tensor([0, 0])
+    assert st(x, off, 4, check_max_len=False).shape == (0, 16)
+    assert _checks_of(offsets_checks.calls, off) == 1
+    with pytest.raises(ValueError, match=r"SegmentAttention: offsets must end at 0 \(the number of rows\)"):
+        st(x, torch.tensor([0, 3]), 4, check_max_len=False)
+
+
+@pytest.mark.parametrize("n_layers", [0, 1])
+@pytest.mark.parametrize("pool", ["mean", "attention"])
+def test_encoder_checks_word_offsets_once(n_layers, pool, offsets_checks):
+    enc = BytePoolingEncoder(16, n_layers, 2, max_word_bytes=8, pool=pool)
+    b, cu = _batch([TEXT[:60], TEXT[60:90]])
+    wo, _ = enc.segment(b, cu)
+    for call in (enc, enc.encode):  # forward with the word lengths; encode by its first op
+        offsets_checks.calls.clear()
+        call(b, wo)
+        assert _checks_of(offsets_checks.calls, wo) == 1, call
+        _assert_unchecked_uses_were_checked_before(offsets_checks.calls, [])
 
 
 @pytest.mark.parametrize("kind", ["hier", "byte"])

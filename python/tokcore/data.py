@@ -4,7 +4,8 @@ The default corpus is the Python standard library's own source (``*.py`` under
 ``sysconfig.get_paths()["stdlib"]``, ``site-packages`` excluded): a few tens of MB of
 code and English prose that every machine with Python has. Files are read in sorted
 order (of their path relative to the root), and every ``holdout_every``-th file (the
-20th, 40th, ...) is held out, so the split is deterministic and by file.
+20th, 40th, ...) is held out, so the split is deterministic and by file. With fewer
+files than that (or one file), the last ``1/holdout_every`` of the bytes is held out.
 
 Training batches are random fixed-length byte windows concatenated into one flat
 stream with ``cu_seqlens``; evaluation uses a fixed set of evenly spaced windows of
@@ -44,13 +45,14 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def list_files(root: str | os.PathLike, pattern: str = "*") -> list[Path]:
+def list_files(root: str | os.PathLike, pattern: str = "*", errors: list[OSError] | None = None) -> list[Path]:
     """Regular files under `root` whose name matches `pattern`, in a deterministic order
     (sorted by path relative to `root`); hidden folders, ``__pycache__`` and
-    ``site-packages`` are skipped."""
+    ``site-packages`` are skipped, and so are folders that cannot be listed (their
+    errors are appended to `errors`, if given)."""
     root = Path(root)
     found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append if errors is not None else None):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
         for name in filenames:
             if fnmatch.fnmatch(name, pattern):
@@ -63,6 +65,24 @@ def list_files(root: str | os.PathLike, pattern: str = "*") -> list[Path]:
 
 def _looks_binary(data: bytes) -> bool:
     return b"\x00" in data[:4096]
+
+
+def _tail_cut(raw: bytes, holdout_every: int, at_least: int = 0) -> int:
+    """Where the held-out tail of `raw` starts: its last 1/holdout_every (at least
+    `at_least` bytes), moved back to a line start where one lies in the second half."""
+    cut = len(raw) - max(at_least, len(raw) // holdout_every)
+    nl = raw.rfind(b"\n", 0, cut)
+    if nl > len(raw) // 2:
+        cut = nl + 1
+    return cut
+
+
+def _skipped(errors: list[OSError], what: str) -> str:
+    """A note on the files or folders skipped for `errors` (naming the first)."""
+    first = errors[0]
+    reason = first.strerror or str(first)
+    where = f"{first.filename}: {reason}" if first.filename else reason
+    return f"skipped {len(errors)} unreadable {what}{'' if len(errors) == 1 else 's'} (first: {where})"
 
 
 @dataclass
@@ -89,11 +109,17 @@ def load_corpus(data: str | os.PathLike | None = None, holdout_every: int = 20, 
     matching `pattern`, default ``*``); or one file (its last ``1/holdout_every`` is
     held out, cut at a line start).
     holdout_every: every `holdout_every`-th file (1-based: 20, 40, ...) is held out.
+    With fewer than `holdout_every` files, the last ``1/holdout_every`` of their
+    concatenation is held out (at least one byte), cut at a line start.
+    Files and folders that cannot be read are skipped (one unreadable file should not
+    stop a run); `Corpus.notes` says how many, and these splits, one log line each.
     max_bytes: stop reading files once this many bytes have been read (keeps the same
     deterministic order and split; for quick runs and tests).
     """
     if holdout_every < 2:
         raise UsageError(f"holdout_every must be >= 2, got {holdout_every}")
+    if data is not None and os.fspath(data) in ("", b""):  # Path("") is ".": it would train on the current folder
+        raise UsageError("--data: an empty path")
     if data is None:
         root, pattern, source = stdlib_dir(), pattern or "*.py", "python stdlib"
     else:
@@ -105,10 +131,7 @@ def load_corpus(data: str | os.PathLike | None = None, holdout_every: int = 20, 
         raw = root.read_bytes()
         if max_bytes is not None:
             raw = raw[:max_bytes]
-        cut = len(raw) - len(raw) // holdout_every
-        nl = raw.rfind(b"\n", 0, cut)
-        if nl > len(raw) // 2:
-            cut = nl + 1
+        cut = _tail_cut(raw, holdout_every)
         train = np.frombuffer(raw[:cut], dtype=np.uint8).copy()
         held = np.frombuffer(raw[cut:], dtype=np.uint8).copy()
         return Corpus(train, held, source, 1, 1, ["single file: split by position"])
@@ -117,10 +140,13 @@ def load_corpus(data: str | os.PathLike | None = None, holdout_every: int = 20, 
     held_parts: list[bytes] = []
     total = 0
     index = 0
-    for path in list_files(root, pattern):
+    folder_errors: list[OSError] = []
+    file_errors: list[OSError] = []
+    for path in list_files(root, pattern, folder_errors):
         try:
             raw = path.read_bytes()
-        except OSError:
+        except OSError as e:
+            file_errors.append(e)
             continue
         if not raw or _looks_binary(raw):
             continue
@@ -129,21 +155,34 @@ def load_corpus(data: str | os.PathLike | None = None, holdout_every: int = 20, 
         total += len(raw)
         if max_bytes is not None and total >= max_bytes:
             break
+    notes = [_skipped(errors, what) for errors, what in ((file_errors, "file"), (folder_errors, "folder")) if errors]
     if not train_parts:
-        raise UsageError(f"--data: no readable text files matching {pattern!r} under {root}")
-    notes = []
-    if not held_parts:  # fewer than holdout_every files: hold out the tail of the last one
-        last = train_parts.pop()
-        cut = len(last) - max(1, len(last) // holdout_every)
-        if cut > 0:
-            train_parts.append(last[:cut])
-        held_parts.append(last[cut:])
-        notes.append(f"fewer than {holdout_every} files: held out the tail of the last file")
-        if not train_parts:
-            train_parts = [last[:cut]]
+        raise UsageError(f"--data: no readable text files matching {pattern!r} under {root}"
+                         + "".join(f"; {note}" for note in notes))
+    if not held_parts:
+        # fewer than holdout_every files: hold out the tail of them all, not of the last
+        # file alone (which may be a byte long)
+        return _split_tail(train_parts, holdout_every, source, notes)
     train = np.frombuffer(b"".join(train_parts), dtype=np.uint8).copy()
     held = np.frombuffer(b"".join(held_parts), dtype=np.uint8).copy()
     return Corpus(train, held, source, len(train_parts), len(held_parts), notes)
+
+
+def _split_tail(parts: list[bytes], holdout_every: int, source: str, notes: list[str]) -> Corpus:
+    """The Corpus of `parts` (fewer than holdout_every files) whose held-out split is the
+    tail of their concatenation; a file cut in two counts on both sides."""
+    raw = b"".join(parts)
+    cut = _tail_cut(raw, holdout_every, at_least=1)
+    ends = np.cumsum([len(p) for p in parts])
+    n_train = sum(1 for p, end in zip(parts, ends) if end - len(p) < cut)  # parts are not empty
+    n_held = sum(1 for end in ends if end > cut)
+    at_line = cut == 0 or raw[cut - 1:cut] == b"\n"
+    notes.append(f"{len(parts)} text file{'' if len(parts) == 1 else 's'}, fewer than holdout_every={holdout_every}: "
+                 f"held out the last {len(raw) - cut} of their {len(raw)} bytes (about 1/{holdout_every}, "
+                 f"{'at a line start, ' if at_line else ''}from {n_held} file{'' if n_held == 1 else 's'})")
+    train = np.frombuffer(raw[:cut], dtype=np.uint8).copy()
+    held = np.frombuffer(raw[cut:], dtype=np.uint8).copy()
+    return Corpus(train, held, source, n_train, n_held, notes)
 
 
 def pack_sequences(seqs: Sequence[bytes | np.ndarray], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

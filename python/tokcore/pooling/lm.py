@@ -59,6 +59,7 @@ __all__ = [
 EOW = 256  # end-of-word symbol of the hierarchical decoder
 BOS = 256  # start-of-sequence input symbol of the byte LM
 LN2 = math.log(2.0)
+_F32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103  # the least float that rounds to inf in float32
 
 
 @dataclass
@@ -136,15 +137,35 @@ def _check_heads(model: str, c: Any, width: str, heads: str, rotary: bool, split
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
+    """One symbol drawn from softmax(logits / temperature), from the top_k most likely
+    (ties with the k-th kept); temperature 0 is greedy (argmax). Any finite temperature
+    >= 0 works: where scaling the float32 logits overflows (a temperature near 0, or one
+    past float32's range) the symbol is drawn from the limit the distribution is at
+    there, as float32 cannot hold it: greedy near 0, uniform over the symbols allowed
+    (logits above -inf, within top_k) for a huge one."""
     logits = logits.float()
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits / temperature
-    if top_k is not None and 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    try:
+        t = float(temperature)
+    except OverflowError:  # an int past float's range
+        t = math.inf
+    if t < _F32_OVERFLOW:  # else the divisor is inf in float32 (every finite logit scaled to 0, top_k lost)
+        scaled = logits / t
+        if top_k is not None and 0 < top_k < scaled.numel():
+            kth = torch.topk(scaled, top_k).values[-1]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = torch.softmax(scaled, dim=-1).cpu()
+        # NaN where scaling overflowed (inf - inf, -inf / inf, 0 / 0): the limits below;
+        # NaN logits are the model's fault, and multinomial says so
+        if not probs.isnan().any() or logits.isnan().any():
+            return int(torch.multinomial(probs, 1, generator=generator))
+    if t < 1:  # overflowed towards 0: what temperature 0 picks (within top_k and the masks anyway)
+        return int(logits.argmax())
+    allowed = logits > float("-inf")
+    if top_k is not None and 0 < top_k < logits.numel():  # on the logits: scaled, they are all 0 or NaN
+        allowed &= logits >= torch.topk(logits, top_k).values[-1]
+    return int(torch.multinomial(allowed.cpu().float(), 1, generator=generator))
 
 
 def _check_generate_args(max_new_bytes: int, temperature: float, top_k: int | None) -> None:
@@ -152,7 +173,8 @@ def _check_generate_args(max_new_bytes: int, temperature: float, top_k: int | No
         raise ValueError(f"max_new_bytes must be an int >= 0, got {max_new_bytes!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature < 0:
+    # an int is finite however large (math.isfinite would raise OverflowError past float's range)
+    if temperature < 0 or (not isinstance(temperature, numbers.Integral) and not math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
     if top_k is not None and not is_int(top_k):  # torch.topk would fail deep inside sampling
         raise TypeError(f"top_k must be None or an int >= 1, got {top_k!r}")
@@ -249,16 +271,20 @@ class HierarchicalByteLM(nn.Module):
                     max_words: int | None = None, *, check_offsets: bool = True) -> Tensor:
         """Backbone output [W, d_model]: state of word w has seen words <= w of its sequence.
         ``max_words`` (default: read from word_cu_seqlens) must be at least the longest
-        sequence's word count. ``check_offsets=False`` skips the CUDA checks of
-        word_offsets and word_cu_seqlens (host syncs) and of max_words, for arguments
-        known to be valid, such as `segment`'s."""
-        return self._word_states(bytes, word_offsets, word_cu_seqlens, max_words, check_offsets=check_offsets,
-                                 where="HierarchicalByteLM.word_states")
+        sequence's word count. Each set of offsets is checked once: word_cu_seqlens
+        (with max_words) here, as the longest sequence is read, word_offsets by the
+        encoder's first op (on CUDA each a host sync). ``check_offsets=False`` skips
+        both, and the check of max_words, for arguments known to be valid, such as
+        `segment`'s."""
+        return self._word_states(bytes, word_offsets, word_cu_seqlens, max_words, check_word_offsets=check_offsets,
+                                 check_word_cu_seqlens=check_offsets, where="HierarchicalByteLM.word_states")
 
     def _word_states(self, bytes: Tensor, word_offsets: Tensor, word_cu_seqlens: Tensor, max_words: int | None, *,
-                     check_offsets: bool, where: str) -> Tensor:
-        """`word_states`; `where` (the method the caller called) starts error messages."""
-        if check_offsets and not torch.compiler.is_compiling():
+                     check_word_offsets: bool, check_word_cu_seqlens: bool, where: str) -> Tensor:
+        """`word_states`, with a check flag for each set of offsets (False: checked by the
+        caller, or valid by construction); `where` (the method the caller called) starts
+        error messages."""
+        if check_word_cu_seqlens and not torch.compiler.is_compiling():
             # the backbone reads the longest sequence anyway: the same read checks
             # word_cu_seqlens, before anything is derived from them
             longest = check_segment_offsets(word_cu_seqlens, word_offsets.numel() - 1,
@@ -268,8 +294,10 @@ class HierarchicalByteLM(nn.Module):
             elif max_words < longest:
                 raise ValueError(f"{where}: max_words={max_words} is shorter than the longest sequence ({longest} "
                                  "words): the backbone would drop the words past it; pass max_words=None to read it")
-        words = self.encoder.encode(bytes, word_offsets, check_offsets=check_offsets)
-        return self.backbone(words, word_cu_seqlens, max_words, check_offsets=check_offsets, check_max_len=False)
+            check_word_cu_seqlens = False  # checked: the backbone's ops need not check them again
+        words = self.encoder.encode(bytes, word_offsets, check_offsets=check_word_offsets)
+        return self.backbone(words, word_cu_seqlens, max_words, check_offsets=check_word_cu_seqlens,
+                             check_max_len=False)
 
     def previous_word_context(self, h: Tensor, word_cu_seqlens: Tensor) -> Tensor:
         """[W, d_model]: row w = h[w-1] within the same sequence, the learned start state
@@ -320,22 +348,29 @@ class HierarchicalByteLM(nn.Module):
         # word_boundaries checks cu_seqlens (naming them) before it uses them, and makes
         # valid offsets: no op checks them (a check here would be one more sync on CUDA)
         word_offsets, word_cu = self.segment(bytes, cu_seqlens)
-        return self._forward_words(bytes, word_offsets, word_cu, check_offsets=False,
-                                   where="HierarchicalByteLM.forward")
+        return self._forward_words(bytes, word_offsets, word_cu, check_word_offsets=False,
+                                   check_word_cu_seqlens=False, where="HierarchicalByteLM.forward")
 
     def forward_words(self, bytes: Tensor, word_offsets: Tensor, word_cu_seqlens: Tensor) -> dict[str, Tensor | int]:
-        """`forward` on words the caller made; ValueError for a word longer than
-        max_word_bytes (the decoder could not predict its extra bytes)."""
+        """`forward` on words the caller made; ValueError for invalid offsets or a word
+        longer than max_word_bytes (the decoder could not predict its extra bytes). Each
+        set of offsets is checked once (on CUDA a host sync each): word_offsets with the
+        word lengths, word_cu_seqlens as the backbone's longest sequence is read; no op
+        checks them again."""
         where = "HierarchicalByteLM.forward_words"
         _check_bytes(bytes, where)
         check_word_lengths(word_offsets, self.config.max_word_bytes, bytes.numel(), f"{where}: word_offsets")
-        return self._forward_words(bytes, word_offsets, word_cu_seqlens, check_offsets=True, where=where)
+        # that checked word_offsets, except under torch.compile (where the encoder's ops check them)
+        return self._forward_words(bytes, word_offsets, word_cu_seqlens,
+                                   check_word_offsets=torch.compiler.is_compiling(), check_word_cu_seqlens=True,
+                                   where=where)
 
     def _forward_words(self, bytes: Tensor, word_offsets: Tensor, word_cu_seqlens: Tensor, *,
-                       check_offsets: bool, where: str) -> dict[str, Tensor | int]:
-        # With check_offsets, the encoder checks word_offsets (on CUDA a host sync) and
-        # _word_states word_cu_seqlens; the decoder's ops reuse those checks.
-        h = self._word_states(bytes, word_offsets, word_cu_seqlens, None, check_offsets=check_offsets, where=where)
+                       check_word_offsets: bool, check_word_cu_seqlens: bool, where: str) -> dict[str, Tensor | int]:
+        # _word_states checks what is still unchecked (on CUDA a host sync each); the
+        # decoder's ops reuse those checks.
+        h = self._word_states(bytes, word_offsets, word_cu_seqlens, None, check_word_offsets=check_word_offsets,
+                              check_word_cu_seqlens=check_word_cu_seqlens, where=where)
         ctx = self.previous_word_context(h, word_cu_seqlens)
         logits, _ = self.decoder_logits(ctx, bytes, word_offsets, check_offsets=False)
         targets = self.decoder_targets(bytes, word_offsets, check_offsets=False)
@@ -459,8 +494,8 @@ class ByteLM(nn.Module):
                check_offsets: bool = True) -> Tensor:
         """[T, 256]: row t predicts bytes[t] from the bytes before it in its sequence.
         ``max_len`` (default: read from cu_seqlens) must be at least the longest
-        sequence. ``check_offsets=False`` skips the CUDA check of cu_seqlens (a host
-        sync) and of max_len."""
+        sequence. cu_seqlens are checked once, as the longest sequence is read (on CUDA a
+        host sync); ``check_offsets=False`` skips that and the check of max_len."""
         return self._logits(bytes, cu_seqlens, max_len, check_offsets=check_offsets, where="ByteLM.logits")
 
     def _logits(self, bytes: Tensor, cu_seqlens: Tensor, max_len: int | None, *, check_offsets: bool,
@@ -475,6 +510,7 @@ class ByteLM(nn.Module):
             elif max_len < longest:
                 raise ValueError(f"{where}: max_len={max_len} is shorter than the longest sequence ({longest} bytes): "
                                  "attention would drop the bytes past it; pass max_len=None to read it")
+            check_offsets = False  # checked: the blocks' ops need not check them again
         t = bytes.numel()
         inp = torch.cat([bytes.new_full((1,), 0).long(), bytes[:-1].long()]) if t else bytes.long()
         starts = cu_seqlens[:-1]

@@ -205,7 +205,9 @@ class SegmentAttention(nn.Module):
     segment (padding keys are masked by segment length).
 
     ``check_offsets=False`` skips the CUDA offsets check (a host sync) for offsets
-    known to be valid; the unpack always reuses the pack's check.
+    known to be valid; the unpack always reuses the pack's check. With nothing to
+    attend (no rows, no segments or max_len 0) no op runs, and the offsets are checked
+    in Python instead: the layers after it count on its check.
     """
 
     def __init__(self, d_model: int, n_heads: int, causal: bool):
@@ -231,6 +233,9 @@ class SegmentAttention(nn.Module):
         n = x.shape[0]
         s = offsets.numel() - 1
         if n == 0 or s == 0 or max_len == 0:
+            if check_offsets and not torch.compiler.is_compiling():
+                # no op runs here to check them (an empty stream, say), and later layers reuse this check
+                check_segment_offsets(offsets, n, "SegmentAttention: offsets")
             return self.proj(torch.zeros_like(x))
         h, dh, d = self.n_heads, self.head_dim, self.d_model
         if rotates_before_packing(n, s, max_len):
@@ -288,8 +293,12 @@ class SegmentTransformer(nn.Module):
     """A stack of :class:`SegmentBlock` plus a final LayerNorm (``n_layers`` may be 0).
 
     The offsets are checked once (on CUDA a host sync; none with
-    ``check_offsets=False``, for offsets known to be valid), where the rows' positions
-    in their segments are made for every block's rotary embedding.
+    ``check_offsets=False``, for offsets known to be valid): where the longest segment
+    is read (to check ``max_len``, or to find it), by :func:`check_segment_offsets`,
+    which reads it in the same sync, and then no op checks them again; otherwise
+    (``check_max_len=False`` with ``max_len`` given, or under torch.compile) by the
+    first op that takes them, where the rows' positions in their segments are made for
+    every block's rotary embedding, or the first block packs them for attention.
     ``max_len`` (default: the longest segment, read from the offsets) must be at least
     the longest segment: attention packs each segment into ``max_len`` positions. A
     shorter one raises ValueError (reading the longest segment: on CUDA a host sync),
@@ -310,14 +319,15 @@ class SegmentTransformer(nn.Module):
 
     def forward(self, x: Tensor, offsets: Tensor, max_len: int | None = None, *,
                 check_offsets: bool = True, check_max_len: bool = True) -> Tensor:
-        if check_offsets and check_max_len and not torch.compiler.is_compiling():
+        if check_offsets and (check_max_len or max_len is None) and not torch.compiler.is_compiling():
             # the read of the longest segment checks the offsets too (no extra sync)
             longest = check_segment_offsets(offsets, x.shape[0], "SegmentTransformer: offsets")
             if max_len is None:
                 max_len = longest
-            elif longest > max_len:
+            elif check_max_len and longest > max_len:
                 raise ValueError(f"max_len={max_len} is shorter than the longest segment ({longest} rows): "
                                  "attention would drop the rows past max_len; pass max_len=None to read it")
+            check_offsets = False  # checked: no op checks them again
         elif max_len is None:
             max_len = max_segment_length(offsets)
         positions = None
@@ -327,7 +337,7 @@ class SegmentTransformer(nn.Module):
             check_offsets = False
         for block in self.blocks:
             x = block(x, offsets, max_len, check_offsets=check_offsets, positions=positions)
-            check_offsets = False  # the same offsets, checked by the first block
+            check_offsets = False  # the same offsets, checked (if not before) by the first block
         return self.ln_f(x)
 
 
@@ -407,12 +417,14 @@ class BytePoolingEncoder(nn.Module):
     def forward(self, bytes: Tensor, word_offsets: Tensor) -> Tensor:
         """bytes uint8 [T], word_offsets int64 [W+1] -> word vectors [W, d_out].
 
-        Raises ValueError for a word longer than max_word_bytes (its extra bytes would
-        be dropped silently); the check reads the longest word (a host sync on CUDA).
-        `encode` skips it, for offsets made by `segment`."""
+        Raises ValueError for invalid word_offsets or a word longer than max_word_bytes
+        (its extra bytes would be dropped silently); the check reads the longest word (a
+        host sync on CUDA), and then no op checks word_offsets again. `encode` skips it,
+        for offsets made by `segment`."""
         check_word_lengths(word_offsets, self.max_word_bytes, bytes.numel(),
                            "BytePoolingEncoder.forward: word_offsets")
-        return self.encode(bytes, word_offsets)
+        # that checked the offsets too, except under torch.compile (where the ops check them)
+        return self.encode(bytes, word_offsets, check_offsets=torch.compiler.is_compiling())
 
     def encode(self, bytes: Tensor, word_offsets: Tensor, *, check_offsets: bool = True) -> Tensor:
         """`forward` without the word-length check: every word must be at most
