@@ -232,7 +232,10 @@ elif [ -n "$sanitizer" ]; then
   }
   stamp "compute-sanitizer memcheck: invalid offsets, then the small CUDA cases (at most $memcheck_seconds s)"
   memcheck memcheck_invalid_offsets.log 45 tests/test_pooling.py -k "cuda and (invalid_offsets or check_offsets_false)"
-  memcheck memcheck.log 75 tests -k "cuda and (fixed or empty or random or few_long) and not stdlib"
+  # (the long segments' blocks for two reduces of one dtype: all 64 such cases and the large
+  # random streams would not finish in 75 s under memcheck)
+  memcheck memcheck.log 75 tests \
+    -k "cuda and (fixed or empty or random or (few_long and float32 and (mean or max))) and not stdlib and not large_random"
 else
   stamp "memcheck skipped: no compute-sanitizer on this machine"
 fi
