@@ -285,12 +285,21 @@ def test_held_interrupts_wait_for_the_step():
 
     from tokcore.pooling.train import _HeldInterrupts
 
-    with _HeldInterrupts() as held:
-        os.kill(os.getpid(), signal.SIGINT)  # during a step: held
-        assert held.pending
-        with pytest.raises(KeyboardInterrupt):  # a second one: at once
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own handler, as in a terminal (a process started in the background, as CI
+    # may be, inherits SIGINT ignored, and _HeldInterrupts then leaves it so)
+    outside = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with _HeldInterrupts() as held:
+            os.kill(os.getpid(), signal.SIGINT)  # during a step: held
+            assert held.pending
+            with pytest.raises(KeyboardInterrupt):  # a second one: at once
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with _HeldInterrupts():  # ignored stays ignored
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outside)
 
 
 def test_ctrl_c_saves_the_steps_done(data, tmp_path):
@@ -298,16 +307,23 @@ def test_ctrl_c_saves_the_steps_done(data, tmp_path):
 
     run = tmp_path / "run"
     argv = [sys.executable, "-u", "-m", "tokcore", *(str(a) for a in train_argv(data, "--out", run))]
+    # SIGINT at its default in the child, whatever this process inherited (a process
+    # started in the background, as CI may be, has it ignored, and so would the child)
     proc = subprocess.Popen(argv + ["--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    for line in proc.stdout:  # training starts after this line
-        if line.startswith("model hier"):
-            break
-    import time
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in proc.stdout:  # training starts after this line
+            if line.startswith("model hier"):
+                break
+        import time
 
-    time.sleep(1.5)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # (a no-op once it has ended)
+        proc.wait()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted at step" in out and "saved in" in out
     done = steps_in(run)
