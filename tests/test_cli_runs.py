@@ -5,9 +5,12 @@ the help texts say what each command does."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import types
 import zipfile
 from pathlib import Path
@@ -281,8 +284,6 @@ def test_cli_defaults_are_the_train_configs():
 
 
 def test_held_interrupts_wait_for_the_step():
-    import signal
-
     from tokcore.pooling.train import _HeldInterrupts
 
     # Python's own handler, as in a terminal (a process started in the background, as CI
@@ -303,8 +304,6 @@ def test_held_interrupts_wait_for_the_step():
 
 
 def test_ctrl_c_saves_the_steps_done(data, tmp_path):
-    import signal
-
     run = tmp_path / "run"
     argv = [sys.executable, "-u", "-m", "tokcore", *(str(a) for a in train_argv(data, "--out", run))]
     # SIGINT at its default in the child, whatever this process inherited (a process
@@ -316,8 +315,6 @@ def test_ctrl_c_saves_the_steps_done(data, tmp_path):
         for line in proc.stdout:  # training starts after this line
             if line.startswith("model hier"):
                 break
-        import time
-
         time.sleep(1.5)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
@@ -373,8 +370,6 @@ def test_compare_counts_both_models_words_alike(data, tmp_path, capsys):
     rc, out, err = run_cli(["compare", "--data", data, *TINY_CPU, "--steps", "2", "--max-word-bytes", "4",
                             "--out", tmp_path / "cmp"], capsys)
     assert rc == 0, err
-    import json
-
     hier, byte = json.loads((tmp_path / "cmp" / "compare.json").read_text())["reports"]
     assert hier["train_bytes"] == byte["train_bytes"]
     assert hier["bytes_per_word"] == pytest.approx(byte["bytes_per_word"]) and hier["bytes_per_word"] < 4
