@@ -5,7 +5,8 @@
   python bench/bench_pooling.py --quick         # tiny sizes (CI smoke run)
 
 A second table times each op with a run-time switch on and off: streaming stores
-on the CPU, the offsets check on CUDA.
+on the CPU, the offsets check on CUDA; a third, the models' generation with the
+cache of keys and values against without it.
 
 Each row times tokcore and a peer on the same inputs in this process and prints
 peer time / tokcore time, plus achieved GB/s against a large copy timed in the
@@ -236,6 +237,31 @@ def lm_train_step_workload(device: torch.device, quick: bool) -> dict[str, tuple
         return float(out["loss"].detach())
 
     return {f"HierarchicalByteLM train step ({size}, {batch} x {seq_len} bytes, f32)": (step, None)}
+
+
+def bench_generation(device: torch.device, table: harness.Table, quick: bool) -> None:
+    """`generate` of both models (untrained, the same sizes as `tokcore compare`'s) with
+    the cache of keys and values and without it (the whole context run again for each
+    byte), calls taking turns: a prompt of stdlib text longer than the context, so that
+    every step sees a full context of max_context_bytes (the training window)."""
+    size, context, new_bytes = ("tiny", 64, 8) if quick else ("small", 512, 64)
+    hier_config = asdict(resolve_model_config("hier", size))
+    models = {"hier": build_model("hier", {**hier_config, "max_context_bytes": context}),
+              "byte": build_model("byte", {**asdict(resolve_model_config("byte", size)),
+                                           "max_context_bytes": context})}
+    prompt = stdlib_text(4 * context)
+    for kind, model in models.items():
+        model.to(device).eval()
+
+        def run(use_cache: bool, model=model) -> bytes:
+            return model.generate(prompt, new_bytes, temperature=0, use_cache=use_cache)
+
+        run(True), run(False)  # warm-up: caches of rotary tables, the allocator, kernels
+        times = harness.time_interleaved({"cached": lambda: run(True), "uncached": lambda: run(False)}, device,
+                                         rounds=1 if quick else 3, warmup_seconds=0.0)
+        table.add(f"{type(model).__name__}.generate ({size}, {new_bytes} bytes, context {context} bytes)",
+                  "use_cache=False", times["cached"] * 1e3, times["uncached"] * 1e3,
+                  times["uncached"] / times["cached"], new_bytes / times["cached"], new_bytes / times["uncached"])
 
 
 def row_width_workloads(T: int, device: torch.device) -> dict[str, tuple]:
@@ -474,6 +500,15 @@ def main(argv: list[str] | None = None) -> int:
     steps.append((f"{setting[0]} on/off, a training step",
                   lambda: bench_setting_on_off(*setting, lm_train_step_workload(device, args.quick), device, on_off,
                                                args.quick)))
+    generation = harness.Table("generation with the cache of keys and values, and without it (greedy)",
+                               ["workload", "compared with", "cached ms", "uncached ms", "ratio (uncached/cached)",
+                                "cached bytes/s", "uncached bytes/s"])
+    generation.notes.append("untrained models of `tokcore compare`'s size (their bytes are noise, their cost is "
+                            "not), a prompt of stdlib text longer than the context; the byte-level model runs its "
+                            "whole context for every byte without the cache, the hierarchical model its context's "
+                            "words for every word and the word's bytes for every byte")
+    tables.append(generation)
+    steps.append(("generation", lambda: bench_generation(device, generation, args.quick)))
     if device.type == "cpu" and tokcore.cpu_isa() == "avx512":
         # the reduce's variant chosen per row width (TOKCORE_CPU_ISA unset) against the
         # AVX-512 build forced for every width

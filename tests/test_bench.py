@@ -27,6 +27,7 @@ def test_bench_pooling_quick_run(capsys, monkeypatch, tmp_path):
         assert workload in out
     assert "torch.segment_reduce" in out and "index_reduce_" in out and "scatter_reduce_ into a reused buffer" in out
     assert "TOKCORE_CPU_STREAM_MIN_MB=1000000" in out and "segment_unpack fwd" in out  # the CPU streaming table
+    assert "HierarchicalByteLM.generate (tiny" in out and "ByteLM.generate (tiny" in out  # the generation table
 
 
 def test_harness_writes_results_with_command(monkeypatch, tmp_path):

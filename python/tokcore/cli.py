@@ -471,6 +471,9 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=_positive_int, help="sample among the K most likely symbols (default: all)")
     p.add_argument("--seed", type=_seed, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="run the whole context again for each byte, without the cache of keys and values "
+                        "(much slower; the context is then always the last bytes that fit)")
 
 
 def _generate_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -486,7 +489,8 @@ def _generate_run(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint, args.device)
     gen = torch.Generator().manual_seed(args.seed)
     prompt = _prompt_bytes(args.prompt)
-    out = model.generate(prompt, args.max_new_bytes, args.temperature, args.top_k, generator=gen)
+    out = model.generate(prompt, args.max_new_bytes, args.temperature, args.top_k, generator=gen,
+                         use_cache=not args.no_cache)
     sys.stdout.write((prompt + out).decode("utf-8", errors="replace") + "\n")
     return 0
 

@@ -388,23 +388,43 @@ class HierarchicalByteLM(nn.Module):
         }
 
     # ----------------------------------------------------------------- generation
-    def _context_state(self, words: list[bytes], device: torch.device) -> Tensor:
-        """Backbone state [d_model] of the last word of `words` (start state if none),
-        from the last words that fit max_context_words and max_context_bytes."""
-        words = _last(words, self.config.max_context_words)
-        budget, keep = self.config.max_context_bytes - 1, 0  # a byte of room for the word being decoded
+    def _context_limits(self) -> tuple[int, int]:
+        """(words, bytes) the backbone's context may hold in generation: a byte of
+        max_context_bytes is left for the word being decoded."""
+        return self.config.max_context_words, self.config.max_context_bytes - 1
+
+    @staticmethod
+    def _words_that_fit(words: list[bytes], max_words: int, max_bytes: int) -> list[bytes]:
+        """The last words of `words`, as many as fit max_words and max_bytes."""
+        words = _last(words, max_words)
+        budget, keep = max_bytes, 0
         while keep < len(words) and budget >= len(words[-1 - keep]):
             budget -= len(words[-1 - keep])
             keep += 1
-        words = _last(words, keep)
-        if not words:
-            return self.start
+        return _last(words, keep)
+
+    def _word_data(self, words: list[bytes], device: torch.device) -> tuple[Tensor, Tensor]:
+        """(bytes uint8, word_offsets int64) of a non-empty list of words."""
         data = torch.tensor(list(b"".join(words)), dtype=torch.uint8, device=device)
         lengths = torch.tensor([len(wd) for wd in words], dtype=torch.int64, device=device)
-        word_offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), lengths.cumsum(0)])
+        return data, torch.cat([torch.zeros(1, dtype=torch.int64, device=device), lengths.cumsum(0)])
+
+    def _context_state(self, words: list[bytes], device: torch.device) -> Tensor:
+        """Backbone state [d_model] of the last word of `words` (start state if none),
+        from the last words that fit max_context_words and max_context_bytes."""
+        words = self._words_that_fit(words, *self._context_limits())
+        if not words:
+            return self.start
+        data, word_offsets = self._word_data(words, device)
         word_cu = torch.tensor([0, len(words)], dtype=torch.int64, device=device)
         h = self.word_states(data, word_offsets, word_cu, len(words), check_offsets=False)  # valid by construction
         return h[-1]
+
+    def _encode_words(self, words: list[bytes], device: torch.device) -> Tensor:
+        """Encoder vectors [len(words), d_model] of a non-empty list of words (each word's
+        vector depends on its own bytes alone)."""
+        data, word_offsets = self._word_data(words, device)
+        return self.encoder.encode(data, word_offsets, check_offsets=False)  # valid by construction
 
     def _next_symbol_logits(self, ctx: Tensor, word: bytes, device: torch.device) -> Tensor:
         x = torch.cat([
@@ -416,7 +436,8 @@ class HierarchicalByteLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: bytes | str = b"", max_new_bytes: int = 200, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> bytes:
+                 top_k: int | None = None, generator: torch.Generator | None = None, *,
+                 use_cache: bool = True) -> bytes:
         """Continue `prompt`; returns only the new bytes (at most `max_new_bytes`).
 
         Word by word: the decoder samples bytes until end-of-word (or until the word has
@@ -425,18 +446,29 @@ class HierarchicalByteLM(nn.Module):
         decoder continues it. Bytes that would make the text split into other words
         than the ones generated are masked, so the output re-segments into the words
         the model made, as in training. The context is the last words that fit
-        `config.max_context_bytes` (training sets it to its window length)."""
+        `config.max_context_bytes` and `config.max_context_words` (training sets the
+        bytes to its window length).
+
+        ``use_cache`` (default) keeps the backbone's keys and values of the context's
+        words, and the decoder's of the word being decoded, so that each new word and
+        byte costs attention over what came before rather than a pass over the whole
+        context. When the context is full, it restarts from the last words that fit
+        half of it (the context then holds between half and all of it).
+        ``use_cache=False`` runs the whole context for every word, and so its context
+        is always the last words that fit. The two give the same bytes until the first
+        restart (up to rounding: the sums run in another order)."""
         prompt = _prompt_bytes(prompt)
         _check_generate_args(max_new_bytes, temperature, top_k)
+        _check_use_cache(use_cache)
         was_training = self.training
         self.eval()
         try:
-            return self._generate_words(prompt, max_new_bytes, temperature, top_k, generator)[1]
+            return self._generate_words(prompt, max_new_bytes, temperature, top_k, generator, use_cache)[1]
         finally:
             self.train(was_training)
 
     def _generate_words(self, prompt: bytes | str, max_new_bytes: int, temperature: float, top_k: int | None,
-                        generator: torch.Generator | None) -> tuple[list[bytes], bytes]:
+                        generator: torch.Generator | None, use_cache: bool = True) -> tuple[list[bytes], bytes]:
         """`generate` (in eval mode, without grad), returning (the words of prompt + output
         as generation made them, the new bytes)."""
         device = self.start.device
@@ -450,13 +482,22 @@ class HierarchicalByteLM(nn.Module):
             words = [raw[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
             partial = words.pop()
         out = bytearray()
+        context = _CachedWordContext(self, words, device) if use_cache else None
         while len(out) < max_new_bytes:
-            ctx = self._context_state(words, device)
+            ctx = context.state if context else self._context_state(words, device)
             word = bytearray(partial)
             partial = b""
             previous = words[-1] if words else b""
+            if use_cache:
+                cache = self.decoder.new_cache()
+                pending = self.ctx_proj(ctx)[None]  # the decoder's rows not yet run: context, then bytes
+                if word:
+                    pending = torch.cat([pending, self.dec_embed(torch.tensor(list(word), device=device))])
             while len(word) < mwb and len(out) < max_new_bytes:
-                logits = self._next_symbol_logits(ctx, bytes(word), device)
+                if use_cache:
+                    logits = self.head(self.decoder.extend(pending, cache)[-1])
+                else:
+                    logits = self._next_symbol_logits(ctx, bytes(word), device)
                 if not word:
                     logits[EOW] = float("-inf")  # no empty words
                 banned = _segmentation_mask(bytes(word), previous, mwb)
@@ -467,7 +508,11 @@ class HierarchicalByteLM(nn.Module):
                     break
                 word.append(sym)
                 out.append(sym)
+                if use_cache:
+                    pending = self.dec_embed(torch.tensor([sym], device=device))
             words.append(bytes(word))
+            if context is not None and len(out) < max_new_bytes:
+                context.add(words)
         if partial:  # max_new_bytes = 0: the prompt's last word was never continued
             words.append(partial)
         return words, bytes(out)
@@ -535,18 +580,57 @@ class ByteLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: bytes | str = b"", max_new_bytes: int = 200, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> bytes:
+                 top_k: int | None = None, generator: torch.Generator | None = None, *,
+                 use_cache: bool = True) -> bytes:
         """Continue `prompt` byte by byte; returns only the new bytes. The context is
-        the last `config.max_context_bytes` bytes (training sets it to its window
-        length, the positions the model saw)."""
+        at most `config.max_context_bytes` positions: a start symbol and the last bytes
+        (training sets it to its window length, the positions the model saw).
+
+        ``use_cache`` (default) keeps every layer's keys and values, so that each new
+        byte costs attention over the context rather than a pass over all of it; when
+        the context is full, it restarts from the last bytes that fit half of it (the
+        context then holds between half and all of it). ``use_cache=False`` runs the
+        whole context for every byte, and so its context is always the last bytes that
+        fit. The two give the same bytes until the first restart (up to rounding: the
+        sums run in another order)."""
         prompt = _prompt_bytes(prompt)
         _check_generate_args(max_new_bytes, temperature, top_k)
+        _check_use_cache(use_cache)
         was_training = self.training
         self.eval()
         try:
+            if use_cache:
+                return self._generate_cached(prompt, max_new_bytes, temperature, top_k, generator)
             return self._generate(prompt, max_new_bytes, temperature, top_k, generator)
         finally:
             self.train(was_training)
+
+    def _generate_cached(self, prompt: bytes, max_new_bytes: int, temperature: float, top_k: int | None,
+                         generator: torch.Generator | None) -> bytes:
+        device = self.head.weight.device
+        n_ctx = self.config.max_context_bytes
+        ctx = bytearray(prompt)
+        out = bytearray()
+        cache, h = None, None
+
+        def restart(n_bytes: int) -> Tensor:
+            """A new cache holding BOS and the last n_bytes bytes; the last row's state."""
+            nonlocal cache
+            cache = self.blocks.new_cache()
+            inp = torch.tensor([BOS, *_last(ctx, n_bytes)], dtype=torch.long, device=device)
+            return self.blocks.extend(self.embed(inp), cache)[-1]
+
+        for _ in range(max_new_bytes):
+            if h is None:
+                h = restart(n_ctx - 1)  # BOS + n_ctx - 1 bytes: n_ctx positions, as without the cache
+            elif cache.length < n_ctx:
+                h = self.blocks.extend(self.embed(torch.tensor([ctx[-1]], device=device)), cache)[-1]
+            else:  # full: keep the last bytes that fit half of it
+                h = restart((n_ctx - 1) // 2)
+            sym = _sample(self.head(h), temperature, top_k, generator)
+            ctx.append(sym)
+            out.append(sym)
+        return bytes(out)
 
     def _generate(self, prompt: bytes | str, max_new_bytes: int, temperature: float, top_k: int | None,
                   generator: torch.Generator | None) -> bytes:
@@ -564,6 +648,41 @@ class ByteLM(nn.Module):
             ctx.append(sym)
             out.append(sym)
         return bytes(out)
+
+
+class _CachedWordContext:
+    """The hierarchical model's backbone context in cached generation: the last words
+    that fit its limits, their keys and values in a DecodeCache, and the last word's
+    backbone state (the start state if none)."""
+
+    def __init__(self, model: HierarchicalByteLM, words: list[bytes], device: torch.device):
+        self.model, self.device = model, device
+        self.max_words, self.max_bytes = model._context_limits()
+        self._restart(words, self.max_words, self.max_bytes)
+
+    def _restart(self, words: list[bytes], max_words: int, max_bytes: int) -> None:
+        kept = self.model._words_that_fit(words, max_words, max_bytes)
+        self.cache = self.model.backbone.new_cache()
+        self.n_words, self.n_bytes = len(kept), sum(map(len, kept))
+        self.state = self.model.start
+        if kept:
+            self.state = self.model.backbone.extend(self.model._encode_words(kept, self.device), self.cache)[-1]
+
+    def add(self, words: list[bytes]) -> None:
+        """Takes in words[-1], just finished; when it does not fit, restarts from the
+        last words that fit half the limits (rounded up: a limit of one word keeps one)."""
+        word = words[-1]
+        if self.n_words < self.max_words and self.n_bytes + len(word) <= self.max_bytes:
+            self.state = self.model.backbone.extend(self.model._encode_words([word], self.device), self.cache)[-1]
+            self.n_words += 1
+            self.n_bytes += len(word)
+        else:
+            self._restart(words, (self.max_words + 1) // 2, (self.max_bytes + 1) // 2)
+
+
+def _check_use_cache(use_cache: bool) -> None:
+    if not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be True or False, got {use_cache!r}")
 
 
 MODEL_KINDS: dict[str, tuple[type[nn.Module], type]] = {
