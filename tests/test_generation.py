@@ -207,3 +207,47 @@ def test_byte_generation_starts_each_context_at_bos(monkeypatch):
     # 11 positions; one more (12: full); a restart from the last (12 - 1) // 2 = 5 of the 12
     # bytes so far; one more
     assert fed == [[BOS, *b"abcdefghij"], [out[0]], [BOS, *text[7:12]], [out[2]]]
+
+
+# ------------------------------------------------------------------ streaming (on_byte)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_on_byte_gets_each_new_byte_in_order(use_cache):
+    for model in _models():
+        seen = []
+        out = model.generate(PROMPT, 40, 1.0, None, torch.Generator().manual_seed(0), use_cache=use_cache,
+                             on_byte=seen.append)
+        assert bytes(seen) == out and len(out) > 0
+        assert model.generate(PROMPT, 0, on_byte=seen.append) == b"" and bytes(seen) == out  # none for none
+
+
+def test_on_byte_must_be_callable():
+    for model in _models():
+        with pytest.raises(TypeError, match="on_byte must be None or a callable, got int"):
+            model.generate(b"ab", 3, on_byte=5)
+
+
+def test_cli_generate_streams_text_that_decodes_as_a_whole(monkeypatch, capsys, tmp_path):
+    # the CLI prints each byte as it comes through an incremental UTF-8 decoder: a
+    # character split between prompt and output, or across bytes, and invalid bytes
+    # must print as the whole text's decode(errors="replace") does
+    from tokcore import cli
+    import tokcore.pooling.train as train
+
+    made = b"\xa9 ok \xe2\x82\xac\xff\xe2\x82 x\xf0\x9f\x98\x80\xc3"  # ends inside a character
+    printed_before_return = []
+
+    class FakeModel:
+        def generate(self, prompt, n, temperature, top_k, generator=None, *, use_cache=True, on_byte=None):
+            for b in made:
+                on_byte(b)
+            printed_before_return.append(capsys.readouterr().out)
+            return made
+
+    monkeypatch.setattr(train, "load_model", lambda path, device: FakeModel())
+    prompt = b"caf\xc3"  # its last character is finished by the output's first byte
+    rc = cli.main(["generate", str(tmp_path), "--prompt", prompt.decode("utf-8", "surrogateescape"), "--device",
+                   "cpu"])
+    out = printed_before_return[0] + capsys.readouterr().out
+    assert rc == 0
+    assert out == (prompt + made).decode("utf-8", errors="replace") + "\n"
+    assert printed_before_return[0].startswith("caf\u00e9 ok \u20ac")  # streamed, not printed at the end

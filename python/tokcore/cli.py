@@ -10,6 +10,7 @@ torch and the compiled ops on import.
 from __future__ import annotations
 
 import argparse
+import codecs
 import math
 import os
 import sys
@@ -489,9 +490,18 @@ def _generate_run(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint, args.device)
     gen = torch.Generator().manual_seed(args.seed)
     prompt = _prompt_bytes(args.prompt)
-    out = model.generate(prompt, args.max_new_bytes, args.temperature, args.top_k, generator=gen,
-                         use_cache=not args.no_cache)
-    sys.stdout.write((prompt + out).decode("utf-8", errors="replace") + "\n")
+    # streamed as made, through a decoder that holds back a character's first bytes
+    # until it is whole: the text printed is (prompt + output).decode(errors="replace")
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def show(byte: int) -> None:
+        sys.stdout.write(text.decode(bytes((byte,))))
+        sys.stdout.flush()
+
+    sys.stdout.write(text.decode(prompt))
+    model.generate(prompt, args.max_new_bytes, args.temperature, args.top_k, generator=gen,
+                   use_cache=not args.no_cache, on_byte=show)
+    sys.stdout.write(text.decode(b"", final=True) + "\n")
     return 0
 
 

@@ -22,7 +22,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -437,8 +437,10 @@ class HierarchicalByteLM(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: bytes | str = b"", max_new_bytes: int = 200, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None, *,
-                 use_cache: bool = True) -> bytes:
+                 use_cache: bool = True, on_byte: Callable[[int], object] | None = None) -> bytes:
         """Continue `prompt`; returns only the new bytes (at most `max_new_bytes`).
+        ``on_byte``, if given, is called with each new byte (an int) as it is made, to
+        stream the output.
 
         Word by word: the decoder samples bytes until end-of-word (or until the word has
         `max_word_bytes` bytes), then the word goes through encoder and backbone to give
@@ -459,16 +461,17 @@ class HierarchicalByteLM(nn.Module):
         restart (up to rounding: the sums run in another order)."""
         prompt = _prompt_bytes(prompt)
         _check_generate_args(max_new_bytes, temperature, top_k)
-        _check_use_cache(use_cache)
+        _check_generate_options(use_cache, on_byte)
         was_training = self.training
         self.eval()
         try:
-            return self._generate_words(prompt, max_new_bytes, temperature, top_k, generator, use_cache)[1]
+            return self._generate_words(prompt, max_new_bytes, temperature, top_k, generator, use_cache, on_byte)[1]
         finally:
             self.train(was_training)
 
     def _generate_words(self, prompt: bytes | str, max_new_bytes: int, temperature: float, top_k: int | None,
-                        generator: torch.Generator | None, use_cache: bool = True) -> tuple[list[bytes], bytes]:
+                        generator: torch.Generator | None, use_cache: bool = True,
+                        on_byte: Callable[[int], object] | None = None) -> tuple[list[bytes], bytes]:
         """`generate` (in eval mode, without grad), returning (the words of prompt + output
         as generation made them, the new bytes)."""
         device = self.start.device
@@ -508,6 +511,8 @@ class HierarchicalByteLM(nn.Module):
                     break
                 word.append(sym)
                 out.append(sym)
+                if on_byte is not None:
+                    on_byte(sym)
                 if use_cache:
                     pending = self.dec_embed(torch.tensor([sym], device=device))
             words.append(bytes(word))
@@ -581,10 +586,12 @@ class ByteLM(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: bytes | str = b"", max_new_bytes: int = 200, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None, *,
-                 use_cache: bool = True) -> bytes:
-        """Continue `prompt` byte by byte; returns only the new bytes. The context is
-        at most `config.max_context_bytes` positions: a start symbol and the last bytes
-        (training sets it to its window length, the positions the model saw).
+                 use_cache: bool = True, on_byte: Callable[[int], object] | None = None) -> bytes:
+        """Continue `prompt` byte by byte; returns only the new bytes. ``on_byte``, if
+        given, is called with each new byte (an int) as it is made, to stream the
+        output. The context is at most `config.max_context_bytes` positions: a start
+        symbol and the last bytes (training sets it to its window length, the positions
+        the model saw).
 
         ``use_cache`` (default) keeps every layer's keys and values, so that each new
         byte costs attention over the context rather than a pass over all of it; when
@@ -595,18 +602,17 @@ class ByteLM(nn.Module):
         sums run in another order)."""
         prompt = _prompt_bytes(prompt)
         _check_generate_args(max_new_bytes, temperature, top_k)
-        _check_use_cache(use_cache)
+        _check_generate_options(use_cache, on_byte)
         was_training = self.training
         self.eval()
         try:
-            if use_cache:
-                return self._generate_cached(prompt, max_new_bytes, temperature, top_k, generator)
-            return self._generate(prompt, max_new_bytes, temperature, top_k, generator)
+            run = self._generate_cached if use_cache else self._generate
+            return run(prompt, max_new_bytes, temperature, top_k, generator, on_byte)
         finally:
             self.train(was_training)
 
     def _generate_cached(self, prompt: bytes, max_new_bytes: int, temperature: float, top_k: int | None,
-                         generator: torch.Generator | None) -> bytes:
+                         generator: torch.Generator | None, on_byte: Callable[[int], object] | None) -> bytes:
         device = self.head.weight.device
         n_ctx = self.config.max_context_bytes
         ctx = bytearray(prompt)
@@ -630,10 +636,12 @@ class ByteLM(nn.Module):
             sym = _sample(self.head(h), temperature, top_k, generator)
             ctx.append(sym)
             out.append(sym)
+            if on_byte is not None:
+                on_byte(sym)
         return bytes(out)
 
     def _generate(self, prompt: bytes | str, max_new_bytes: int, temperature: float, top_k: int | None,
-                  generator: torch.Generator | None) -> bytes:
+                  generator: torch.Generator | None, on_byte: Callable[[int], object] | None) -> bytes:
         device = self.head.weight.device
         ctx = bytearray(_prompt_bytes(prompt))
         out = bytearray()
@@ -647,6 +655,8 @@ class ByteLM(nn.Module):
             sym = _sample(logits[-1], temperature, top_k, generator)
             ctx.append(sym)
             out.append(sym)
+            if on_byte is not None:
+                on_byte(sym)
         return bytes(out)
 
 
@@ -680,9 +690,11 @@ class _CachedWordContext:
             self._restart(words, (self.max_words + 1) // 2, (self.max_bytes + 1) // 2)
 
 
-def _check_use_cache(use_cache: bool) -> None:
+def _check_generate_options(use_cache: bool, on_byte: Callable[[int], object] | None) -> None:
     if not isinstance(use_cache, bool):
         raise TypeError(f"use_cache must be True or False, got {use_cache!r}")
+    if on_byte is not None and not callable(on_byte):
+        raise TypeError(f"on_byte must be None or a callable, got {type(on_byte).__name__}")
 
 
 MODEL_KINDS: dict[str, tuple[type[nn.Module], type]] = {

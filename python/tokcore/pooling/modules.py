@@ -316,7 +316,6 @@ class SegmentAttention(nn.Module):
         o = o.transpose(1, 2).reshape(s, max_len, self.d_model)
         return self.proj(segment_unpack(o, offsets, n, check_offsets=False))  # checked by the pack
 
-
     def extend(self, x: Tensor, cache: DecodeCache, layer: int) -> Tensor:
         """Causal attention only: x [n, d_model], the next n positions of the one
         sequence whose earlier positions `cache` holds (this block is layer `layer`),
