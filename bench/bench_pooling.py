@@ -242,14 +242,19 @@ def lm_train_step_workload(device: torch.device, quick: bool) -> dict[str, tuple
 def bench_generation(device: torch.device, table: harness.Table, quick: bool) -> None:
     """`generate` of both models (untrained, the same sizes as `tokcore compare`'s) with
     the cache of keys and values and without it (the whole context run again for each
-    byte), calls taking turns: a prompt of stdlib text longer than the context, so that
-    every step sees a full context of max_context_bytes (the training window)."""
+    byte), calls taking turns. The prompt of stdlib text and the new bytes just fill
+    the context of max_context_bytes (the training window), so that neither path
+    drops any of it: the two make the same bytes from the same contexts (the cached
+    path would restart from half of a full context)."""
     size, context, new_bytes = ("tiny", 64, 8) if quick else ("small", 512, 64)
     hier_config = asdict(resolve_model_config("hier", size))
     models = {"hier": build_model("hier", {**hier_config, "max_context_bytes": context}),
               "byte": build_model("byte", {**asdict(resolve_model_config("byte", size)),
                                            "max_context_bytes": context})}
-    prompt = stdlib_text(4 * context)
+    # the byte model's positions: BOS + prompt + the new bytes but the last (whose
+    # successor is not asked for); the hierarchical model's words: prompt + new bytes,
+    # with a byte of room
+    prompt = stdlib_text(context - 1 - new_bytes)
     for kind, model in models.items():
         model.to(device).eval()
 
@@ -446,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     parser.add_argument("--no-save", action="store_true", help="do not append to bench/results/")
+    parser.add_argument("--only", action="append", default=None, metavar="NAME",
+                        help="run only the steps whose name holds NAME (repeatable; names as in the progress "
+                             "bar, e.g. 'generation', 'word_boundaries', 'segment ops bfloat16'); the copy "
+                             "ceiling is measured all the same")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
@@ -504,9 +513,10 @@ def main(argv: list[str] | None = None) -> int:
                                ["workload", "compared with", "cached ms", "uncached ms", "ratio (uncached/cached)",
                                 "cached bytes/s", "uncached bytes/s"])
     generation.notes.append("untrained models of `tokcore compare`'s size (their bytes are noise, their cost is "
-                            "not), a prompt of stdlib text longer than the context; the byte-level model runs its "
-                            "whole context for every byte without the cache, the hierarchical model its context's "
-                            "words for every word and the word's bytes for every byte")
+                            "not); a prompt of stdlib text that, with the new bytes, just fills the context, so "
+                            "that both paths see the same contexts, growing to the whole; without the cache the "
+                            "byte-level model runs its whole context for every byte, the hierarchical model its "
+                            "context's words for every word and the word's bytes for every byte")
     tables.append(generation)
     steps.append(("generation", lambda: bench_generation(device, generation, args.quick)))
     if device.type == "cpu" and tokcore.cpu_isa() == "avx512":
@@ -538,6 +548,11 @@ def main(argv: list[str] | None = None) -> int:
                             "peer's do not")
         tables.append(narrow)
         steps.append(("narrow rows", lambda: bench_narrow_rows(rows, device, narrow, args.quick)))
+    if args.only:
+        names = [name for name, _ in steps]
+        steps = [(name, run) for name, run in steps if any(part in name for part in args.only)]
+        if not steps:
+            parser.error(f"--only {' '.join(args.only)}: no step's name holds it; the steps: {', '.join(names)}")
     printed = [0] * len(tables)
     with tqdm(steps, desc="bench pooling", unit="workload", disable=args.quick) as bar:
         for name, run in bar:
@@ -551,10 +566,12 @@ def main(argv: list[str] | None = None) -> int:
                 printed[i] = len(t.rows)
     if device.type == "cuda":
         table.notes.extend(target_notes(table, GPU_TARGETS, on_off, ceiling))
+    tables = [t for t in tables if t.rows]  # --only: the tables of the steps that ran
     for t in tables:
         print(t.markdown())
     if not args.no_save and not args.quick:
         command = "python bench/bench_pooling.py" + (f" --device {args.device}" if device.type != "cpu" else "")
+        command += "".join(f" --only '{part}'" for part in args.only or [])
         print("results appended to", harness.write_results(tables, device, command))
     return 0
 

@@ -30,6 +30,18 @@ def test_bench_pooling_quick_run(capsys, monkeypatch, tmp_path):
     assert "HierarchicalByteLM.generate (tiny" in out and "ByteLM.generate (tiny" in out  # the generation table
 
 
+def test_bench_pooling_only_runs_the_named_steps(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    import bench_pooling
+
+    assert bench_pooling.main(["--quick", "--no-save", "--only", "generation"]) == 0
+    out = capsys.readouterr().out
+    assert "ByteLM.generate (tiny" in out and "segment_reduce" not in out and "### pooling on" not in out
+    with pytest.raises(SystemExit) as e:
+        bench_pooling.main(["--quick", "--no-save", "--only", "nosuch"])
+    assert e.value.code == 2 and "--only nosuch: no step's name holds it" in capsys.readouterr().err
+
+
 def test_harness_writes_results_with_command(monkeypatch, tmp_path):
     import torch
 

@@ -140,7 +140,7 @@ def test_cached_byte_generation_restarts_from_half_the_context(n_ctx, prompt_len
             assert int(logits[-1].argmax()) == text[at], (i, k)
 
 
-@pytest.mark.parametrize("max_words,max_bytes", [(4, 1000), (1000, 21), (1, 1000), (3, 9)])
+@pytest.mark.parametrize("max_words,max_bytes", [(4, 1000), (1000, 21), (1, 1000), (3, 9), (1, 9), (2, 5)])
 def test_cached_word_context_holds_the_last_words_that_fit(max_words, max_bytes):
     model = HierarchicalByteLM(HierConfig(**TINY_HIER, max_context_words=max_words,
                                           max_context_bytes=max_bytes)).eval()
@@ -156,7 +156,9 @@ def test_cached_word_context_holds_the_last_words_that_fit(max_words, max_bytes)
             assert context.n_words <= limit_words and context.n_bytes == sum(map(len, kept)) <= limit_bytes
             if context.n_words != before + 1:  # restarted: the last words that fit half the limits
                 restarts += 1
-                assert kept == model._words_that_fit(words[:i], (limit_words + 1) // 2, (limit_bytes + 1) // 2)
+                half = model._words_that_fit(words[:i], (limit_words + 1) // 2, (limit_bytes + 1) // 2)
+                # and at least the last word, where it fits the whole limits
+                assert kept == (half or model._words_that_fit(words[i - 1:i], limit_words, limit_bytes))
             # the state is the backbone's over exactly those words, as uncached generation makes it
             torch.testing.assert_close(context.state, model._context_state(kept, torch.device("cpu")),
                                        rtol=1e-5, atol=1e-5)
@@ -251,3 +253,37 @@ def test_cli_generate_streams_text_that_decodes_as_a_whole(monkeypatch, capsys, 
     assert rc == 0
     assert out == (prompt + made).decode("utf-8", errors="replace") + "\n"
     assert printed_before_return[0].startswith("caf\u00e9 ok \u20ac")  # streamed, not printed at the end
+
+
+def test_rotary_table_does_not_grow_when_only_the_dtype_changes():
+    # autocast training steps between fp32 generation used to double it each time
+    st = SegmentTransformer(16, 1, 2, causal=True)
+    rotary = st.blocks[0].attn.rotary
+    x, off = torch.randn(40, 16), torch.tensor([0, 40])
+    for _ in range(12):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            st(x, off)
+        st(x, off)
+        assert rotary._cache[0] == 64
+    cache = st.new_cache()
+    with torch.no_grad():
+        for i in range(200):  # one position at a time: the table doubles as it grows
+            st.extend(x[:1], cache)
+    assert rotary._cache[0] == 256
+
+
+def test_cli_generate_ends_the_line_when_interrupted(monkeypatch, capsys, tmp_path):
+    from tokcore import cli
+    import tokcore.pooling.train as train
+
+    class InterruptedModel:
+        def generate(self, prompt, n, temperature, top_k, generator=None, *, use_cache=True, on_byte=None):
+            for b in b"ok \xe2\x82":  # interrupted inside a character
+                on_byte(b)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "load_model", lambda path, device: InterruptedModel())
+    rc = cli.main(["generate", str(tmp_path), "--prompt", "x ", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 130 and err == "interrupted\n"
+    assert out == "x ok \ufffd\n"  # the held-back bytes, then the line's end, before the message

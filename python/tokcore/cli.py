@@ -499,8 +499,14 @@ def _generate_run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     sys.stdout.write(text.decode(prompt))
-    model.generate(prompt, args.max_new_bytes, args.temperature, args.top_k, generator=gen,
-                   use_cache=not args.no_cache, on_byte=show)
+    try:
+        model.generate(prompt, args.max_new_bytes, args.temperature, args.top_k, generator=gen,
+                       use_cache=not args.no_cache, on_byte=show)
+    except BrokenPipeError:  # the reader left: nothing more to write
+        raise
+    except BaseException:  # Ctrl-C or an error: end the text's line before the message
+        sys.stdout.write(text.decode(b"", final=True) + "\n")
+        raise
     sys.stdout.write(text.decode(b"", final=True) + "\n")
     return 0
 

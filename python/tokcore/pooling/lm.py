@@ -455,7 +455,8 @@ class HierarchicalByteLM(nn.Module):
         words, and the decoder's of the word being decoded, so that each new word and
         byte costs attention over what came before rather than a pass over the whole
         context. When the context is full, it restarts from the last words that fit
-        half of it (the context then holds between half and all of it).
+        half of it, and at least the last word (the context then holds about half to
+        all of it).
         ``use_cache=False`` runs the whole context for every word, and so its context
         is always the last words that fit. The two give the same bytes until the first
         restart (up to rounding: the sums run in another order)."""
@@ -680,14 +681,17 @@ class _CachedWordContext:
 
     def add(self, words: list[bytes]) -> None:
         """Takes in words[-1], just finished; when it does not fit, restarts from the
-        last words that fit half the limits (rounded up: a limit of one word keeps one)."""
+        last words that fit half the limits (rounded up: a limit of one word keeps one),
+        and at least from words[-1] where it fits the whole limits (a word longer than
+        half the bytes would leave none)."""
         word = words[-1]
         if self.n_words < self.max_words and self.n_bytes + len(word) <= self.max_bytes:
             self.state = self.model.backbone.extend(self.model._encode_words([word], self.device), self.cache)[-1]
             self.n_words += 1
             self.n_bytes += len(word)
         else:
-            self._restart(words, (self.max_words + 1) // 2, (self.max_bytes + 1) // 2)
+            half_bytes = max((self.max_bytes + 1) // 2, min(len(word), self.max_bytes))
+            self._restart(words, (self.max_words + 1) // 2, half_bytes)
 
 
 def _check_generate_options(use_cache: bool, on_byte: Callable[[int], object] | None) -> None:

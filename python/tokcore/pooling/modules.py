@@ -173,10 +173,13 @@ class RotaryEmbedding(nn.Module):
     def _cos_sin(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos and sin [length, head_dim/2] of the angles at positions 0..length-1."""
         c = self._cache
-        if c is None or c[0] < length or c[1] != device or c[2] != dtype:
+        same_kind = c is not None and c[1] == device and c[2] == dtype
+        if not same_kind or c[0] < length:
             # doubled when it grows, so that decoding one position at a time (which
-            # asks for one more each step) rebuilds it a few times, not every step
-            n = max(length, 64 if c is None else 2 * c[0])
+            # asks for one more each step) rebuilds it a few times, not every step;
+            # not when only the dtype or device changed (autocast steps between fp32
+            # ones would double it each time)
+            n = max(length, 2 * c[0] if same_kind else 64)
             # normal tensors even when first called under torch.inference_mode(): an
             # inference tensor in the cache would break every later backward
             with torch.inference_mode(False):
