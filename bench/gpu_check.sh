@@ -10,7 +10,9 @@
 #     install and its smoke test always run
 #   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh   # on a machine without a GPU: every
 #     step on the CPU instead (wheel install, smoke test, the CPU tests, a quick
-#     benchmark, the variants' build), so that a broken step costs no GPU time
+#     benchmark, the variants' build), so that a broken step costs no GPU time; it
+#     rehearses the steps, not their times: its tests are the whole CPU suite (on 2
+#     cores about 4 minutes), so its budget is 1200 s and its tests' limit 900 s
 #
 # A session with a GPU machine (15 minutes of device time in all, its start included):
 #   1. on the CPU machine: `make wheel && bash bench/gpu_prepare.sh`, unless
@@ -33,7 +35,8 @@ stamp() { echo "[gpu_check +$(( $(date +%s) - start ))s] $*"; }
 # Every stage runs under a timeout, so that one that hangs (a kernel that never ends)
 # leaves time for the stages after it: at most its own limit, and never past
 # GPU_CHECK_BUDGET seconds from the start (the device tool stops a command at 600 s).
-budget=${GPU_CHECK_BUDGET:-420}
+dry=${GPU_CHECK_DRY_RUN:-0}
+budget=${GPU_CHECK_BUDGET:-$([ "$dry" = 1 ] && echo 1200 || echo 420)}
 all_stages="tests bench variants memcheck"
 stages=${GPU_CHECK_STAGES:-$all_stages}
 for s in $stages; do
@@ -58,7 +61,6 @@ timed_out() {  # timed_out RC WHAT: report a stage that timeout stopped
   [ "$1" = 124 ] && stamp "$2 STOPPED: out of time (see above for its limit)"
   return 0
 }
-dry=${GPU_CHECK_DRY_RUN:-0}
 device=cuda
 [ "$dry" = 1 ] && { device=cpu; stamp "DRY RUN: every step on the CPU"; }
 
@@ -160,7 +162,7 @@ if wants tests; then
   if [ "$n" -ge 2 ] && $PY -c 'import xdist' 2>/dev/null; then
     workers=(-n "$n") threads=(OMP_NUM_THREADS=2)
   fi
-  limit=$(stage_limit 180)
+  limit=$(stage_limit $([ "$dry" = 1 ] && echo 900 || echo 180))
   stamp "tests: -k '$tests' ${workers[*]} (at most $limit s)"
   env "${threads[@]}" timeout "$limit" $PY -m pytest -q tests -k "$tests" -p no:cacheprovider --maxfail=20 \
     "${workers[@]}" > "$OUT/tests_${device}.log" 2>&1
