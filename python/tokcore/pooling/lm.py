@@ -168,7 +168,8 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: to
     return int(torch.multinomial(allowed.cpu().float(), 1, generator=generator))
 
 
-def _check_generate_args(max_new_bytes: int, temperature: float, top_k: int | None) -> None:
+def _check_generate_args(max_new_bytes: int, temperature: float, top_k: int | None, use_cache: bool,
+                         on_byte: Callable[[int], object] | None) -> None:
     if not is_int(max_new_bytes) or max_new_bytes < 0:
         raise ValueError(f"max_new_bytes must be an int >= 0, got {max_new_bytes!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
@@ -180,6 +181,10 @@ def _check_generate_args(max_new_bytes: int, temperature: float, top_k: int | No
         raise TypeError(f"top_k must be None or an int >= 1, got {top_k!r}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be None or >= 1, got {top_k!r}")
+    if not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be True or False, got {use_cache!r}")
+    if on_byte is not None and not callable(on_byte):
+        raise TypeError(f"on_byte must be None or a callable, got {type(on_byte).__name__}")
 
 
 def _prompt_bytes(prompt: bytes | bytearray | memoryview | str) -> bytes:
@@ -461,8 +466,7 @@ class HierarchicalByteLM(nn.Module):
         is always the last words that fit. The two give the same bytes until the first
         restart (up to rounding: the sums run in another order)."""
         prompt = _prompt_bytes(prompt)
-        _check_generate_args(max_new_bytes, temperature, top_k)
-        _check_generate_options(use_cache, on_byte)
+        _check_generate_args(max_new_bytes, temperature, top_k, use_cache, on_byte)
         was_training = self.training
         self.eval()
         try:
@@ -488,7 +492,7 @@ class HierarchicalByteLM(nn.Module):
         out = bytearray()
         context = _CachedWordContext(self, words, device) if use_cache else None
         while len(out) < max_new_bytes:
-            ctx = context.state if context else self._context_state(words, device)
+            ctx = context.state if context is not None else self._context_state(words, device)
             word = bytearray(partial)
             partial = b""
             previous = words[-1] if words else b""
@@ -602,8 +606,7 @@ class ByteLM(nn.Module):
         fit. The two give the same bytes until the first restart (up to rounding: the
         sums run in another order)."""
         prompt = _prompt_bytes(prompt)
-        _check_generate_args(max_new_bytes, temperature, top_k)
-        _check_generate_options(use_cache, on_byte)
+        _check_generate_args(max_new_bytes, temperature, top_k, use_cache, on_byte)
         was_training = self.training
         self.eval()
         try:
@@ -674,10 +677,15 @@ class _CachedWordContext:
     def _restart(self, words: list[bytes], max_words: int, max_bytes: int) -> None:
         kept = self.model._words_that_fit(words, max_words, max_bytes)
         self.cache = self.model.backbone.new_cache()
-        self.n_words, self.n_bytes = len(kept), sum(map(len, kept))
+        self.n_bytes = sum(map(len, kept))
         self.state = self.model.start
         if kept:
             self.state = self.model.backbone.extend(self.model._encode_words(kept, self.device), self.cache)[-1]
+
+    @property
+    def n_words(self) -> int:
+        """Words held: the backbone's positions in the cache, one a word."""
+        return self.cache.length
 
     def add(self, words: list[bytes]) -> None:
         """Takes in words[-1], just finished; when it does not fit, restarts from the
@@ -687,18 +695,10 @@ class _CachedWordContext:
         word = words[-1]
         if self.n_words < self.max_words and self.n_bytes + len(word) <= self.max_bytes:
             self.state = self.model.backbone.extend(self.model._encode_words([word], self.device), self.cache)[-1]
-            self.n_words += 1
             self.n_bytes += len(word)
         else:
             half_bytes = max((self.max_bytes + 1) // 2, min(len(word), self.max_bytes))
             self._restart(words, (self.max_words + 1) // 2, half_bytes)
-
-
-def _check_generate_options(use_cache: bool, on_byte: Callable[[int], object] | None) -> None:
-    if not isinstance(use_cache, bool):
-        raise TypeError(f"use_cache must be True or False, got {use_cache!r}")
-    if on_byte is not None and not callable(on_byte):
-        raise TypeError(f"on_byte must be None or a callable, got {type(on_byte).__name__}")
 
 
 MODEL_KINDS: dict[str, tuple[type[nn.Module], type]] = {
