@@ -337,15 +337,16 @@ def bench_narrow_rows(T: int, device: torch.device, table: harness.Table, quick:
 
 def bench_setting_on_off(variable: str, on: str | None, off: str, workloads: dict[str, tuple],
                          device: torch.device, table: harness.Table, quick: bool) -> None:
-    """Each workload with the environment variable (which tokcore reads on every call)
-    set to `on` (None: unset) and to `off`, calls taking turns so that both see the
-    same memory bandwidth; the ratio is off time / on time."""
+    """Each workload with the environment variable set to `on` (None: unset) and to
+    `off` (tokcore.reload_settings() before each call), calls taking turns so that
+    both see the same memory bandwidth; the ratio is off time / on time."""
     def with_setting(value: str | None, fn: Callable[[], object]) -> Callable[[], object]:
         def call():
             if value is None:
                 os.environ.pop(variable, None)
             else:
                 os.environ[variable] = value
+            tokcore.reload_settings()
             return fn()
         return call
 
@@ -362,6 +363,7 @@ def bench_setting_on_off(variable: str, on: str | None, off: str, workloads: dic
             os.environ.pop(variable, None)
         else:
             os.environ[variable] = saved
+        tokcore.reload_settings()
 
 
 def stdlib_text(nbytes: int) -> bytes:

@@ -85,3 +85,22 @@ def recorded_pooling_ops(monkeypatch) -> RecordingOps:
     recorder = RecordingOps()
     monkeypatch.setattr(pooling_ops, "_ops", recorder)
     return recorder
+
+
+@pytest.fixture
+def tokcore_setting(monkeypatch):
+    """set(name, value) sets a tokcore environment variable (None: unsets it) for this
+    test and makes the library use it (tokcore.reload_settings(): the library reads
+    the environment only then); the old environment and settings come back after."""
+    import tokcore
+
+    def set_(name: str, value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        tokcore.reload_settings()
+
+    yield set_
+    monkeypatch.undo()
+    tokcore.reload_settings()

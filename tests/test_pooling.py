@@ -233,14 +233,9 @@ def check_reduce_grad(actual, grad_y, x, offsets, reduce):
     expected = ref.segment_reduce_backward(
         grad_y.cpu(), x.cpu(), ref.segment_reduce(x.cpu(), offsets.cpu(), reduce),
         offsets.cpu(), reduce)
-    if reduce == "mean":
-        # grad_y / n computed in acc then rounded (or grad_y * (1/n)): <= 2 output ulps
-        finfo = torch.finfo(x.dtype)
-        tol = 2 * finfo.eps * expected.double().abs() + finfo.tiny * finfo.eps
-        assert_within(actual, expected, tol)
-    else:
-        # sum: a copy of grad_y; max/min: grad_y routed to one position -- exact
-        assert_bitwise_equal(actual, expected)
+    # sum: a copy of grad_y; mean: grad_y / n in the accumulator's type, rounded once;
+    # max/min: grad_y routed to one position -- exact, all of them
+    assert_bitwise_equal(actual, expected)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1928,11 +1923,11 @@ def test_cuda_invalid_offsets_deep_inside_name_the_entry_as_on_cpu(cuda_device):
         _error_of(lambda: segment_expand(y, many)))
 
 
-def test_cuda_unchecked_invalid_offsets_never_crash(cuda_device, monkeypatch):
+def test_cuda_unchecked_invalid_offsets_never_crash(cuda_device, tokcore_setting):
     # With TOKCORE_CUDA_CHECK_OFFSETS=0 the segment ops do not validate offsets (no host
     # sync); their kernels must still never read or write out of bounds: an op may raise
     # or return unspecified values, and the device must stay healthy afterwards.
-    monkeypatch.setenv("TOKCORE_CUDA_CHECK_OFFSETS", "0")
+    tokcore_setting("TOKCORE_CUDA_CHECK_OFFSETS", "0")
     c = cuda_device
     x, y, p = torch.randn(6, 2, device=c), torch.randn(4, 2, device=c), torch.randn(4, 3, 2,
                                                                                      device=c)
@@ -2165,7 +2160,7 @@ def test_non_contiguous_inputs(device):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("reduce", REDUCES)
-def test_segment_reduce_cpu_isa_variants_agree_bitwise(monkeypatch, reduce, dtype):
+def test_segment_reduce_cpu_isa_variants_agree_bitwise(tokcore_setting, reduce, dtype):
     # The CPU forward and backward reduce are built per instruction set
     # (baseline, AVX2, AVX-512) and picked at run time; TOKCORE_CPU_ISA=base|avx2 caps the choice. Every
     # variant the CPU runs must give the same bits, for widths that use the wide
@@ -2186,7 +2181,7 @@ def test_segment_reduce_cpu_isa_variants_agree_bitwise(monkeypatch, reduce, dtyp
                                   torch.float32: 0x7F800001, torch.float64: 0x7FF0000000000001}[dtype]
         results, grads = {}, {}
         for isa in ("avx512", "avx2", "base"):
-            monkeypatch.setenv("TOKCORE_CPU_ISA", isa)
+            tokcore_setting("TOKCORE_CPU_ISA", isa)
             results[isa] = segment_reduce(x, offsets, reduce)
             # the backward is built per instruction set too; grad_y holds x's rows, NaN included
             grads[isa] = ops().segment_reduce_backward(x[:6], offsets, 700, reduce, x, results[isa]).view(bits)
@@ -2199,7 +2194,7 @@ def test_segment_reduce_cpu_isa_variants_agree_bitwise(monkeypatch, reduce, dtyp
         # one segment, too long for one thread: its blocks are shared out over them
         whole = {}
         for isa in ("avx512", "avx2", "base"):
-            monkeypatch.setenv("TOKCORE_CPU_ISA", isa)
+            tokcore_setting("TOKCORE_CPU_ISA", isa)
             whole[isa] = segment_reduce(x, t64([0, 700]), reduce).view(bits)
         check_reduce(whole["base"].view(dtype), x, t64([0, 700]), reduce)
         for isa in ("avx512", "avx2"):
@@ -2208,7 +2203,7 @@ def test_segment_reduce_cpu_isa_variants_agree_bitwise(monkeypatch, reduce, dtyp
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("reduce", REDUCES)
-def test_segment_reduce_streaming_stores_give_the_same_bits(monkeypatch, reduce, dtype):
+def test_segment_reduce_streaming_stores_give_the_same_bits(tokcore_setting, reduce, dtype):
     # Large CPU outputs of the forward reduce are written with streaming stores
     # (TOKCORE_CPU_STREAM_MIN_MB, default 64; 0 streams every output whose rows are
     # whole cache lines). Both paths, in every instruction-set variant, must give
@@ -2220,17 +2215,17 @@ def test_segment_reduce_streaming_stores_give_the_same_bits(monkeypatch, reduce,
         x = (torch.randn(40, D, generator=g, dtype=torch.float64) * 3).to(dtype)
         x[5, 0] = float("nan")
         for isa in ("avx512", "avx2", "base"):
-            monkeypatch.setenv("TOKCORE_CPU_ISA", isa)
-            monkeypatch.setenv("TOKCORE_CPU_STREAM_MIN_MB", "0")
+            tokcore_setting("TOKCORE_CPU_ISA", isa)
+            tokcore_setting("TOKCORE_CPU_STREAM_MIN_MB", "0")
             streamed = segment_reduce(x, offsets, reduce)
-            monkeypatch.setenv("TOKCORE_CPU_STREAM_MIN_MB", "1000000")
+            tokcore_setting("TOKCORE_CPU_STREAM_MIN_MB", "1000000")
             stored = segment_reduce(x, offsets, reduce)
             check_reduce(streamed, x, offsets, reduce)
             assert torch.equal(streamed.view(bits), stored.view(bits)), f"{isa}, D={D}"
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_streamed_outputs_match_the_reference(monkeypatch, dtype):
+def test_streamed_outputs_match_the_reference(tokcore_setting, dtype):
     # expand, pack and the backward write their large CPU outputs with
     # streaming stores too (whole rows of cache lines only: D * itemsize a multiple
     # of 64; D = 24 below is not, for float16/bfloat16 and float32); unpack never
@@ -2244,7 +2239,7 @@ def test_streamed_outputs_match_the_reference(monkeypatch, dtype):
         y = (torch.randn(S, D, generator=g, dtype=torch.float64) * 3).to(dtype)
         results = {}
         for setting in ("0", "1000000"):
-            monkeypatch.setenv("TOKCORE_CPU_STREAM_MIN_MB", setting)
+            tokcore_setting("TOKCORE_CPU_STREAM_MIN_MB", setting)
             packed = segment_pack(x, offsets, 4)
             results[setting] = [
                 segment_expand(y, offsets),
@@ -2278,8 +2273,8 @@ def _big_expand_case(seed=0):
 
 
 @needs_output_cache
-def test_cpu_output_cache_reuses_freed_outputs_and_never_aliases_live_ones(monkeypatch):
-    monkeypatch.delenv("TOKCORE_CPU_OUTPUT_CACHE_MB", raising=False)
+def test_cpu_output_cache_reuses_freed_outputs_and_never_aliases_live_ones(tokcore_setting):
+    tokcore_setting("TOKCORE_CPU_OUTPUT_CACHE_MB", None)
     y, offsets = _big_expand_case()
     first = segment_expand(y, offsets)
     assert not first.untyped_storage().resizable()  # a cached buffer
@@ -2300,8 +2295,8 @@ def test_cpu_output_cache_reuses_freed_outputs_and_never_aliases_live_ones(monke
 
 
 @needs_output_cache
-def test_cpu_output_cache_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv("TOKCORE_CPU_OUTPUT_CACHE_MB", "0")
+def test_cpu_output_cache_can_be_turned_off(tokcore_setting):
+    tokcore_setting("TOKCORE_CPU_OUTPUT_CACHE_MB", "0")
     y, offsets = _big_expand_case(1)
     out = segment_expand(y, offsets)
     assert out.untyped_storage().resizable()  # torch's own allocation
@@ -2309,8 +2304,8 @@ def test_cpu_output_cache_can_be_turned_off(monkeypatch):
 
 
 @needs_output_cache
-def test_cpu_output_cache_is_thread_safe(monkeypatch):
-    monkeypatch.delenv("TOKCORE_CPU_OUTPUT_CACHE_MB", raising=False)
+def test_cpu_output_cache_is_thread_safe(tokcore_setting):
+    tokcore_setting("TOKCORE_CPU_OUTPUT_CACHE_MB", None)
     y, offsets = _big_expand_case(2)
     expected = ref.segment_expand(y, offsets)
     errors = []
@@ -2329,15 +2324,42 @@ def test_cpu_output_cache_is_thread_safe(monkeypatch):
     assert not errors
 
 
-def test_cpu_isa_reports_the_variant_in_use(monkeypatch):
+def test_cpu_isa_reports_the_variant_in_use(tokcore_setting):
     # what benchmark reports print; TOKCORE_CPU_ISA caps it, the CPU's support too
-    monkeypatch.delenv("TOKCORE_CPU_ISA", raising=False)
+    tokcore_setting("TOKCORE_CPU_ISA", None)
     best = tokcore.cpu_isa()
     assert best in ("base", "avx2", "avx512")  # the names TOKCORE_CPU_ISA takes
-    monkeypatch.setenv("TOKCORE_CPU_ISA", "base")
+    tokcore_setting("TOKCORE_CPU_ISA", "base")
     assert tokcore.cpu_isa() == "base"
-    monkeypatch.setenv("TOKCORE_CPU_ISA", "avx2")
+    tokcore_setting("TOKCORE_CPU_ISA", "avx2")
     assert tokcore.cpu_isa() == ("base" if best == "base" else "avx2")
+
+
+@needs_output_cache
+def test_settings_change_on_reload_only(monkeypatch):
+    # The ops never read the environment: getenv in an op, which runs without the GIL,
+    # can crash while another thread changes the environment. The library reads it at
+    # import and on tokcore.reload_settings(), and nowhere else.
+    monkeypatch.delenv("TOKCORE_CPU_OUTPUT_CACHE_MB", raising=False)
+    monkeypatch.delenv("TOKCORE_CPU_ISA", raising=False)
+    tokcore.reload_settings()
+    best = tokcore.cpu_isa()
+    y, offsets = _big_expand_case(3)
+    try:
+        monkeypatch.setenv("TOKCORE_CPU_OUTPUT_CACHE_MB", "0")
+        monkeypatch.setenv("TOKCORE_CPU_ISA", "base")
+        assert not segment_expand(y, offsets).untyped_storage().resizable()  # still cached
+        assert tokcore.cpu_isa() == best
+        tokcore.reload_settings()
+        assert segment_expand(y, offsets).untyped_storage().resizable()  # torch's own allocation
+        assert tokcore.cpu_isa() == "base"
+        monkeypatch.setenv("TOKCORE_CPU_ISA", "AVX2")  # not a value: warned about, default used
+        with pytest.warns(RuntimeWarning, match="TOKCORE_CPU_ISA='AVX2' is not base, avx2 or avx512"):
+            tokcore.reload_settings()
+        assert tokcore.cpu_isa() == best
+    finally:
+        monkeypatch.undo()
+        tokcore.reload_settings()
 
 
 def test_tokcore_library_names_the_library_to_load(tmp_path):

@@ -10,7 +10,7 @@
 
 #include <sys/mman.h>
 
-#include "tokcore/common/env.h"
+#include "tokcore/common/settings.h"
 
 namespace tokcore {
 namespace adapter {
@@ -22,18 +22,12 @@ constexpr size_t kCachedOutputMinBytes = size_t(16) << 20;
 
 uintptr_t round_up_to_huge_page(uintptr_t n) { return (n + kHugePage - 1) & ~uintptr_t(kHugePage - 1); }
 
-bool huge_pages_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("TOKCORE_CPU_HUGE_PAGES");
-    return env == nullptr || std::string(env) != "0";
-  }();
-  return enabled;
-}
+bool huge_pages_enabled() { return settings().huge_pages; }
 
-// Bytes of freed outputs the cache may keep (read on every call: cheap next to a
-// >= 16 MB output, and lets tests and users change it at run time).
+// Bytes of freed outputs the cache may keep (TOKCORE_CPU_OUTPUT_CACHE_MB, which
+// tests and users may change at run time with tokcore.reload_settings()).
 size_t output_cache_limit() {
-  const long long mb = env_count("TOKCORE_CPU_OUTPUT_CACHE_MB", 2048);  // 0: off
+  const long long mb = settings().output_cache_mb;  // 0: off
   return size_t(std::min<long long>(mb, 1LL << 40)) << 20;
 }
 
@@ -228,6 +222,16 @@ Tensor new_output(const char* op, const Tensor& like, std::initializer_list<int6
   }
 }
 
+Tensor contiguous_copy(const Tensor& t, const char* op, const char* arg) {
+  try {
+    return torch::stable::contiguous(t);
+  } catch (const std::exception&) {  // torch's message through the stable ABI says only that it failed
+    std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+    fail(op, "could not copy ", arg, " of shape ", shape_string(shape), " into contiguous memory (",
+         double(t.numel()) * double(element_size(t.scalar_type())) / 1e9, " GB)");
+  }
+}
+
 ValidatedOffsets validated_offsets_cuda(const Tensor& offsets, OffsetsEnd end, void* stream,
                                         const char* op, const char* arg) {
   int64_t result[6] = {0, 0, -1, -1, 0, 0};  // see validate_offsets_cuda
@@ -241,8 +245,7 @@ ValidatedOffsets validated_offsets_cuda(const Tensor& offsets, OffsetsEnd end, v
 
 int64_t check_offsets_cuda(const Tensor& offsets, OffsetsEnd end, void* stream, const char* op,
                            const char* arg) {
-  const char* setting = std::getenv("TOKCORE_CUDA_CHECK_OFFSETS");
-  if (setting != nullptr && std::string(setting) == "0") return -1;
+  if (!settings().cuda_check_offsets) return -1;
   return stream_is_capturing(stream, op) ? -1 : validated_offsets_cuda(offsets, end, stream, op, arg).longest;
 }
 

@@ -151,8 +151,11 @@ inline void check_offsets_tensor(const Tensor& offsets, const char* op, const ch
   TOKCORE_CHECK(offsets.size(0) >= 1, op, arg, " must have at least one entry (", arg, "[0] = 0)");
 }
 
-inline Tensor contiguous(const Tensor& t) {
-  return t.is_contiguous() ? t : torch::stable::contiguous(t);
+// t itself, or a contiguous copy of it (a strided, sliced or broadcast argument):
+// failing to allocate that copy is an error that names the argument.
+Tensor contiguous_copy(const Tensor& t, const char* op, const char* arg);
+inline Tensor contiguous(const Tensor& t, const char* op, const char* arg) {
+  return t.is_contiguous() ? t : contiguous_copy(t, op, arg);
 }
 
 // The CPU runtime: torch's own intra-op thread pool.

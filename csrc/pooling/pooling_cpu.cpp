@@ -3,6 +3,7 @@
 // (The forward and backward reduce, built per instruction set, are in
 // pooling_cpu_reduce.cpp; this file picks a variant at run time.)
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -34,7 +35,7 @@ int64_t word_boundaries_count_cpu(const Runtime& rt, const uint8_t* bytes, const
   return total;
 }
 
-void word_boundaries_fill_cpu(const Runtime& rt, const uint8_t* bytes, const int64_t* cu, int64_t B,
+bool word_boundaries_fill_cpu(const Runtime& rt, const uint8_t* bytes, const int64_t* cu, int64_t B,
                               int64_t max_bytes, WordMode mode, int64_t* chunk_counts,
                               int64_t num_words, int64_t* word_offsets, int64_t* word_cu) {
   const int64_t total_bytes = cu[B];
@@ -45,13 +46,24 @@ void word_boundaries_fill_cpu(const Runtime& rt, const uint8_t* bytes, const int
     chunk_counts[c] = running;
     running += n;
   }
+  // Each chunk writes only into the slots its count gave it: bytes that another
+  // thread changes between the passes may hold more words now (a data race of the
+  // caller's, which must not become a write past the output).
+  std::atomic<bool> counts_hold{true};
   parallel_for(rt, 0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       int64_t* out = word_offsets + chunk_counts[c];
+      int64_t* const end = word_offsets + (c + 1 < chunks ? chunk_counts[c + 1] : num_words);
+      bool overflow = false;
       for_each_word_start_in_chunk_cpu(bytes, cu, B, total_bytes, kWordChunkBytesCpu, c, max_bytes, mode,
-                                       [&](int64_t p) { *out++ = p; });
+                                       [&](int64_t p) {
+                                         if (out < end) *out++ = p;
+                                         else overflow = true;
+                                       });
+      if (overflow || out != end) counts_hold.store(false, std::memory_order_relaxed);
     }
   });
+  if (!counts_hold.load()) return false;
   word_offsets[num_words] = total_bytes;
   // word_cu[b] = the number of word starts before cu[b]: one binary search per range
   // of sequences, then a merge of the two sorted lists (a binary search per sequence,
@@ -63,6 +75,7 @@ void word_boundaries_fill_cpu(const Runtime& rt, const uint8_t* bytes, const int
       word_cu[b] = w;
     }
   });
+  return true;
 }
 
 #if defined(TOKCORE_HAVE_X86_ISA_KERNELS)

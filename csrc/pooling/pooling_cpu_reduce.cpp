@@ -716,8 +716,8 @@ void reduce_rows(const Runtime& rt, const T* x, const int64_t* offsets, int64_t 
   else reduce_rows<T, R, false>(rt, x, offsets, S, T_, D, y);
 }
 
-// The sum/mean backward: every row of a segment gets grad_y's row times the same
-// scale (1, or 1 / length for mean). For mean, each tile of the scaled row is
+// The sum/mean backward: every row of a segment gets grad_y's row (divided by the
+// segment's length for mean). For mean, each tile of the divided row is
 // formed once, with the forward's vector conversions, then copied to every row
 // of the segment; for sum, grad_y's row is copied as it is. Measured against
 // segment_expand, which writes the same bytes (T = 2^20, D = 256): with scalar
@@ -735,14 +735,14 @@ void scale_to_rows(const Runtime& rt, const T* grad_y, const int64_t* offsets, i
   const int64_t row_bytes = D * int64_t(sizeof(T));
   if (narrow_rows(row_bytes)) {  // rows of a few features (pooling_cpu_segments.h)
     return fill_narrow_rows(rt, row_bytes, offsets, S, T_, grad_x, [&](int64_t s, uint8_t* row) {
-      if (R == Reduce::kSum) {  // the scale is 1: grad_y's row as it is
+      if (R == Reduce::kSum) {  // grad_y's row as it is
         std::memcpy(row, grad_y + s * D, size_t(row_bytes));
         return;
       }
-      // scaled as the tiles' scalar tail below scales: the same bits
-      const A scale = reduce_grad_scale<R, A>(offsets[s + 1] - offsets[s]);
+      // divided as the tiles' scalar tail below divides: the same bits
+      const int64_t length = offsets[s + 1] - offsets[s];
       T scaled[32 / sizeof(T)];
-      for (int64_t j = 0; j < D; ++j) scaled[j] = from_acc<T>(to_acc(grad_y[s * D + j]) * scale);
+      for (int64_t j = 0; j < D; ++j) scaled[j] = from_acc<T>(reduce_grad_scaled<R, A>(to_acc(grad_y[s * D + j]), length));
       std::memcpy(row, scaled, size_t(row_bytes));
     });
   }
@@ -752,11 +752,12 @@ void scale_to_rows(const Runtime& rt, const T* grad_y, const int64_t* offsets, i
                         [&](int64_t s, RowRange part, RowRange rows) {
     if (part.end == part.begin) return;
     const T* g = grad_y + s * D;
-    if (R == Reduce::kSum) {  // the scale is 1: copy grad_y's row as it is
+    if (R == Reduce::kSum) {  // copy grad_y's row as it is
       for (int64_t t = part.begin; t < part.end; ++t) writer.copy(grad_x + t * D, g, size_t(row_bytes));
       return;
     }
-    const A scale = reduce_grad_scale<R, A>(rows.end - rows.begin);
+    const int64_t length = rows.end - rows.begin;  // > 0: part is not empty
+    const A divisor = A(length);
     alignas(64) T scaled[kTile];
     for (int64_t d0 = 0; d0 < D; d0 += kTile) {
       const int64_t nd = std::min(kTile, D - d0);
@@ -764,10 +765,10 @@ void scale_to_rows(const Runtime& rt, const T* grad_y, const int64_t* offsets, i
       for (; j + L::N <= nd; j += L::N) {
         V v[L::K];
         L::load(g + d0 + j, v);
-        for (int k = 0; k < L::K; ++k) v[k] = v[k] * scale;
+        for (int k = 0; k < L::K; ++k) v[k] = v[k] / divisor;  // as reduce_grad_scaled
         L::template store<false>(scaled + j, v);
       }
-      for (; j < nd; ++j) scaled[j] = from_acc<T>(to_acc(g[d0 + j]) * scale);
+      for (; j < nd; ++j) scaled[j] = from_acc<T>(reduce_grad_scaled<R, A>(to_acc(g[d0 + j]), length));
       for (int64_t t = part.begin; t < part.end; ++t) writer.copy(grad_x + t * D + d0, scaled, sizeof(T) * size_t(nd));
     }
   }, [&] { writer.finish(); });

@@ -50,8 +50,13 @@ __global__ void word_fill_kernel(const uint8_t* bytes, const int64_t* cu, int64_
   const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (c >= chunks) return;
   int64_t* out = word_offsets + chunk_offsets[c];
+  // only into this chunk's slots (chunk_offsets has chunks + 1 entries): bytes changed
+  // since the count (by another stream) must not make it write past the output
+  int64_t* const end = word_offsets + chunk_offsets[c + 1];
   for_each_word_start_in_chunk(bytes, cu, B, total_bytes, kWordChunkBytesCuda, c, max_bytes, mode,
-                               [&](int64_t p) { *out++ = p; });
+                               [&](int64_t p) {
+                                 if (out < end) *out++ = p;
+                               });
 }
 
 __global__ void word_cu_kernel(const int64_t* cu, int64_t B, int64_t total_bytes,

@@ -37,7 +37,9 @@ int64_t word_boundaries_count_cpu(const Runtime& rt, const uint8_t* bytes, const
                                   int64_t B, int64_t max_bytes, WordMode mode,
                                   int64_t* chunk_counts);
 // Pass 2: chunk_counts becomes exclusive offsets; fills word_offsets [W+1] and word_cu [B+1].
-void word_boundaries_fill_cpu(const Runtime& rt, const uint8_t* bytes, const int64_t* cu, int64_t B,
+// False (outputs unspecified, nothing written past them) when a chunk finds another
+// number of words than pass 1 did: the bytes changed in between.
+bool word_boundaries_fill_cpu(const Runtime& rt, const uint8_t* bytes, const int64_t* cu, int64_t B,
                               int64_t max_bytes, WordMode mode, int64_t* chunk_counts,
                               int64_t num_words, int64_t* word_offsets, int64_t* word_cu);
 

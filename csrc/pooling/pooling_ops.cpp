@@ -76,8 +76,8 @@ std::tuple<Tensor, Tensor> word_boundaries(Tensor bytes, Tensor cu_seqlens, int6
   adapter::check_same_device(cu_seqlens, bytes, op, "cu_seqlens", "bytes");
   TOKCORE_CHECK(max_word_bytes >= 4, op, "max_word_bytes must be >= 4, got ", max_word_bytes);
   const WordMode word_mode = parse_mode(mode);
-  bytes = adapter::contiguous(bytes);
-  cu_seqlens = adapter::contiguous(cu_seqlens);
+  bytes = adapter::contiguous(bytes, op, "bytes");
+  cu_seqlens = adapter::contiguous(cu_seqlens, op, "cu_seqlens");
   const int64_t T = bytes.size(0);
   const int64_t B = cu_seqlens.size(0) - 1;
 
@@ -91,9 +91,11 @@ std::tuple<Tensor, Tensor> word_boundaries(Tensor bytes, Tensor cu_seqlens, int6
         word_boundaries_count_cpu(rt, data, cu, B, max_word_bytes, word_mode, chunk_counts.data());
     Tensor word_offsets = adapter::new_output(op, bytes, {W + 1}, ScalarType::Long);
     Tensor word_cu = adapter::new_output(op, bytes, {B + 1}, ScalarType::Long);
-    word_boundaries_fill_cpu(rt, data, cu, B, max_word_bytes, word_mode, chunk_counts.data(), W,
-                             word_offsets.mutable_data_ptr<int64_t>(),
-                             word_cu.mutable_data_ptr<int64_t>());
+    const bool counts_hold =
+        word_boundaries_fill_cpu(rt, data, cu, B, max_word_bytes, word_mode, chunk_counts.data(), W,
+                                 word_offsets.mutable_data_ptr<int64_t>(), word_cu.mutable_data_ptr<int64_t>());
+    TOKCORE_CHECK(counts_hold, op, "bytes changed while the words were being found (another thread "
+                  "wrote to it during the call)");
     return {word_offsets, word_cu};
   }
   CudaContext ctx(bytes);
@@ -126,8 +128,8 @@ Tensor segment_reduce(Tensor x, Tensor offsets, std::string reduce, bool check_o
   const char* op = "segment_reduce";
   check_features_and_offsets(x, "x", 2, offsets, op);
   const Reduce r = parse_reduce(reduce, op);
-  x = adapter::contiguous(x);
-  offsets = adapter::contiguous(offsets);
+  x = adapter::contiguous(x, op, "x");
+  offsets = adapter::contiguous(offsets, op, "offsets");
   const int64_t T = x.size(0), D = x.size(1), S = offsets.size(0) - 1;
   const DType dtype = adapter::feature_dtype(x, op, "x");
   // (on CUDA the check also reads the longest segment, which the kernels route apart)
@@ -175,11 +177,11 @@ Tensor segment_reduce_backward(Tensor grad_y, Tensor offsets, int64_t total, std
     TOKCORE_CHECK(x->size(0) == total, op, "x must have total = ", total, " rows, got ", x->size(0));
     TOKCORE_CHECK(y->size(0) == S, op, "y must have len(offsets) - 1 = ", S, " rows, got ",
                   y->size(0));
-    x = adapter::contiguous(*x);
-    y = adapter::contiguous(*y);
+    x = adapter::contiguous(*x, op, "x");
+    y = adapter::contiguous(*y, op, "y");
   }
-  grad_y = adapter::contiguous(grad_y);
-  offsets = adapter::contiguous(offsets);
+  grad_y = adapter::contiguous(grad_y, op, "grad_y");
+  offsets = adapter::contiguous(offsets, op, "offsets");
   const DType dtype = adapter::feature_dtype(grad_y, op, "grad_y");
   const void* x_ptr = needs_values ? x->const_data_ptr() : nullptr;
   const void* y_ptr = needs_values ? y->const_data_ptr() : nullptr;
@@ -210,8 +212,8 @@ Tensor segment_expand(Tensor y, Tensor offsets, std::optional<int64_t> total, bo
   check_features_and_offsets(y, "y", 2, offsets, op);
   const int64_t S = offsets.size(0) - 1, D = y.size(1);
   TOKCORE_CHECK(y.size(0) == S, op, "y must have len(offsets) - 1 = ", S, " rows, got ", y.size(0));
-  y = adapter::contiguous(y);
-  offsets = adapter::contiguous(offsets);
+  y = adapter::contiguous(y, op, "y");
+  offsets = adapter::contiguous(offsets, op, "offsets");
   const DType dtype = adapter::feature_dtype(y, op, "y");
   const int64_t T = output_rows(offsets, total, op, check_offsets);
   Tensor x = adapter::new_output(op, y, {T, D});
@@ -232,8 +234,8 @@ Tensor segment_pack(Tensor x, Tensor offsets, int64_t max_len, bool check_offset
   const char* op = "segment_pack";
   check_features_and_offsets(x, "x", 2, offsets, op);
   TOKCORE_CHECK(max_len >= 0, op, "max_len must be >= 0, got ", max_len);
-  x = adapter::contiguous(x);
-  offsets = adapter::contiguous(offsets);
+  x = adapter::contiguous(x, op, "x");
+  offsets = adapter::contiguous(offsets, op, "offsets");
   const int64_t T = x.size(0), D = x.size(1), S = offsets.size(0) - 1;
   // named here, before new_output's generic size check, since max_len is the usual
   // culprit; with sizes of 0 counted as 1, as torch's strides count them (an output
@@ -269,8 +271,8 @@ Tensor segment_unpack(Tensor packed, Tensor offsets, std::optional<int64_t> tota
   const int64_t S = offsets.size(0) - 1, L = packed.size(1), D = packed.size(2);
   TOKCORE_CHECK(packed.size(0) == S, op, "packed must have len(offsets) - 1 = ", S,
                 " segments, got ", packed.size(0));
-  packed = adapter::contiguous(packed);
-  offsets = adapter::contiguous(offsets);
+  packed = adapter::contiguous(packed, op, "packed");
+  offsets = adapter::contiguous(offsets, op, "offsets");
   const DType dtype = adapter::feature_dtype(packed, op, "packed");
   const int64_t T = output_rows(offsets, total, op, check_offsets);
   Tensor x = adapter::new_output(op, packed, {T, D});

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import os
 from pathlib import Path
@@ -39,6 +40,11 @@ def _find_library() -> Path:
 
 LIBRARY_PATH = _find_library()
 torch.ops.load_library(str(LIBRARY_PATH))
+# The library reads its run-time settings only when told to (tokcore/common/settings.h):
+# through PyDLL, which holds the GIL, so no Python thread changes the environment meanwhile.
+_reload_library_settings = ctypes.PyDLL(str(LIBRARY_PATH)).tokcore_reload_settings
+_reload_library_settings.restype = None
+_reload_library_settings.argtypes = []
 
 
 def has_cuda_kernels() -> bool:
@@ -86,7 +92,8 @@ def settings(environ=os.environ) -> dict[str, tuple[str, str | None]]:
 
 def check_settings(environ=os.environ) -> list[str]:
     """Warns (RuntimeWarning) about each tokcore environment variable whose value
-    the library would ignore, and returns the messages. Run once at import."""
+    the library would ignore, and returns the messages. Run at import and by
+    reload_settings()."""
     import warnings
 
     problems = [f"tokcore: {name}={value!r} is not {valid}; the default is used instead"
@@ -96,4 +103,14 @@ def check_settings(environ=os.environ) -> list[str]:
     return problems
 
 
-check_settings()
+def reload_settings() -> None:
+    """Makes the library use the tokcore environment variables (README, "Run-time
+    switches") as they are now, warning (RuntimeWarning) about a value it cannot use.
+    They are read when tokcore is imported and again only here, not by each op call:
+    reading the environment in an op, which runs without the GIL, could crash while
+    another thread changes it. Call this after changing one in a running process."""
+    check_settings()
+    _reload_library_settings()
+
+
+reload_settings()

@@ -12,6 +12,7 @@
 #include "tokcore/common/dtype.h"
 #include "tokcore/common/env.h"
 #include "tokcore/common/offsets.h"
+#include "tokcore/common/settings.h"
 
 using namespace tokcore;
 
@@ -103,6 +104,42 @@ TEST(Env, CountsAreDigitsOnly) {
     EXPECT_EQ(env_count(name, 7), expected) << "'" << value << "'";
   }
   unsetenv(name);
+}
+
+// The run-time switches: parsed as _library.py expects, and in use only after a reload.
+TEST(Settings, ReadFromTheEnvironmentOnReloadOnly) {
+  const char* names[] = {"TOKCORE_CPU_ISA", "TOKCORE_CPU_STREAM_MIN_MB", "TOKCORE_CPU_OUTPUT_CACHE_MB",
+                         "TOKCORE_CPU_HUGE_PAGES", "TOKCORE_CUDA_CHECK_OFFSETS"};
+  for (const char* name : names) unsetenv(name);
+  const Settings defaults = settings_from_environment();
+  EXPECT_EQ(defaults.cpu_isa, -1);
+  EXPECT_EQ(defaults.stream_min_mb, 64);
+  EXPECT_EQ(defaults.output_cache_mb, 2048);
+  EXPECT_TRUE(defaults.huge_pages);
+  EXPECT_TRUE(defaults.cuda_check_offsets);
+  reload_settings();
+  setenv("TOKCORE_CPU_ISA", "avx2", 1);
+  setenv("TOKCORE_CPU_STREAM_MIN_MB", "0", 1);
+  setenv("TOKCORE_CPU_OUTPUT_CACHE_MB", "12", 1);
+  setenv("TOKCORE_CPU_HUGE_PAGES", "0", 1);
+  setenv("TOKCORE_CUDA_CHECK_OFFSETS", "0", 1);
+  EXPECT_EQ(settings().cpu_isa, -1);  // not yet
+  EXPECT_EQ(settings().stream_min_mb, 64);
+  reload_settings();
+  EXPECT_EQ(settings().cpu_isa, 1);
+  EXPECT_EQ(settings().stream_min_mb, 0);
+  EXPECT_EQ(settings().output_cache_mb, 12);
+  EXPECT_FALSE(settings().huge_pages);
+  EXPECT_FALSE(settings().cuda_check_offsets);
+  setenv("TOKCORE_CPU_ISA", "AVX2", 1);  // not a name: unset
+  setenv("TOKCORE_CPU_STREAM_MIN_MB", "64MB", 1);  // not a count: the default
+  setenv("TOKCORE_CPU_HUGE_PAGES", "1", 1);
+  reload_settings();
+  EXPECT_EQ(settings().cpu_isa, -1);
+  EXPECT_EQ(settings().stream_min_mb, 64);
+  EXPECT_TRUE(settings().huge_pages);
+  for (const char* name : names) unsetenv(name);
+  reload_settings();
 }
 
 // The variant for a row: the widest whose vectors hold at least 7/8 of it, else the

@@ -107,6 +107,32 @@ TEST(WordBoundaries, CpuKernelCountsAndFills) {
   EXPECT_EQ(word_cu, (std::vector<int64_t>{0, 3, 5}));
 }
 
+// Bytes that change between the count and the fill (another thread writing to
+// them during the call): the fill says so, and writes nothing past its output.
+TEST(WordBoundaries, CpuFillNeverWritesPastTheCountedWords) {
+  const int64_t n = 3 * kWordChunkBytesCpu;  // three chunks
+  const std::string few(size_t(n), 'a');    // words cut at max_bytes only
+  std::string many = few, fewer = few;
+  for (int64_t i = kWordChunkBytesCpu; i < 2 * kWordChunkBytesCpu; i += 2) many[size_t(i)] = ' ';
+  for (int64_t i = 0; i < n; i += 2) fewer[size_t(i)] = ' ';  // counted on this one below
+  const int64_t cu[2] = {0, n};
+  Runtime rt;
+  const auto fill = [&](const std::string& counted, const std::string& filled, bool expect_ok) {
+    std::vector<int64_t> counts(num_word_chunks(n, kWordChunkBytesCpu));
+    const int64_t W = word_boundaries_count_cpu(rt, reinterpret_cast<const uint8_t*>(counted.data()), cu, 1, 16,
+                                                WordMode::kSpace, counts.data());
+    const int64_t kGuard = 1 << 16, kSentinel = -12345;
+    std::vector<int64_t> offsets(size_t(W + 1 + kGuard), kSentinel), word_cu(2);
+    const bool ok = word_boundaries_fill_cpu(rt, reinterpret_cast<const uint8_t*>(filled.data()), cu, 1, 16,
+                                             WordMode::kSpace, counts.data(), W, offsets.data(), word_cu.data());
+    EXPECT_EQ(ok, expect_ok);
+    for (int64_t i = W + 1; i < W + 1 + kGuard; ++i) ASSERT_EQ(offsets[size_t(i)], kSentinel) << "written past";
+  };
+  fill(few, few, true);
+  fill(few, many, false);    // more words than counted: each chunk stops at its slots
+  fill(fewer, few, false);   // fewer words than counted
+}
+
 namespace {
 
 template <Reduce R>
@@ -267,12 +293,11 @@ void check_narrow_rows(DType dtype, int64_t D) {
   std::vector<T> y(size_t(S * D));
   for (auto& v : y) v = from_acc<T>(acc_t<T>(dist(rng)));
   for (Reduce r : {Reduce::kMean, Reduce::kSum}) {
-    std::vector<T> expected(size_t(T_ * D));  // mean: scaled as the scalar rule scales; sum/expand: copied
+    std::vector<T> expected(size_t(T_ * D));  // mean: divided by the length; sum/expand: copied
     for (int64_t s = 0; s < S; ++s) {
-      const acc_t<T> scale = reduce_grad_scale<Reduce::kMean, acc_t<T>>(off[s + 1] - off[s]);
       for (int64_t t = off[s]; t < off[s + 1]; ++t)
         for (int64_t j = 0; j < D; ++j)
-          expected[t * D + j] = r == Reduce::kSum ? y[s * D + j] : from_acc<T>(to_acc(y[s * D + j]) * scale);
+          expected[t * D + j] = r == Reduce::kSum ? y[s * D + j] : from_acc<T>(to_acc(y[s * D + j]) / acc_t<T>(off[s + 1] - off[s]));
     }
     for (int64_t piece : {int64_t(1), int64_t(7), int64_t(16), int64_t(17), int64_t(1000), T_}) {
       g_piece = piece;

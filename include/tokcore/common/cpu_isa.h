@@ -7,8 +7,8 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
+
+#include "tokcore/common/settings.h"
 
 namespace tokcore {
 
@@ -29,22 +29,15 @@ inline CpuIsa cpu_isa_supported() {
 
 // Whether TOKCORE_CPU_ISA names a variant (an invalid value is warned about at
 // import and ignored).
-inline bool cpu_isa_forced() {
-  const char* forced = std::getenv("TOKCORE_CPU_ISA");
-  return forced != nullptr && (std::strcmp(forced, "base") == 0 || std::strcmp(forced, "avx2") == 0 ||
-                               std::strcmp(forced, "avx512") == 0);
-}
+inline bool cpu_isa_forced() { return settings().cpu_isa >= 0; }
 
 // The widest variant allowed: the CPU's best, or the one TOKCORE_CPU_ISA names if
-// the CPU runs it. Read on every call (cheap next to any kernel) so tests can
-// switch variants.
+// the CPU runs it (read at import or tokcore.reload_settings(), so tests can switch
+// variants).
 inline CpuIsa cpu_isa() {
   static const CpuIsa supported = cpu_isa_supported();
-  CpuIsa cap = CpuIsa::kAvx512;
-  if (const char* forced = std::getenv("TOKCORE_CPU_ISA")) {
-    if (std::strcmp(forced, "base") == 0) cap = CpuIsa::kBase;
-    else if (std::strcmp(forced, "avx2") == 0) cap = CpuIsa::kAvx2;
-  }
+  const int forced = settings().cpu_isa;
+  const CpuIsa cap = forced >= 0 ? static_cast<CpuIsa>(forced) : CpuIsa::kAvx512;
   return static_cast<int>(cap) < static_cast<int>(supported) ? cap : supported;
 }
 

@@ -18,7 +18,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "tokcore/common/env.h"
+#include "tokcore/common/settings.h"
 
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -28,9 +28,10 @@ namespace tokcore {
 
 constexpr int64_t kCacheLineBytes = 64;
 
-// Read on every call (cheap next to a large output) so tests can cover both paths.
+// TOKCORE_CPU_STREAM_MIN_MB, read at import or tokcore.reload_settings() (so tests
+// can cover both paths).
 inline int64_t streaming_min_output_bytes() {
-  const long long mb = env_count("TOKCORE_CPU_STREAM_MIN_MB", 64);
+  const long long mb = settings().stream_min_mb;
   return int64_t(std::min<long long>(mb, 1LL << 40)) << 20;  // (larger: never, without overflow)
 }
 

@@ -263,8 +263,8 @@ TOKCORE_HD void segment_reduce_combine_thread(int64_t i, const acc_t<T>* __restr
 }
 
 // x and y are read only for max/min (the gradient goes to the first row that
-// attains the result; parts must be 1); sum/mean write grad_y * scale to every
-// row of the thread's part.
+// attains the result; parts must be 1); sum/mean write grad_y (divided by the
+// length for mean) to every row of the thread's part.
 template <typename T, int N, Reduce R>
 TOKCORE_HD void segment_reduce_backward_thread(int64_t i, int64_t part, int64_t parts,
                                                const T* __restrict__ grad_y,
@@ -277,10 +277,9 @@ TOKCORE_HD void segment_reduce_backward_thread(int64_t i, int64_t part, int64_t 
   const RowRange rows = segment_rows(offsets, th.s, rows_total);
   const Vec<T, N> g = load_vec<T, N>(grad_y + th.s * D + th.col);
   if (R == Reduce::kSum || R == Reduce::kMean) {
-    const A scale = reduce_grad_scale<R, A>(rows.end - rows.begin);
     Vec<T, N> out;
     TOKCORE_UNROLL
-    for (int j = 0; j < N; ++j) out.v[j] = from_acc<T>(to_acc(g.v[j]) * scale);
+    for (int j = 0; j < N; ++j) out.v[j] = from_acc<T>(reduce_grad_scaled<R, A>(to_acc(g.v[j]), rows.end - rows.begin));
     for (int64_t t = rows.begin + part; t < rows.end; t += parts)
       store_vec<T, N>(grad_x + t * D + th.col, out);
     return;
