@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -448,6 +449,14 @@ def target_notes(table: harness.Table, targets: dict[str, float], unchecked: har
     return notes
 
 
+class _Stopped(Exception):
+    """Raised in the main thread by SIGTERM, so that main can save what it measured."""
+
+
+def _stop_on_sigterm(signum, frame):
+    raise _Stopped()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -556,16 +565,30 @@ def main(argv: list[str] | None = None) -> int:
         if not steps:
             parser.error(f"--only {' '.join(args.only)}: no step's name holds it; the steps: {', '.join(names)}")
     printed = [0] * len(tables)
-    with tqdm(steps, desc="bench pooling", unit="workload", disable=args.quick) as bar:
-        for name, run in bar:
-            bar.set_postfix_str(name)
-            run()
-            # each row as soon as it is measured, so that a run stopped early (the GPU
-            # check's time limit) still leaves its numbers in the log
-            for i, t in enumerate(tables):
-                for row in t.rows[printed[i]:]:
-                    bar.write("| " + " | ".join(row) + " |")
-                printed[i] = len(t.rows)
+    # A run stopped by SIGTERM (the GPU check's `timeout`) still prints and saves the
+    # tables of the steps it finished, saying so.
+    name = "(before the first)"
+    previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        with tqdm(steps, desc="bench pooling", unit="workload", disable=args.quick) as bar:
+            for name, run in bar:
+                bar.set_postfix_str(name)
+                run()
+                # each row as soon as it is measured, so that a run stopped early (the GPU
+                # check's time limit) still leaves its numbers in the log
+                for i, t in enumerate(tables):
+                    for row in t.rows[printed[i]:]:
+                        bar.write("| " + " | ".join(row) + " |")
+                    printed[i] = len(t.rows)
+                if device.type == "cuda" and name.startswith("segment ops"):  # the targets, as soon as known
+                    for note in target_notes(table, GPU_TARGETS, None, ceiling):
+                        bar.write(note)
+    except _Stopped:
+        table.notes.append(f"STOPPED EARLY (SIGTERM) during step '{name}': only the rows above were measured")
+        print(f"\nbench_pooling: stopped (SIGTERM) during step '{name}'; printing what was measured",
+              file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     if device.type == "cuda":
         table.notes.extend(target_notes(table, GPU_TARGETS, on_off, ceiling))
     tables = [t for t in tables if t.rows]  # --only: the tables of the steps that ran

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,28 @@ def test_bench_pooling_only_runs_the_named_steps(capsys, monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as e:
         bench_pooling.main(["--quick", "--no-save", "--only", "nosuch"])
     assert e.value.code == 2 and "--only nosuch: no step's name holds it" in capsys.readouterr().err
+
+
+def test_bench_pooling_prints_what_it_measured_when_stopped(capsys, monkeypatch, tmp_path):
+    # The GPU check's `timeout` stops a benchmark with SIGTERM: the rows of the steps
+    # done are still printed as tables (and saved, outside --quick), marked as cut short.
+    monkeypatch.setenv("OUT", str(tmp_path))
+    import bench_pooling
+
+    def stopped_here(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # (the signal arrives at once; the handler raises)
+        raise AssertionError("SIGTERM did not stop the benchmark")
+
+    monkeypatch.setattr(bench_pooling, "bench_word_boundaries", stopped_here)
+    before = signal.getsignal(signal.SIGTERM)
+    assert bench_pooling.main(["--quick", "--no-save", "--only", "segment ops float32",
+                               "--only", "word_boundaries"]) == 0
+    captured = capsys.readouterr()
+    assert "STOPPED EARLY (SIGTERM) during step 'word_boundaries'" in captured.out
+    assert "| segment_reduce mean fwd float32 |" in captured.out  # the step before, in the table
+    assert "stopped (SIGTERM)" in captured.err
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
 
 
 def test_harness_writes_results_with_command(monkeypatch, tmp_path):

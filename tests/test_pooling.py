@@ -1202,6 +1202,15 @@ def test_vmap_with_batched_offsets_runs_each_sample():
     assert torch.equal(got, torch.stack([segment_reduce(x[i], offsets[i], "max") for i in range(2)]))
     got = torch.func.vmap(lambda y, o: segment_expand(y, o, 6))(x[:, :2], offsets)
     assert torch.equal(got, torch.stack([segment_expand(x[i, :2], offsets[i], 6) for i in range(2)]))
+    # samples whose offsets end at different totals have outputs of different sizes:
+    # an error that says so (torch.stack's own names no argument)
+    uneven = torch.stack([t64([0, 2, 6]), t64([0, 5, 5])])
+    for fn, arg in ((segment_expand, x[:, :2]), (segment_unpack, torch.randn(2, 2, 5, 3))):
+        with pytest.raises(ValueError, match=rf"tokcore.{fn.__name__}: under vmap with batched offsets every "
+                                             r"sample's output must have the same shape, but sample 0's is "
+                                             r"\[6, 3\] and sample 1's \[5, 3\]: every sample's offsets must "
+                                             r"end at the same total"):
+            torch.func.vmap(lambda y, o: fn(y, o))(arg, uneven)
 
 
 @pytest.mark.parametrize("op", FUNC_OPS)

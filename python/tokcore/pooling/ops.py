@@ -703,6 +703,12 @@ def _per_sample(op, info, in_dims, args, kwargs, empty_sample_shape):
         return args[0].new_zeros((0, *empty_sample_shape)), 0
     outs = [op(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)), **kwargs)
             for i in range(info.batch_size)]
+    for i, out in enumerate(outs[1:], 1):
+        if out.shape != outs[0].shape:  # (torch.stack's own message names no argument)
+            raise ValueError(
+                f"tokcore.{getattr(op, '__name__', 'op')}: under vmap with batched offsets every sample's "
+                f"output must have the same shape, but sample 0's is {list(outs[0].shape)} and sample {i}'s "
+                f"{list(out.shape)}: every sample's offsets must end at the same total")
     return torch.stack(outs), 0
 
 
