@@ -261,6 +261,47 @@ def test_a_resumed_run_keeps_its_training_settings_and_budget(data, tmp_path, ca
     assert steps_in(run) == 3
 
 
+def test_a_run_resumes_from_any_folder_and_its_corpus_can_move(tmp_path, capsys, monkeypatch):
+    # the corpus is saved by absolute path: a run started with a relative --data resumes
+    # from another folder; a corpus moved since is refused unless --data gives its place
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir(), elsewhere.mkdir()
+    (start / "corpus.py").write_bytes(TEXT)
+    run = tmp_path / "run"
+    monkeypatch.chdir(start)
+    assert run_cli(["train", "--data", "corpus.py", *TINY_CPU, "--out", run, "--steps", "1"], capsys)[0] == 0
+    assert load_checkpoint(run)["train_config"]["data"] == str(start / "corpus.py")
+    monkeypatch.chdir(elsewhere)
+    rc, out, err = run_cli(["train", "--out", run, "--resume", "--steps", "2", "--no-progress", "--device", "cpu"],
+                           capsys)
+    assert rc == 0, err
+    assert steps_in(run) == 2 and "keeps its training settings" not in out
+    (start / "corpus.py").rename(elsewhere / "moved.py")
+    assert_usage_error(["train", "--out", run, "--resume", "--steps", "3", "--no-progress", "--device", "cpu"],
+                       capsys, f"the run's corpus {start / 'corpus.py'} is not there any more", "--data")
+    rc, out, err = run_cli(["train", "--data", "moved.py", "--out", run, "--resume", "--steps", "3", "--no-progress",
+                            "--device", "cpu"], capsys)
+    assert rc == 0, err
+    assert f"using {elsewhere / 'moved.py'} in its place" in out
+    assert steps_in(run) == 3 and load_checkpoint(run)["train_config"]["data"] == str(elsewhere / "moved.py")
+
+
+def test_the_final_evaluation_batch_is_no_larger_than_the_training_batch(data, tmp_path, capsys, monkeypatch):
+    # a batch lowered to fit memory must not run out of it in the held-out evaluation
+    from tokcore.pooling import train as train_module
+
+    batches = []
+    real = train_module.evaluate
+
+    def recording(model, windows, batch_size, device):
+        batches.append(batch_size)
+        return real(model, windows, batch_size, device)
+
+    monkeypatch.setattr(train_module, "evaluate", recording)
+    assert run_cli(train_argv(data, "--steps", "1", "--batch-size", "1"), capsys)[0] == 0
+    assert batches == [1]
+
+
 def test_resume_takes_the_model_kind_from_the_checkpoint(data, tmp_path, capsys):
     run = tmp_path / "byte"
     assert run_cli(train_argv(data, "--model", "byte", "--out", run, "--steps", "1"), capsys)[0] == 0
@@ -283,6 +324,28 @@ def test_cli_defaults_are_the_train_configs():
             assert getattr(args, names.get(key, key)) == getattr(TrainConfig(), key), key
 
 
+def test_held_interrupts_hold_sigterm_and_sighup_too():
+    # what a job scheduler, `timeout` or a closed terminal sends: held like Ctrl-C, and
+    # a second one stops at once (train.Stopped, a KeyboardInterrupt naming the signal)
+    from tokcore.pooling.train import Stopped, _HeldInterrupts
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        outside = signal.signal(signum, signal.SIG_DFL)
+        try:
+            with _HeldInterrupts() as held:
+                os.kill(os.getpid(), signum)
+                assert held.pending == signum
+                with pytest.raises(Stopped) as e:
+                    os.kill(os.getpid(), signum)
+                assert e.value.signum == signum and isinstance(e.value, KeyboardInterrupt)
+            assert signal.getsignal(signum) == signal.SIG_DFL
+            signal.signal(signum, signal.SIG_IGN)  # nohup's: left alone
+            with _HeldInterrupts():
+                assert signal.getsignal(signum) == signal.SIG_IGN
+        finally:
+            signal.signal(signum, outside)
+
+
 def test_held_interrupts_wait_for_the_step():
     from tokcore.pooling.train import _HeldInterrupts
 
@@ -303,7 +366,8 @@ def test_held_interrupts_wait_for_the_step():
         signal.signal(signal.SIGINT, outside)
 
 
-def test_ctrl_c_saves_the_steps_done(data, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_saves_the_steps_done(data, tmp_path, signum):
     run = tmp_path / "run"
     argv = [sys.executable, "-u", "-m", "tokcore", *(str(a) for a in train_argv(data, "--out", run))]
     # SIGINT at its default in the child, whatever this process inherited (a process
@@ -316,12 +380,13 @@ def test_ctrl_c_saves_the_steps_done(data, tmp_path):
             if line.startswith("model hier"):
                 break
         time.sleep(1.5)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()  # (a no-op once it has ended)
         proc.wait()
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + signum, err  # as a shell reports a command the signal stopped
+    assert err.strip().endswith("interrupted" if signum == signal.SIGINT else "stopped (SIGTERM)"), err
     assert "Traceback" not in err and "interrupted at step" in out and "saved in" in out
     done = steps_in(run)
     assert done >= 1

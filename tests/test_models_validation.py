@@ -5,6 +5,9 @@ cannot work, and generate rejects a prompt or top_k of the wrong type."""
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
 
@@ -186,3 +189,41 @@ def test_generate_rejects_prompts_and_top_k_of_the_wrong_type(kind):
     expected = gen(b"ab")
     assert gen("ab") == gen(bytearray(b"ab")) == gen(memoryview(b"ab")) == expected
     assert model.generate(b"ab", 2, top_k=torch.tensor(3).numpy()[()]) is not None  # numpy ints are ints
+
+
+# ------------------------------------------------------------------------------ training settings
+@pytest.mark.parametrize("setting, rule", [
+    (dict(steps=-1), "steps (--steps) must be an int >= 1"),
+    (dict(steps=2.5), "steps (--steps) must be an int >= 1"),
+    (dict(steps=10**400), "steps (--steps) must be an int >= 1 and <= 9.0072e+15"),
+    (dict(steps=None, time_budget=float("nan")), "time_budget (--time-budget) must be a finite number in (0, 1e+09]"),
+    (dict(time_budget=-5.0), "time_budget (--time-budget) must be a finite number"),
+    (dict(time_budget=float("inf")), "time_budget (--time-budget) must be a finite number"),
+    (dict(grad_clip=-1.0), "grad_clip (--grad-clip) must be a finite number in [0, inf)"),
+    (dict(min_lr_ratio=5.0), "min_lr_ratio (--min-lr-ratio) must be a finite number in [0, 1]"),
+    (dict(lr=0.0), "lr (--lr) must be a finite number in (0, inf)"),
+    (dict(batch_size=0), "batch_size (--batch-size) must be an int >= 1"),
+    (dict(seq_len=0), "seq_len (--seq-len) must be an int >= 1"),
+    (dict(eval_batch_size=0), "eval_batch_size must be an int >= 1"),
+    (dict(warmup_steps=-1), "warmup_steps (--warmup) must be an int >= 0"),
+    (dict(seed=-1), "seed (--seed) must be an int >= 0"),
+    (dict(beta2=1.0), "beta2 must be a finite number in [0, 1)"),
+    (dict(schedule="step"), "schedule (--schedule) must be one of cosine, linear, constant"),
+    (dict(count_words_mwb=2), "count_words_mwb must be an int >= 4"),
+])
+def test_train_refuses_settings_it_cannot_use(setting, rule, tmp_path):
+    # the Python API is held to the command line's rules: these used to train 0 steps and
+    # report an untrained model, climb the loss (a negative grad_clip turns gradients
+    # around), or fail deep inside with a ZeroDivisionError or OverflowError
+    from tokcore.data import Corpus
+    from tokcore.errors import UsageError
+    from tokcore.pooling.train import TrainConfig, train
+
+    text = np.frombuffer(b"def f(x):\n    return x + 1\n" * 40, dtype=np.uint8)
+    corpus = Corpus(train=text.copy(), heldout=text.copy(), source="test")
+    cfg = TrainConfig(model="hier", size="tiny", seq_len=32, batch_size=2, eval_windows=2, progress=False, steps=2,
+                      device="cpu")
+    for key, value in setting.items():
+        setattr(cfg, key, value)
+    with pytest.raises(UsageError, match=re.escape(rule)):
+        train(cfg, corpus, log=lambda line: None)

@@ -13,6 +13,7 @@ import argparse
 import codecs
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,7 +245,8 @@ def _common_train_args(p: argparse.ArgumentParser, budget_help: tuple[str, str])
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate (default: 2e-3)")
     g.add_argument("--min-lr-ratio", type=_fraction, default=0.1, help="final LR / peak LR, in [0, 1] (default: 0.1)")
-    g.add_argument("--warmup", type=_nonnegative_int, default=20, help="warmup steps (default: 20)")
+    g.add_argument("--warmup", type=_nonnegative_int, default=20,
+                   help="warmup steps, at most a tenth of the run's (default: 20)")
     g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
     g.add_argument("--weight-decay", type=_nonnegative_float, default=0.1)
     g.add_argument("--grad-clip", type=_nonnegative_float, default=1.0,
@@ -667,17 +669,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # (Python's final flush would fail again)
         return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe stopped
     except FloatingPointError as e:  # the training loss became NaN or infinite
-        print(f"tokcore {args.command}: error: {e}: the run diverged; try a lower --lr", file=sys.stderr)
+        print(f"tokcore {args.command}: error: {e}: the run diverged; start it again (--overwrite) with a lower "
+              "--lr (a resumed run keeps its own)", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as e:
         if not _is_out_of_memory(e):
             raise
         print(f"tokcore {args.command}: error: out of memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-              "try a smaller --batch-size, --seq-len or --size", file=sys.stderr)
+              "try a smaller --batch-size (also the final evaluation's), --seq-len or --size", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C; or SIGTERM, SIGHUP in training (train.Stopped)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print("interrupted" if signum == signal.SIGINT else f"stopped ({signal.Signals(signum).name})",
+              file=sys.stderr)
+        return 128 + int(signum)  # as a shell reports a command the signal stopped
 
 
 if __name__ == "__main__":

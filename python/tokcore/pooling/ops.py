@@ -393,7 +393,7 @@ torch.library.register_autograd(
 
 # The backward is itself differentiable (double backward: gradient penalties,
 # Hessian-vector products). It is linear in grad_y: sum/mean spread grad_y[s] over
-# the segment's rows (mean scaled by 1 / length), so its adjoint is the segment
+# the segment's rows (divided by its length for mean), so its adjoint is the segment
 # sum/mean; max/min route grad_y[s] to the first attaining row, so the adjoint
 # gathers the incoming gradient there. As a function of x and y it is piecewise
 # constant: no gradient flows to them.

@@ -131,6 +131,53 @@ class TrainConfig:
     progress: bool = True
     count_words_mwb: int = 16           # max_word_bytes used to count words for the byte LM's words/s
 
+    def check(self) -> None:
+        """Raises UsageError naming the first setting that training cannot use. The command
+        line's options are checked by their types; this holds the Python API to the same
+        rules (a negative grad_clip, say, would turn every gradient around)."""
+        def fail(name: str, rule: str) -> None:
+            option = "" if name in ("eval_batch_size", "beta1", "beta2", "count_words_mwb") else (  # (no option)
+                " (--" + {"warmup_steps": "warmup"}.get(name, name).replace("_", "-") + ")")
+            raise UsageError(f"{name}{option} must be {rule}, got {getattr(self, name)!r}")
+
+        def whole(name: str, low: int, high: float = math.inf, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+                fail(name, f"an int >= {low}" + (f" and <= {high:g}" if high < math.inf else "")
+                     + (" (or None)" if optional else ""))
+
+        def real(name: str, low: float, high: float, low_open: bool = False, high_open: bool = False,
+                 optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                  and (v > low if low_open else v >= low) and (v < high if high_open else v <= high))
+            if not ok:
+                fail(name, f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+                     + (" (or None)" if optional else ""))
+
+        for name in ("holdout_every", "seq_len", "batch_size", "eval_windows", "eval_batch_size"):
+            whole(name, 1, 2**40)  # (past that, no machine could hold the windows)
+        whole("max_data_bytes", 1, optional=True)
+        whole("steps", 1, 2**53, optional=True)  # (tqdm and the plan count steps in floats)
+        whole("warmup_steps", 0)
+        whole("seed", 0, 2**64 - 1)
+        whole("count_words_mwb", 4)
+        real("time_budget", 0, 1e9, low_open=True, optional=True)  # (1e9 s: 31 years)
+        real("lr", 0, math.inf, low_open=True, high_open=True)
+        real("min_lr_ratio", 0, 1)
+        real("weight_decay", 0, math.inf, high_open=True)
+        real("beta1", 0, 1, high_open=True)
+        real("beta2", 0, 1, high_open=True)
+        real("grad_clip", 0, math.inf, high_open=True)  # 0: no clipping
+        if not (isinstance(self.save_every, (int, float)) and self.save_every >= 0):  # (NaN fails this)
+            fail("save_every", "a number of seconds >= 0 (0: after every step; inf: at the end only)")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            fail("schedule", "one of cosine, linear, constant")
+
 
 # fp32: everything in float32. bf16: the training steps' forward passes run under
 # torch.autocast with bfloat16 (matrix products and attention in bf16; losses, norms and
@@ -514,6 +561,19 @@ def _same_checkpoint(resume: bool | str | os.PathLike, out: str | os.PathLike) -
     return _checkpoint_path(resume).resolve() == (Path(out) / CHECKPOINT_NAME).resolve()
 
 
+def _resumed_data(saved: str, given: str | None, log: Callable[[str], None]) -> str:
+    """The corpus of a resumed run: its own (runs store its absolute path; older ones the
+    path as typed, taken from the working directory), or, where that is gone, `given`
+    (cfg.data: the command line's --data) in its place."""
+    if Path(saved).exists():
+        return os.path.abspath(saved)
+    if given is None:
+        raise UsageError(f"the run's corpus {saved} is not there any more: give its new place "
+                         "(cfg.data: the command line's --data)")
+    log(f"the run's corpus {saved} is not there any more: using {os.path.abspath(given)} in its place")
+    return os.path.abspath(given)
+
+
 def _resumed_config(cfg: TrainConfig, saved: dict[str, Any] | None, log: Callable[[str], None]) -> TrainConfig:
     """cfg with the RUN_SETTINGS of the run being resumed (`saved`: its checkpoint's
     train_config), and its budget when cfg gives none. A setting that cfg sets to other
@@ -522,13 +582,16 @@ def _resumed_config(cfg: TrainConfig, saved: dict[str, Any] | None, log: Callabl
         return cfg
     defaults = TrainConfig()
     kept = {k: saved[k] for k in RUN_SETTINGS if k in saved}
-    ignored = [f"{k}={saved[k]!r} (not {getattr(cfg, k)!r})" for k in kept
-               if getattr(cfg, k) != saved[k] and getattr(cfg, k) != getattr(defaults, k)]
+    if kept.get("data") is not None:
+        kept["data"] = _resumed_data(kept["data"], cfg.data, log)
+    ignored = [f"{k}={kept[k]!r} (not {getattr(cfg, k)!r})" for k in kept
+               if getattr(cfg, k) != kept[k] and getattr(cfg, k) != getattr(defaults, k)
+               and not (k == "data" and os.path.abspath(cfg.data) == kept[k])]
     if ignored:
         log(f"a resumed run keeps its training settings: {', '.join(ignored)}")
     if not cfg.steps and not cfg.time_budget:  # no budget given: the run's own
         kept.update(steps=saved.get("steps"), time_budget=saved.get("time_budget"))
-        budget = [f"{k}={kept[k]:g}" for k in ("steps", "time_budget") if kept[k]]
+        budget = [f"{k}={kept[k]}" for k in ("steps", "time_budget") if kept[k]]
         log(f"a resumed run without a budget keeps its own: {', '.join(budget) or 'none'}")
     return dataclasses.replace(cfg, **kept)
 
@@ -571,6 +634,9 @@ class _Run:
             cfg = _resumed_config(cfg, ckpt.get("train_config"), log)
         if not cfg.steps and not cfg.time_budget:
             raise UsageError("give steps and/or time_budget")
+        cfg.check()
+        if cfg.data is not None:  # saved absolute, so that the run resumes from any folder
+            cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
         self.cfg, self.log = cfg, log
         device = self.device = resolve_device(cfg.device)
         check_precision(cfg.precision, device)
@@ -741,7 +807,9 @@ class _Run:
                 write_error = e
         self.torch_rng.make_global()
         windows = heldout_windows(self.corpus.heldout, cfg.eval_windows, cfg.seq_len)
-        ev = evaluate(model, windows, cfg.eval_batch_size, self.device)
+        # (no more windows at once than a training step holds: a run whose batch was
+        # lowered to fit memory must not run out of it in its final evaluation)
+        ev = evaluate(model, windows, min(cfg.eval_batch_size, cfg.batch_size), self.device)
         tt = max(state["train_time"], 1e-9)
         report = {
             "model": cfg.model,
@@ -780,30 +848,52 @@ class _Run:
         return report
 
 
+class Stopped(KeyboardInterrupt):
+    """A run stopped by SIGTERM or SIGHUP (a job scheduler's stop or time limit, `timeout`,
+    a closed terminal) and saved, as Ctrl-C stops it; `signum` is the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Stopped(signum)
+
+
+# The signals held during a step, each with the handler it must have for us to take it
+# over (one that the program or `nohup` set is left alone).
+_HELD_SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+if hasattr(signal, "SIGHUP"):
+    _HELD_SIGNALS[signal.SIGHUP] = signal.SIG_DFL
+
+
 class _HeldInterrupts:
-    """Holds a Ctrl-C (SIGINT) that comes during a training step until the step is done
-    (`pending`), so that the run can save whole steps: stopped inside the optimizer's
-    step, a model would be half updated. A second Ctrl-C interrupts at once. Only where
-    Python's own handler is in place, in the main thread (where signals arrive)."""
+    """Holds a Ctrl-C (SIGINT), SIGTERM or SIGHUP that comes during a training step until
+    the step is done (`pending`: the signal's number), so that the run can save whole
+    steps: stopped inside the optimizer's step, a model would be half updated. A second
+    signal interrupts at once. Only where the default handler is in place, in the main
+    thread (where signals arrive)."""
 
     def __init__(self) -> None:
-        self.pending = False
-        self.previous = None
+        self.pending: int | None = None
+        self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_HeldInterrupts":
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self.previous = signal.signal(signal.SIGINT, self._hold)
+        if threading.current_thread() is threading.main_thread():
+            for signum, default in _HELD_SIGNALS.items():
+                if signal.getsignal(signum) == default:
+                    self.previous[signum] = signal.signal(signum, self._hold)
         return self
 
     def _hold(self, signum, frame) -> None:
-        if self.pending:
-            raise KeyboardInterrupt
-        self.pending = True
+        if self.pending is not None:
+            raise _interrupt(signum)
+        self.pending = signum
 
     def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def _take_turns(runs: list[_Run], save_on_interrupt: bool = False) -> None:
@@ -812,15 +902,16 @@ def _take_turns(runs: list[_Run], save_on_interrupt: bool = False) -> None:
     done. So the runs share the machine's speed changes (on a shared VM they move step
     times by 20% within minutes) instead of one meeting a fast machine and the next a
     slow one; a plan made from the first steps can still miss for all of them. Alone, a
-    run just plans and trains. Ctrl-C stops the runs after the step in progress (and,
-    with save_on_interrupt, saves each one's checkpoint), then raises KeyboardInterrupt."""
+    run just plans and trains. Ctrl-C, SIGTERM or SIGHUP stops the runs after the step in
+    progress (and, with save_on_interrupt, saves each one's checkpoint), then raises
+    KeyboardInterrupt (Stopped, a subclass, for SIGTERM and SIGHUP)."""
     timers = [(run, run.step_timer()) for run in runs]
     timers = [(run, timer) for run, timer in timers if timer is not None]
     _time_in_turns([timer for _, timer in timers])
     for run, timer in timers:
         run.plan(timer)
     del timers  # the timers' model copies
-    interrupted = False
+    interrupted = None  # the signal that stopped the runs
     try:
         for position, run in enumerate(runs):
             run.open_bar(position)
@@ -830,17 +921,17 @@ def _take_turns(runs: list[_Run], save_on_interrupt: bool = False) -> None:
                 if not left:
                     break
                 min(left, key=_Run.progress).step()
-                if held.pending:
-                    interrupted = True
+                if held.pending is not None:
+                    interrupted = held.pending
                     break
     finally:
         for run in runs:
             run.close_bar()
-    if interrupted:
+    if interrupted is not None:
         if save_on_interrupt:
             for run in runs:
                 run.save_interrupted()
-        raise KeyboardInterrupt
+        raise _interrupt(interrupted)
 
 
 def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | os.PathLike = False,
@@ -854,8 +945,8 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
     its own raises UsageError (it would replace that run).
     overwrite: start a new run even if `cfg.out` holds one (its checkpoint and report are
     replaced); without it, or resume, such a folder raises UsageError before any work.
-    Ctrl-C stops after the step in progress, saves a checkpoint of the steps done (in
-    `cfg.out`) and raises KeyboardInterrupt. A checkpoint or report that cannot be
+    Ctrl-C (SIGTERM, SIGHUP) stops after the step in progress, saves a checkpoint of the
+    steps done (in `cfg.out`) and raises KeyboardInterrupt (Stopped for SIGTERM, SIGHUP). A checkpoint or report that cannot be
     written raises OutputWriteError (after logging the report).
     """
     run = _Run(cfg, corpus, resume, log, overwrite)
