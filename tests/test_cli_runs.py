@@ -258,6 +258,7 @@ def test_a_resumed_run_keeps_its_training_settings_and_budget(data, tmp_path, ca
                            capsys)
     assert rc == 0, err
     assert "keeps its own: steps=3" in out and "planned" not in out
+    assert "the run already has 3 steps (steps=3): nothing more to train" in out
     assert steps_in(run) == 3
 
 

@@ -553,6 +553,29 @@ def _record_lrs(monkeypatch):
     return lambda: [lrs.get(id(o), []) for o in made]
 
 
+def test_timing_stops_early_when_the_steps_cap_binds(corpus_dir, monkeypatch):
+    # steps=3 in a 1000 s budget at 1 s a step: the cap is the plan, so the timing stops
+    # at its minimum (5 steps), not after 2% of the budget (20 s) or 50 steps
+    _fake_clock(monkeypatch, lambda i: 1.0)
+    lrs = _record_lrs(monkeypatch)
+    logs = []
+    r = train(_cfg(corpus_dir, steps=3, time_budget=1000.0), log=logs.append)
+    assert r["steps"] == 3 and "planned 3 steps for the 1000s budget (1s per step, the median of 5 timed steps)" in logs
+    assert len(lrs()[1]) == 6  # the timing's optimizer: one untimed step, then 5 timed ones
+    # a cap that may not bind (160 steps of 1 s, not twice within 300 s): timed as before,
+    # until 2% of the budget (6 s)
+    from tokcore.pooling.train import _StepTimer
+
+    timer = _StepTimer.__new__(_StepTimer)  # (its done() alone: no model to time)
+    timer.cfg, timer.steps_left, timer.budget_left = TrainConfig(time_budget=300.0, steps=160), 160, 300.0
+    for timed, done in ((5, False), (6, True)):
+        timer.times = [1.0] * timed
+        assert timer.done() == done, timed
+    timer.steps_left = 150  # 2 x 150 s fits: the cap binds
+    timer.times = [1.0] * 5
+    assert timer.done()
+
+
 def test_time_budget_run_is_the_run_of_its_planned_steps(corpus_dir, monkeypatch):
     # each step takes 1 s, so a 4 s budget plans 4 steps (5 are timed: 2% of 4 s is less);
     # the run is then, to the bit, the run of steps=4: the timing, on copies with a random
@@ -1179,6 +1202,37 @@ def test_evaluate_bpb_is_code_length():
     assert ev["bytes"] == 128
     assert ev["bpb"] == pytest.approx(out["nll"].item() / np.log(2) / 128, rel=1e-4)
     assert ev["bpb"] > 7  # untrained: about log2(257) bits per symbol, more than one symbol per byte
+
+
+def test_compare_interrupted_keeps_each_models_run(corpus_dir, tmp_path, monkeypatch):
+    # Ctrl-C in a compare: each model's steps so far are saved in its folder, where
+    # `train --resume` can go on with it alone
+    import os
+    import signal
+
+    import tokcore.pooling.train as train_module
+
+    steps = []
+    real_step = train_module._Run.step
+
+    def step_then_interrupt(run):
+        real_step(run)
+        steps.append(run.cfg.model)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # held until the step is done, as in a terminal
+
+    monkeypatch.setattr(train_module._Run, "step", step_then_interrupt)
+    outside = signal.signal(signal.SIGINT, signal.default_int_handler)
+    logs = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            compare(_cfg(corpus_dir, steps=50), out=tmp_path / "cmp", log=logs.append)
+    finally:
+        signal.signal(signal.SIGINT, outside)
+    for kind in ("hier", "byte"):
+        saved = load_checkpoint(tmp_path / "cmp" / kind)["state"]["counters"]["step"]
+        assert saved == steps.count(kind) >= 1
+        assert any(line.startswith(f"[{kind}] interrupted at step {saved}: saved in") for line in logs)
 
 
 def test_compare_writes_table(corpus_dir, tmp_path):

@@ -333,9 +333,12 @@ class _StepTimer:
     state forked from the current one: the run's model, optimizer and random streams are
     left as they were. One untimed step first (lazy set-up), then at least
     PLAN_MIN_TIMED_STEPS steps and PLAN_MIN_BUDGET_FRACTION of the budget, at most
-    PLAN_MAX_TIMED_STEPS."""
+    PLAN_MAX_TIMED_STEPS; fewer once the steps left (`steps_left`: cfg.steps' cap) clearly
+    fit the budget left (`budget_left`), since the cap then is the plan."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, data: np.ndarray, device: torch.device):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, data: np.ndarray, device: torch.device,
+                 steps_left: int | None = None, budget_left: float | None = None):
+        self.steps_left, self.budget_left = steps_left, budget_left
         self.probe = copy.deepcopy(model)
         self.opt = _make_optimizer(self.probe, cfg)
         self.rng = np.random.default_rng([cfg.seed, 1])  # the run draws from default_rng(cfg.seed)
@@ -345,8 +348,12 @@ class _StepTimer:
 
     def done(self) -> bool:
         t = self.times
-        return t is not None and (len(t) >= PLAN_MAX_TIMED_STEPS or (
-            len(t) >= PLAN_MIN_TIMED_STEPS and sum(t) >= PLAN_MIN_BUDGET_FRACTION * self.cfg.time_budget))
+        if t is None or len(t) < PLAN_MIN_TIMED_STEPS:
+            return False
+        if self.steps_left is not None and self.budget_left is not None:  # the cap binds: 2x room
+            if 2 * float(np.median(t)) * self.steps_left <= self.budget_left:
+                return True
+        return len(t) >= PLAN_MAX_TIMED_STEPS or sum(t) >= PLAN_MIN_BUDGET_FRACTION * self.cfg.time_budget
 
     def step(self) -> None:
         with self.torch_rng.active():
@@ -682,6 +689,8 @@ class _Run:
             except _MISMATCH_ERRORS as e:
                 raise _mismatch(src, e, "checkpoint's training state does not fit its model") from e
             log(f"resumed from step {self.state['step']} ({self.state['train_time']:.0f}s trained)")
+            if cfg.steps and self.state["step"] >= cfg.steps:
+                log(f"the run already has {self.state['step']} steps (steps={cfg.steps}): nothing more to train")
         self.torch_rng = _RandomState(device)  # from here on, this run's draws come from its own state
         self.n_params = count_parameters(model)
         log(f"model {cfg.model}: {self.n_params / 1e6:.2f}M parameters on {device} ({cfg.precision}); "
@@ -712,7 +721,9 @@ class _Run:
             self._set_plan(state["step"], "the budget is spent")
             return None
         with self.torch_rng.active():  # the timer forks this run's torch state
-            return _StepTimer(self.model, cfg, self.corpus.train, self.device)
+            return _StepTimer(self.model, cfg, self.corpus.train, self.device,
+                              steps_left=cfg.steps - state["step"] if cfg.steps else None,
+                              budget_left=cfg.time_budget - state["train_time"])
 
     def plan(self, timer: _StepTimer) -> None:
         per_step, timed = timer.result()
@@ -1042,7 +1053,7 @@ def compare(base: TrainConfig, out: str | os.PathLike | None = None, log: Callab
     # the models take turns, a step at a time, so that the machine's speed changes
     # reach both alike: each one's steps are still what they would be alone
     log(f"timing, then training, {' and '.join(models)} in turns, a step at a time")
-    _take_turns(runs)
+    _take_turns(runs, save_on_interrupt=True)  # (Ctrl-C: each model's run is kept, and can go on alone)
     reports = []
     for kind, run in zip(models, runs):
         r = run.finish()
