@@ -1,14 +1,17 @@
-"""load_corpus: the held-out split of a folder with few files, unreadable files and
-folders (skipped, and said so in Corpus.notes), and an empty --data."""
+"""load_corpus: the held-out split of a folder with few files, unreadable, binary and
+empty files and unreadable folders (skipped, and said so in Corpus.notes), linked
+folders (followed, loops skipped), max_bytes on a single file, an empty --data, and
+Corpus.describe."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tokcore.data import list_files, load_corpus
+from tokcore.data import Corpus, list_files, load_corpus
 from tokcore.errors import UsageError
 
 
@@ -124,3 +127,95 @@ def test_an_empty_data_path_is_a_usage_error(tmp_path, monkeypatch):
     for data in ("", b""):
         with pytest.raises(UsageError, match="^--data: an empty path$"):
             load_corpus(data)
+
+
+def test_symlinked_folders_are_followed_and_loops_skipped(tmp_path):
+    # os.walk did not follow links to folders (links to files were): a corpus made of
+    # linked folders lost them without a note, or was "no readable text files"
+    corp = tmp_path / "corp"
+    (corp / "sub").mkdir(parents=True)
+    (corp / "a.py").write_bytes(_lines(30, "a"))
+    (corp / "sub" / "b.py").write_bytes(_lines(30, "b"))
+    only_linked = tmp_path / "linked"
+    only_linked.mkdir()
+    (only_linked / "code").symlink_to(corp, target_is_directory=True)
+    c = load_corpus(only_linked)
+    assert c.train.tobytes() + c.heldout.tobytes() == _lines(30, "a") + _lines(30, "b")
+    assert not any("symbolic link" in note for note in c.notes)
+
+    mixed = tmp_path / "mixed"
+    (mixed / "real").mkdir(parents=True)
+    (mixed / "real" / "c.py").write_bytes(_lines(30, "c"))
+    (mixed / "code").symlink_to(corp, target_is_directory=True)
+    (mixed / "real" / "loop").symlink_to(mixed, target_is_directory=True)  # a loop: listed once
+    (mixed / "zz").symlink_to(mixed / "real", target_is_directory=True)  # a second link to real: listed once
+    repeats: list[Path] = []
+    files = list_files(mixed, "*", repeats=repeats)
+    assert [p.relative_to(mixed).as_posix() for p in files] == ["code/a.py", "code/sub/b.py", "real/c.py"]
+    assert repeats == [mixed / "real" / "loop", mixed / "zz"]  # in the walk's sorted order
+    assert list_files(mixed) == files  # deterministic, and without a list the same files
+    c = load_corpus(mixed, holdout_every=3)
+    assert (c.train.tobytes(), c.heldout.tobytes()) == (_lines(30, "a") + _lines(30, "b"), _lines(30, "c"))
+    assert c.notes == [f"skipped 2 folders reached again through a symbolic link (a loop, or a second link to a "
+                       f"folder already read; first: {mixed / 'real' / 'loop'})"]
+
+
+def test_a_single_file_reads_only_max_bytes(tmp_path):
+    # the whole file was read, then cut to max_bytes: 3 GB held to use 100 KB
+    import tracemalloc
+
+    head = _lines(200, "v")
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.write(head)
+        f.truncate(50_000_000)  # sparse: quick to make, 50 MB to read
+    tracemalloc.start()
+    try:
+        c = load_corpus(big, max_bytes=1000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert c.train.tobytes() + c.heldout.tobytes() == head[:1000]
+    assert len(c.heldout) >= 1000 // 20 and c.heldout.tobytes().startswith(b"v_")  # cut at a line start
+    assert peak < 1_000_000, peak
+    assert c.train.flags.writeable and c.heldout.flags.writeable  # copies, as before, not views of read-only bytes
+    small = tmp_path / "small.txt"
+    small.write_bytes(head)
+    whole = load_corpus(small, max_bytes=10 * len(head))  # more than the file: all of it
+    assert whole.train.tobytes() + whole.heldout.tobytes() == head
+
+
+def test_binary_files_are_counted(tmp_path):
+    # skipped without a word, unlike unreadable files: a folder of UTF-16 text (NUL
+    # bytes) was mostly dropped silently. Empty files, which hold nothing to miss, are
+    # named only when no text is left (the stdlib has 28 empty __init__.py files)
+    (tmp_path / "a.py").write_bytes(_lines(50, "a"))
+    (tmp_path / "b.txt").write_bytes("utf-16 text".encode("utf-16"))
+    (tmp_path / "c.bin").write_bytes(b"\x00\x01" * 100)
+    (tmp_path / "d.py").write_bytes(b"")
+    (tmp_path / "e.py").write_bytes(_lines(50, "e"))
+    c = load_corpus(tmp_path, holdout_every=2)
+    assert (c.train.tobytes(), c.heldout.tobytes()) == (_lines(50, "a"), _lines(50, "e"))
+    assert c.notes == [f"skipped 2 binary files (a NUL byte in the first 4096 bytes; first: {tmp_path / 'b.txt'})"]
+    (tmp_path / "e.py").unlink()
+    (tmp_path / "c.bin").unlink()
+    (tmp_path / "f.py").write_bytes(b"")
+    c = load_corpus(tmp_path, holdout_every=2)
+    assert "skipped 1 binary file (a NUL byte in the first 4096 bytes; first: " in c.notes[0]
+    assert c.notes[0].endswith("b.txt)") and "empty" not in " ".join(c.notes)
+    (tmp_path / "a.py").unlink()
+    with pytest.raises(UsageError, match=r"no readable text files .*; skipped 1 binary file .*; skipped 2 empty files$"):
+        load_corpus(tmp_path)
+    (tmp_path / "b.txt").unlink()
+    with pytest.raises(UsageError, match=r"; skipped 2 empty files$"):
+        load_corpus(tmp_path)
+
+
+def test_describe_shows_small_splits_and_one_file():
+    # "0.00 MB held out (1 files)" read as empty for a few KB
+    z = lambda n: np.zeros(n, dtype=np.uint8)  # noqa: E731
+    assert (Corpus(z(2_500_000), z(4_321), "src", 7, 1).describe()
+            == "src: 2.50 MB train (7 files), 4.3 KB held out (1 file)")
+    assert (Corpus(z(10_000), z(999), "src", 1, 2).describe()
+            == "src: 0.01 MB train (1 file), 999 bytes held out (2 files)")
+    assert Corpus(z(1), z(0), "src", 1, 0).describe() == "src: 1 byte train (1 file), 0 bytes held out (0 files)"

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import tokcore  # noqa: F401  (loads the ops)
-from tokcore.pooling.lm import BOS, ByteLM, ByteLMConfig, HierarchicalByteLM, HierConfig, _CachedWordContext
+from tokcore.pooling.lm import (BOS, ByteLM, ByteLMConfig, HierarchicalByteLM, HierConfig, NonFiniteLogitsError,
+                                _CachedWordContext, _sample)
 from tokcore.pooling.modules import DecodeCache, SegmentTransformer
 
 TINY_HIER = dict(d_model=32, n_layers=2, n_heads=2, d_local=16, n_local_heads=2, n_enc_layers=1, n_dec_layers=2,
@@ -228,6 +229,42 @@ def test_on_byte_must_be_callable():
             model.generate(b"ab", 3, on_byte=5)
 
 
+# ------------------------------------------------------------------ non-finite logits
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generating_from_non_finite_logits_raises(bad, use_cache):
+    # a diverged checkpoint: greedy printed byte 0 (argmax of NaN), sampling raised
+    # torch's own multinomial error
+    for model in _models():
+        with torch.no_grad():
+            model.head.bias[3] = bad  # one symbol: the max is NaN (or inf) all the same
+        model.train()
+        for temperature, top_k in ((0, None), (1.0, None), (0.8, 5), (1e-45, None), (1e300, 3)):
+            seen = []
+            with pytest.raises(NonFiniteLogitsError, match=r"^the model's next-byte logits are not finite "
+                               r"\(NaN or inf: a diverged checkpoint\?\): the largest is (nan|inf)$"):
+                model.generate(PROMPT, 5, temperature, top_k, torch.Generator().manual_seed(0),
+                               use_cache=use_cache, on_byte=seen.append)
+            assert seen == [] and model.training  # nothing made; the mode is restored
+    assert issubclass(NonFiniteLogitsError, ValueError)
+
+
+def test_sampling_refuses_non_finite_logits_and_keeps_the_masks():
+    logits = torch.arange(257, dtype=torch.float32)
+    logits[:200] = float("-inf")  # masked symbols: fine
+    assert _sample(logits, 0, None, None) == 256
+    assert 200 <= _sample(logits, 1.0, None, torch.Generator().manual_seed(0)) < 257
+    for bad, largest in ((float("nan"), "nan"), (float("inf"), "inf")):
+        for where in (0, 100, 256):  # wherever it is, masked or not
+            spoiled = logits.clone()
+            spoiled[where] = bad
+            for temperature in (0, 1.0, 1e300):
+                with pytest.raises(NonFiniteLogitsError, match=f"the largest is {largest}$"):
+                    _sample(spoiled, temperature, None, None)
+    with pytest.raises(NonFiniteLogitsError, match="the largest is -inf$"):  # nothing left to draw
+        _sample(torch.full((257,), float("-inf")), 1.0, None, None)
+
+
 def test_cli_generate_streams_text_that_decodes_as_a_whole(monkeypatch, capsys, tmp_path):
     # the CLI prints each byte as it comes through an incremental UTF-8 decoder: a
     # character split between prompt and output, or across bytes, and invalid bytes
@@ -287,3 +324,19 @@ def test_cli_generate_ends_the_line_when_interrupted(monkeypatch, capsys, tmp_pa
     out, err = capsys.readouterr()
     assert rc == 130 and err == "interrupted\n"
     assert out == "x ok \ufffd\n"  # the held-back bytes, then the line's end, before the message
+
+
+def test_cli_generate_reports_non_finite_logits(monkeypatch, capsys, tmp_path):
+    # a diverged checkpoint: one error line (exit status 1), not a traceback or NUL bytes
+    from tokcore import cli
+    import tokcore.pooling.train as train
+
+    model = _models()[0]
+    with torch.no_grad():
+        model.head.bias[0] = float("nan")
+    monkeypatch.setattr(train, "load_model", lambda path, device: model)
+    rc = cli.main(["generate", str(tmp_path), "--prompt", "x ", "--device", "cpu", "--temperature", "0"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == "x \n"  # the prompt's line ended
+    assert err == ("tokcore generate: error: the model's next-byte logits are not finite (NaN or inf: a diverged "
+                   "checkpoint?): the largest is nan\n")

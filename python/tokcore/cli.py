@@ -668,6 +668,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # (Python's final flush would fail again)
         return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe stopped
+    except ValueError as e:  # generating from a model whose outputs are NaN (a diverged checkpoint)
+        from .pooling.lm import NonFiniteLogitsError
+
+        if not isinstance(e, NonFiniteLogitsError):
+            raise
+        print(f"tokcore {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except FloatingPointError as e:  # the training loss became NaN or infinite
         print(f"tokcore {args.command}: error: {e}: the run diverged; start it again (--overwrite) with a lower "
               "--lr (a resumed run keeps its own)", file=sys.stderr)

@@ -45,14 +45,33 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def list_files(root: str | os.PathLike, pattern: str = "*", errors: list[OSError] | None = None) -> list[Path]:
+def list_files(root: str | os.PathLike, pattern: str = "*", errors: list[OSError] | None = None,
+               repeats: list[Path] | None = None) -> list[Path]:
     """Regular files under `root` whose name matches `pattern`, in a deterministic order
     (sorted by path relative to `root`); hidden folders, ``__pycache__`` and
     ``site-packages`` are skipped, and so are folders that cannot be listed (their
-    errors are appended to `errors`, if given)."""
+    errors are appended to `errors`, if given). Symbolic links to folders are followed
+    (a corpus is often put together from linked folders); a folder reached again (a
+    link loop, or a second link to a folder already listed) is skipped the second time,
+    in the walk's sorted order, and its path appended to `repeats`, if given."""
     root = Path(root)
     found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append if errors is not None else None):
+    listed: set[tuple[int, int]] = set()  # (st_dev, st_ino) of the real folders listed
+    for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append if errors is not None else None,
+                                                followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError as e:  # gone since os.walk listed it
+            if errors is not None:
+                errors.append(e)
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in listed:  # else a loop would never end, and a linked folder count twice
+            if repeats is not None:
+                repeats.append(Path(dirpath))
+            dirnames[:] = []
+            continue
+        listed.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
         for name in filenames:
             if fnmatch.fnmatch(name, pattern):
@@ -63,8 +82,11 @@ def list_files(root: str | os.PathLike, pattern: str = "*", errors: list[OSError
     return [p for _, p in found]
 
 
+_BINARY_PROBE = 4096  # a NUL byte among a file's first this many bytes: binary
+
+
 def _looks_binary(data: bytes) -> bool:
-    return b"\x00" in data[:4096]
+    return b"\x00" in data[:_BINARY_PROBE]
 
 
 def _tail_cut(raw: bytes, holdout_every: int, at_least: int = 0) -> int:
@@ -85,6 +107,42 @@ def _skipped(errors: list[OSError], what: str) -> str:
     return f"skipped {len(errors)} unreadable {what}{'' if len(errors) == 1 else 's'} (first: {where})"
 
 
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _skipped_binary(binary: list[Path]) -> str:
+    """A note on the files skipped as binary (naming the first: a folder of UTF-16 text,
+    say, is all binary to this test)."""
+    return (f"skipped {_plural(len(binary), 'binary file')} (a NUL byte in the first {_BINARY_PROBE} bytes; "
+            f"first: {binary[0]})")
+
+
+def _repeated_folders(repeats: list[Path]) -> str:
+    return (f"skipped {_plural(len(repeats), 'folder')} reached again through a symbolic link (a loop, or a "
+            f"second link to a folder already read; first: {repeats[0]})")
+
+
+def _size(n_bytes: int) -> str:
+    """A byte count for people: MB, or KB or bytes where MB to 2 decimals would read 0.00."""
+    if n_bytes >= 10_000:
+        return f"{n_bytes / 1e6:.2f} MB"
+    if n_bytes >= 1000:
+        return f"{n_bytes / 1e3:.1f} KB"
+    return _plural(n_bytes, "byte")
+
+
+def _concat(parts: list[bytes]) -> np.ndarray:
+    """The parts joined into one uint8 array, copied once (b"".join, then a copy of its
+    read-only buffer, would hold the bytes three times over)."""
+    out = np.empty(sum(len(p) for p in parts), dtype=np.uint8)
+    start = 0
+    for p in parts:
+        out[start:start + len(p)] = np.frombuffer(p, dtype=np.uint8)
+        start += len(p)
+    return out
+
+
 @dataclass
 class Corpus:
     """Training and held-out bytes (uint8 numpy arrays)."""
@@ -97,8 +155,8 @@ class Corpus:
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        return (f"{self.source}: {len(self.train) / 1e6:.2f} MB train ({self.n_train_files} files), "
-                f"{len(self.heldout) / 1e6:.2f} MB held out ({self.n_heldout_files} files)")
+        return (f"{self.source}: {_size(len(self.train))} train ({_plural(self.n_train_files, 'file')}), "
+                f"{_size(len(self.heldout))} held out ({_plural(self.n_heldout_files, 'file')})")
 
 
 def load_corpus(data: str | os.PathLike | None = None, holdout_every: int = 20, pattern: str | None = None,
@@ -112,7 +170,9 @@ def load_corpus(data: str | os.PathLike | None = None, holdout_every: int = 20, 
     With fewer than `holdout_every` files, the last ``1/holdout_every`` of their
     concatenation is held out (at least one byte), cut at a line start.
     Files and folders that cannot be read are skipped (one unreadable file should not
-    stop a run); `Corpus.notes` says how many, and these splits, one log line each.
+    stop a run), and so are binary and empty files, and folders reached again through
+    symbolic links; `Corpus.notes` says how many (of all but the empty files), and
+    these splits, one log line each.
     max_bytes: stop reading files once this many bytes have been read (keeps the same
     deterministic order and split; for quick runs and tests).
     """
@@ -128,13 +188,11 @@ def load_corpus(data: str | os.PathLike | None = None, holdout_every: int = 20, 
             raise InputNotFoundError(f"--data: {root} does not exist")
 
     if root.is_file():
-        raw = root.read_bytes()
-        if max_bytes is not None:
-            raw = raw[:max_bytes]
+        with open(root, "rb") as f:  # only what is used: the file may be far bigger than max_bytes
+            raw = f.read() if max_bytes is None else f.read(max(0, max_bytes))
         cut = _tail_cut(raw, holdout_every)
-        train = np.frombuffer(raw[:cut], dtype=np.uint8).copy()
-        held = np.frombuffer(raw[cut:], dtype=np.uint8).copy()
-        return Corpus(train, held, source, 1, 1, ["single file: split by position"])
+        whole = np.frombuffer(raw, dtype=np.uint8)  # a view: each split is copied once, writable
+        return Corpus(whole[:cut].copy(), whole[cut:].copy(), source, 1, 1, ["single file: split by position"])
 
     train_parts: list[bytes] = []
     held_parts: list[bytes] = []
@@ -142,13 +200,17 @@ def load_corpus(data: str | os.PathLike | None = None, holdout_every: int = 20, 
     index = 0
     folder_errors: list[OSError] = []
     file_errors: list[OSError] = []
-    for path in list_files(root, pattern, folder_errors):
+    repeats: list[Path] = []
+    binary: list[Path] = []
+    empty: list[Path] = []
+    for path in list_files(root, pattern, folder_errors, repeats):
         try:
             raw = path.read_bytes()
         except OSError as e:
             file_errors.append(e)
             continue
         if not raw or _looks_binary(raw):
+            (binary if raw else empty).append(path)
             continue
         index += 1
         (held_parts if index % holdout_every == 0 else train_parts).append(raw)
@@ -156,33 +218,38 @@ def load_corpus(data: str | os.PathLike | None = None, holdout_every: int = 20, 
         if max_bytes is not None and total >= max_bytes:
             break
     notes = [_skipped(errors, what) for errors, what in ((file_errors, "file"), (folder_errors, "folder")) if errors]
-    if not train_parts:
+    if binary:
+        notes.append(_skipped_binary(binary))
+    if repeats:
+        notes.append(_repeated_folders(repeats))
+    if not train_parts:  # (empty files, which hold nothing to miss, are named only here: the stdlib has 28)
         raise UsageError(f"--data: no readable text files matching {pattern!r} under {root}"
-                         + "".join(f"; {note}" for note in notes))
+                         + "".join(f"; {note}" for note in notes + ([f"skipped {_plural(len(empty), 'empty file')}"]
+                                                                     if empty else [])))
     if not held_parts:
         # fewer than holdout_every files: hold out the tail of them all, not of the last
         # file alone (which may be a byte long)
         return _split_tail(train_parts, holdout_every, source, notes)
-    train = np.frombuffer(b"".join(train_parts), dtype=np.uint8).copy()
-    held = np.frombuffer(b"".join(held_parts), dtype=np.uint8).copy()
-    return Corpus(train, held, source, len(train_parts), len(held_parts), notes)
+    return Corpus(_concat(train_parts), _concat(held_parts), source, len(train_parts), len(held_parts), notes)
 
 
 def _split_tail(parts: list[bytes], holdout_every: int, source: str, notes: list[str]) -> Corpus:
     """The Corpus of `parts` (fewer than holdout_every files) whose held-out split is the
-    tail of their concatenation; a file cut in two counts on both sides."""
+    tail of their concatenation; a file cut in two counts on both sides. Empties `parts`
+    once they are joined (the caller's list: else the bytes are held three times over)."""
+    lengths = [len(p) for p in parts]
     raw = b"".join(parts)
+    parts.clear()
     cut = _tail_cut(raw, holdout_every, at_least=1)
-    ends = np.cumsum([len(p) for p in parts])
-    n_train = sum(1 for p, end in zip(parts, ends) if end - len(p) < cut)  # parts are not empty
+    ends = np.cumsum(lengths)
+    n_train = sum(1 for n, end in zip(lengths, ends) if end - n < cut)  # parts are not empty
     n_held = sum(1 for end in ends if end > cut)
     at_line = cut == 0 or raw[cut - 1:cut] == b"\n"
-    notes.append(f"{len(parts)} text file{'' if len(parts) == 1 else 's'}, fewer than holdout_every={holdout_every}: "
+    notes.append(f"{_plural(len(lengths), 'text file')}, fewer than holdout_every={holdout_every}: "
                  f"held out the last {len(raw) - cut} of their {len(raw)} bytes (about 1/{holdout_every}, "
-                 f"{'at a line start, ' if at_line else ''}from {n_held} file{'' if n_held == 1 else 's'})")
-    train = np.frombuffer(raw[:cut], dtype=np.uint8).copy()
-    held = np.frombuffer(raw[cut:], dtype=np.uint8).copy()
-    return Corpus(train, held, source, n_train, n_held, notes)
+                 f"{'at a line start, ' if at_line else ''}from {_plural(n_held, 'file')})")
+    whole = np.frombuffer(raw, dtype=np.uint8)  # a view: each split is copied once, writable
+    return Corpus(whole[:cut].copy(), whole[cut:].copy(), source, n_train, n_held, notes)
 
 
 def pack_sequences(seqs: Sequence[bytes | np.ndarray], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,6 +54,7 @@ __all__ = [
     "count_parameters",
     "matched_byte_config",
     "SIZES",
+    "NonFiniteLogitsError",
 ]
 
 EOW = 256  # end-of-word symbol of the hierarchical decoder
@@ -136,14 +137,26 @@ def _check_heads(model: str, c: Any, width: str, heads: str, rotary: bool, split
                          "(rotary embeddings)")
 
 
+class NonFiniteLogitsError(ValueError):
+    """The model's next-byte logits hold NaN or inf (or are all -inf): there is no
+    distribution to draw from, typically because the weights diverged."""
+
+
 def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
     """One symbol drawn from softmax(logits / temperature), from the top_k most likely
     (ties with the k-th kept); temperature 0 is greedy (argmax). Any finite temperature
     >= 0 works: where scaling the float32 logits overflows (a temperature near 0, or one
     past float32's range) the symbol is drawn from the limit the distribution is at
     there, as float32 cannot hold it: greedy near 0, uniform over the symbols allowed
-    (logits above -inf, within top_k) for a huge one."""
+    (logits above -inf, within top_k) for a huge one. -inf logits are masked symbols;
+    NonFiniteLogitsError if a logit is NaN or +inf, or all are -inf."""
     logits = logits.float()
+    # else argmax picks the first NaN (byte 0) and multinomial raises torch's own error.
+    # The max is NaN if any logit is: one reduction, where isfinite() would flag the masks' -inf
+    top = logits.max().item()
+    if not math.isfinite(top):
+        raise NonFiniteLogitsError("the model's next-byte logits are not finite (NaN or inf: a diverged "
+                                   f"checkpoint?): the largest is {top}")
     if temperature <= 0:
         return int(logits.argmax())
     try:
@@ -156,9 +169,8 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: to
             kth = torch.topk(scaled, top_k).values[-1]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
         probs = torch.softmax(scaled, dim=-1).cpu()
-        # NaN where scaling overflowed (inf - inf, -inf / inf, 0 / 0): the limits below;
-        # NaN logits are the model's fault, and multinomial says so
-        if not probs.isnan().any() or logits.isnan().any():
+        # NaN where scaling overflowed (inf - inf, -inf / inf, 0 / 0): the limits below
+        if not probs.isnan().any():
             return int(torch.multinomial(probs, 1, generator=generator))
     if t < 1:  # overflowed towards 0: what temperature 0 picks (within top_k and the masks anyway)
         return int(logits.argmax())
