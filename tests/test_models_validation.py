@@ -227,3 +227,43 @@ def test_train_refuses_settings_it_cannot_use(setting, rule, tmp_path):
         setattr(cfg, key, value)
     with pytest.raises(UsageError, match=re.escape(rule)):
         train(cfg, corpus, log=lambda line: None)
+
+
+# ------------------------------------------------------------------------------ argument types
+def test_model_inputs_of_the_wrong_kind_are_named():
+    # were an AttributeError ('bytes' object has no attribute 'dtype'), a bare IndexError
+    # of the embedding (int64 bytes past 255), or an offsets error naming the rows
+    enc = BytePoolingEncoder(16, 1, 2, max_word_bytes=8)
+    offsets = _t(0, 5, 12, 16)
+    with pytest.raises(TypeError, match=r"^BytePoolingEncoder.forward: bytes must be a 1-D uint8 tensor, got bytes$"):
+        enc(TEXT, offsets)
+    with pytest.raises(ValueError, match=r"bytes must be a 1-D uint8 tensor, got torch.int64 \(16,\)$"):
+        enc(_bytes().long() + 300, offsets)
+    with pytest.raises(ValueError, match=r"bytes must be a 1-D uint8 tensor, got torch.uint8 \(1, 16\)$"):
+        enc(_bytes()[None], offsets)
+    with pytest.raises(TypeError, match=r"word_offsets must be an int64 tensor, got list$"):
+        enc(_bytes(), [0, 5, 12, 16])
+    for model in (ByteLM(ByteLMConfig(**TINY_BYTE)), HierarchicalByteLM(HierConfig(**TINY_HIER))):
+        name = type(model).__name__
+        with pytest.raises(TypeError, match=rf"^{name}.forward: bytes must be a 1-D uint8 tensor, got list$"):
+            model(list(TEXT), _t(0, 16))
+        with pytest.raises(TypeError, match=rf"^{name}.forward: cu_seqlens must be a 1-D int64 tensor \[B\+1\], "
+                                            r"got NoneType$"):
+            model(_bytes(), None)
+    st = SegmentTransformer(16, 1, 2, causal=True)
+    with pytest.raises(ValueError, match=r"^SegmentTransformer: x must be \[rows, d_model=16\], got \(1, 5, 16\)$"):
+        st(torch.randn(1, 5, 16), _t(0, 5))
+    with pytest.raises(ValueError, match=r"got \(5, 8\)$"):
+        st(torch.randn(5, 8), _t(0, 5))
+    with pytest.raises(TypeError, match=r"x must be a tensor \[rows, d_model=16\], got list$"):
+        st([[0.0] * 16], _t(0, 1))
+
+
+def test_constructor_arguments_of_the_wrong_type_are_named():
+    # were a TypeError from a comparison ('<' not supported between str and int)
+    with pytest.raises(ValueError, match=r"^max_word_bytes must be an int >= 4, got '8'$"):
+        BytePoolingEncoder(16, 1, 2, max_word_bytes="8")
+    with pytest.raises(ValueError, match=r"^max_word_bytes must be an int >= 4, got 3$"):
+        BytePoolingEncoder(16, 1, 2, max_word_bytes=3)
+    with pytest.raises(ValueError, match=r"^dropout must be in \[0, 1\], got '0.1'$"):
+        SegmentTransformer(16, 1, 2, causal=True, dropout="0.1")

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .modules import (
     BytePoolingEncoder,
     SegmentTransformer,
+    check_byte_tensor,
     check_dropout,
     check_segment_offsets,
     check_sizes,
@@ -106,12 +107,13 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def _check_bytes(bytes: Tensor, where: str) -> None:
-    if bytes.dtype != torch.uint8 or bytes.dim() != 1:
-        raise ValueError(f"{where}: bytes must be a 1-D uint8 tensor, got {bytes.dtype} {tuple(bytes.shape)}")
+    check_byte_tensor(bytes, where)
 
 
 def _check_input(bytes: Tensor, cu_seqlens: Tensor, where: str) -> None:
     _check_bytes(bytes, where)
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"{where}: cu_seqlens must be a 1-D int64 tensor [B+1], got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int64 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"{where}: cu_seqlens must be a 1-D int64 tensor [B+1], got {cu_seqlens.dtype} "
                          f"{tuple(cu_seqlens.shape)}")

@@ -96,6 +96,15 @@ def check_word_lengths(word_offsets: Tensor, max_word_bytes: int, total: int | N
                          "(its extra bytes would be ignored); segment with word_boundaries(..., max_word_bytes)")
 
 
+def check_byte_tensor(bytes: Tensor, where: str, name: str = "bytes") -> None:
+    """TypeError or ValueError, naming `name`, unless `bytes` is a 1-D uint8 tensor (the
+    byte embeddings have 256 rows: uint8 is in range by its type, with no read of values)."""
+    if not isinstance(bytes, Tensor):
+        raise TypeError(f"{where}: {name} must be a 1-D uint8 tensor, got {type(bytes).__name__}")
+    if bytes.dtype != torch.uint8 or bytes.dim() != 1:
+        raise ValueError(f"{where}: {name} must be a 1-D uint8 tensor, got {bytes.dtype} {tuple(bytes.shape)}")
+
+
 def is_int(v) -> bool:
     """An integer (numpy's too), not a bool."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -110,7 +119,7 @@ def check_sizes(minimum: int = 1, where: str = "", **sizes: int) -> None:
 
 
 def check_dropout(dropout: float, where: str = "") -> None:
-    if not 0 <= dropout <= 1:
+    if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
         raise ValueError(f"{where + ': ' if where else ''}dropout must be in [0, 1], got {dropout!r}")
 
 
@@ -398,6 +407,11 @@ class SegmentTransformer(nn.Module):
 
     def forward(self, x: Tensor, offsets: Tensor, max_len: int | None = None, *,
                 check_offsets: bool = True, check_max_len: bool = True) -> Tensor:
+        d_model = self.ln_f.normalized_shape[0]
+        if not isinstance(x, Tensor):
+            raise TypeError(f"SegmentTransformer: x must be a tensor [rows, d_model={d_model}], got {type(x).__name__}")
+        if x.dim() != 2 or x.shape[1] != d_model:  # (else the offsets' check would name the rows)
+            raise ValueError(f"SegmentTransformer: x must be [rows, d_model={d_model}], got {tuple(x.shape)}")
         if check_offsets and (check_max_len or max_len is None) and not torch.compiler.is_compiling():
             # the read of the longest segment checks the offsets too (no extra sync)
             longest = check_segment_offsets(offsets, x.shape[0], "SegmentTransformer: offsets")
@@ -462,9 +476,8 @@ class BytePoolingEncoder(nn.Module):
         super().__init__()
         if pool not in POOL_MODES:
             raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
-        if max_word_bytes < 4:
-            raise ValueError(f"max_word_bytes must be >= 4, got {max_word_bytes}")
-        check_sizes(d_model=d_model, n_heads=n_heads, max_word_bytes=max_word_bytes)
+        check_sizes(d_model=d_model, n_heads=n_heads)
+        check_sizes(4, max_word_bytes=max_word_bytes)  # (word_boundaries' own minimum)
         if d_out is not None:
             check_sizes(d_out=d_out)
         # attention pooling splits d_model into heads even without local layers (which check it)
@@ -521,6 +534,10 @@ class BytePoolingEncoder(nn.Module):
         (its extra bytes would be dropped silently); the check reads the longest word (a
         host sync on CUDA), and then no op checks word_offsets again. `encode` skips it,
         for offsets made by `segment`."""
+        check_byte_tensor(bytes, "BytePoolingEncoder.forward")
+        if not isinstance(word_offsets, Tensor):
+            raise TypeError(f"BytePoolingEncoder.forward: word_offsets must be an int64 tensor, got "
+                            f"{type(word_offsets).__name__}")
         check_word_lengths(word_offsets, self.max_word_bytes, bytes.numel(),
                            "BytePoolingEncoder.forward: word_offsets")
         # that checked the offsets too, except under torch.compile (where the ops check them)
