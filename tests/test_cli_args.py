@@ -102,6 +102,13 @@ def train_argv(files, *extra):
     (["--steps", "abc"], "--steps"),
     (["--resume"], "--resume"),                           # no path and no --out
     (["--precision", "fp16"], "--precision"),
+    # past anything a run could use: were an overflow deep inside, or modules built until killed
+    (["--threads", str(10**20)], "--threads"),
+    (["--n-layers", "100000"], "--n-layers"),
+    (["--d-model", str(10**20)], "--d-model"),
+    (["--n-enc-layers", "5000"], "--n-enc-layers"),
+    (["--steps", str(10**400)], "--steps"),
+    (["--time-budget", "1e308"], "--time-budget"),
 ])
 def test_train_rejects_bad_values(files, capsys, extra, option):
     assert_usage_error(train_argv(files, *extra), capsys, f"argument {option}" if option != "--n-heads"
@@ -155,6 +162,7 @@ def test_demo_and_bench_reject_bad_values(capsys):
     assert_usage_error(["demo", "--seconds", "nan"], capsys, "argument --seconds")
     assert_usage_error(["demo", "--only", "nosuch"], capsys, "argument --only", "nosuch")
     assert_usage_error(["bench", "--device", "tpu"], capsys, "argument --device")
+    assert_usage_error(["demo", "--threads", str(10**20)], capsys, "argument --threads", "must be in [1, 65536]")
 
 
 def test_valid_edge_values_are_accepted():

@@ -106,6 +106,21 @@ def _int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
 
 _positive_int = _int_at_least(1)
 _nonnegative_int = _int_at_least(0)
+# Caps on what no run here could use, so that a typo (an extra digit or ten) is an error
+# naming the option rather than an overflow deep inside, or modules built until the
+# process is killed.
+_thread_count = _int_at_least(1, 65536)
+_model_width = _int_at_least(1, 65536)
+_layer_count = _int_at_least(1, 1024)
+_local_layer_count = _int_at_least(0, 1024)
+_step_count = _int_at_least(1, 2**53)  # (TrainConfig.check's caps: steps are counted in floats too)
+
+
+def _time_budget(s: str) -> float:
+    v = _positive_float(s)
+    if v > 1e9:  # 31 years
+        raise argparse.ArgumentTypeError(f"must be at most 1e9 seconds, got {s}")
+    return v
 # The largest --max-word-bytes: the model packs every word into max_word_bytes slots,
 # so memory grows with it; past this, words are cut anyway in any text we train on.
 MAX_WORD_BYTES_OPTION = 256
@@ -184,7 +199,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    p.add_argument("--threads", type=_thread_count, help="torch CPU threads")
 
 
 def _demo_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -215,8 +230,8 @@ def _demo_run(args: argparse.Namespace) -> int:
 def _common_train_args(p: argparse.ArgumentParser, budget_help: tuple[str, str]) -> None:
     """budget_help: the command's own help for --steps and --time-budget."""
     g = p.add_argument_group("budget")
-    g.add_argument("--steps", type=_positive_int, help=budget_help[0])
-    g.add_argument("--time-budget", type=_positive_float, metavar="SECONDS", help=budget_help[1])
+    g.add_argument("--steps", type=_step_count, help=budget_help[0])
+    g.add_argument("--time-budget", type=_time_budget, metavar="SECONDS", help=budget_help[1])
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="PATH",
                    help="a folder or a file (default: the Python standard library's *.py files)")
@@ -232,12 +247,12 @@ def _common_train_args(p: argparse.ArgumentParser, budget_help: tuple[str, str])
                    help="fixed held-out windows for the final bits/byte (default: 64)")
     g = p.add_argument_group("model")
     g.add_argument("--size", help="size preset: tiny | small | base (default: small)")
-    g.add_argument("--d-model", type=_positive_int, help="backbone width")
-    g.add_argument("--n-layers", type=_positive_int, help="backbone layers")
-    g.add_argument("--n-heads", type=_positive_int, help="backbone heads")
-    g.add_argument("--d-local", type=_positive_int, help="hier: byte encoder/decoder width")
-    g.add_argument("--n-enc-layers", type=_nonnegative_int, help="hier: byte encoder layers")
-    g.add_argument("--n-dec-layers", type=_nonnegative_int, help="hier: byte decoder layers")
+    g.add_argument("--d-model", type=_model_width, help="backbone width")
+    g.add_argument("--n-layers", type=_layer_count, help="backbone layers")
+    g.add_argument("--n-heads", type=_model_width, help="backbone heads")
+    g.add_argument("--d-local", type=_model_width, help="hier: byte encoder/decoder width")
+    g.add_argument("--n-enc-layers", type=_local_layer_count, help="hier: byte encoder layers")
+    g.add_argument("--n-dec-layers", type=_local_layer_count, help="hier: byte decoder layers")
     g.add_argument("--max-word-bytes", type=_int_at_least(4, MAX_WORD_BYTES_OPTION),
                    help=f"hier: longest word in bytes, 4..{MAX_WORD_BYTES_OPTION}; longer words are cut (default 16; "
                         "the encoder and decoder hold words x max_word_bytes byte slots)")
@@ -254,7 +269,7 @@ def _common_train_args(p: argparse.ArgumentParser, budget_help: tuple[str, str])
     g.add_argument("--seed", type=_seed, default=0)
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    g.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    g.add_argument("--threads", type=_thread_count, help="torch CPU threads")
     g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: each training step's forward pass under bfloat16 autocast, with weights, "
                         "gradients and optimizer state in fp32 (faster on GPUs from sm_80 and CPUs with "
