@@ -229,6 +229,9 @@ def test_resume_warns_about_model_options(files, capsys):
     assert rc == 0 and "Traceback" not in err
     assert "tokcore train: warning: ignoring" in err and "--size" in err and "--pool" in err
     assert "checkpoint's model" in err
+    assert "--d-model" not in err and "--n-layers" not in err  # given as the run has them: not named
+    rc, out, err = run_cli(train_argv(files, "--out", run, "--resume", "--steps", "3"), capsys)
+    assert rc == 0 and "ignoring" not in err  # all the model options given, all as the run has them
 
 
 # ------------------------------------------------------------------------------ options reach the run

@@ -400,9 +400,13 @@ def _train_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     if args.resume:
         source = args.out if args.resume is True else args.resume
         try:
-            kind = load_checkpoint(source)["kind"]  # checks the file too
+            ckpt = load_checkpoint(source)  # checks the file too
         except UsageError as e:
             parser.error(f"argument --resume: {e}")
+        kind = ckpt["kind"]
+        # what the run has, to warn only about options given otherwise
+        has = dict(ckpt.get("model_config") or {}, size=(ckpt.get("train_config") or {}).get("size"))
+        del ckpt
         if args.model is not None and args.model != kind:
             parser.error(f"argument --model: the checkpoint holds a {kind!r} model; pass --model {kind}, or "
                          "leave --model out")
@@ -414,7 +418,7 @@ def _train_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         if ignored:
             _warn("train", f"ignoring {', '.join(ignored)}: options of the hier model, not of --model byte")
     if args.resume:
-        given = [_opt(k) for k in ("size",) + _MODEL_OPTS if getattr(args, k) is not None]
+        given = [_opt(k) for k in ("size",) + _MODEL_OPTS if getattr(args, k) is not None and getattr(args, k) != has.get(k)]
         if given:
             _warn("train", f"ignoring {', '.join(given)}: a resumed run keeps its checkpoint's model")
     if args.resume and not args.out:

@@ -596,6 +596,8 @@ def _resumed_config(cfg: TrainConfig, saved: dict[str, Any] | None, log: Callabl
                and not (k == "data" and os.path.abspath(cfg.data) == kept[k])]
     if ignored:
         log(f"a resumed run keeps its training settings: {', '.join(ignored)}")
+    # and its model, which comes from the checkpoint: its checkpoints and report say so too
+    kept.update({k: saved[k] for k in ("size", "model_config") if k in saved})
     if not cfg.steps and not cfg.time_budget:  # no budget given: the run's own
         kept.update(steps=saved.get("steps"), time_budget=saved.get("time_budget"))
         budget = [f"{k}={kept[k]}" for k in ("steps", "time_budget") if kept[k]]
