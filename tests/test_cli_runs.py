@@ -420,6 +420,17 @@ def test_truncated_and_unreadable_checkpoints_say_so(tmp_path):
             load_checkpoint(good)
 
 
+def test_a_refused_run_leaves_no_empty_out_folder(data, tmp_path, capsys):
+    # --out is checked (it could be made) but made only when the run starts: a command
+    # refused after the check used to leave the new folder, and its parents, behind
+    out = tmp_path / "new" / "run"
+    assert_usage_error(train_argv(data, "--out", out, "--steps", "1", "--seq-len", "100000"), capsys,
+                       "fewer than seq_len=100000")
+    assert not (tmp_path / "new").exists()
+    assert run_cli(train_argv(data, "--out", out, "--steps", "1"), capsys)[0] == 0
+    assert steps_in(out) == 1
+
+
 def test_empty_paths_and_stray_files_are_usage_errors(data, tmp_path, capsys):
     assert_usage_error(train_argv(data, "--out", "", "--steps", "1"), capsys, "argument --out", "an empty path")
     assert_usage_error(["train", "--data", "", *TINY_CPU, "--steps", "1"], capsys, "argument --data", "empty path")

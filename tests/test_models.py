@@ -553,6 +553,24 @@ def _record_lrs(monkeypatch):
     return lambda: [lrs.get(id(o), []) for o in made]
 
 
+def test_ctrl_c_while_timing_steps_says_nothing_new_is_saved(corpus_dir, monkeypatch):
+    # Ctrl-C before the first training step used to end with no word of what was kept
+    import tokcore.pooling.train as train_module
+
+    calls = []
+
+    def interrupted_step(timer):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module._StepTimer, "step", interrupted_step)
+    logs = []
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(corpus_dir, steps=None, time_budget=5.0), log=logs.append)
+    assert logs[-1] == "interrupted while timing steps, before training step 1: no new step to save"
+
+
 def test_timing_stops_early_when_the_steps_cap_binds(corpus_dir, monkeypatch):
     # steps=3 in a 1000 s budget at 1 s a step: the cap is the plan, so the timing stops
     # at its minimum (5 steps), not after 2% of the budget (20 s) or 50 steps

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import math
 import os
 import signal
@@ -169,18 +170,30 @@ def _check_device(parser: argparse.ArgumentParser, device: str, allow_auto: bool
 
 
 def _check_out_dir(parser: argparse.ArgumentParser, path: str) -> None:
-    """--out: an existing folder, or one that can be created (it is created now)."""
+    """--out: an existing writable folder, or one that can be created: its nearest
+    existing parent is a writable folder. Not created here: the run makes it when it
+    starts, so that a command refused later leaves no empty folder behind."""
     if not path:
         parser.error("argument --out: an empty path")
     p = Path(path)
     if p.exists() and not p.is_dir():
         parser.error(f"argument --out: {p} exists and is not a folder")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
+    if p.is_dir():
+        if not os.access(p, os.W_OK | os.X_OK):
+            parser.error(f"argument --out: folder {p} is not writable")
+        return
+    missing = [p.absolute()]  # the folders to make, deepest first
+    while not missing[-1].parent.exists():
+        missing.append(missing[-1].parent)
+    try:  # made and removed again: only trying tells (root may write anywhere, but not into /proc)
+        for folder in reversed(missing):
+            folder.mkdir()
     except OSError as e:
         parser.error(f"argument --out: cannot create folder {p}: {e.strerror or e}")
-    if not os.access(p, os.W_OK | os.X_OK):
-        parser.error(f"argument --out: folder {p} is not writable")
+    finally:
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _set_threads(args: argparse.Namespace) -> None:

@@ -920,7 +920,13 @@ def _take_turns(runs: list[_Run], save_on_interrupt: bool = False) -> None:
     KeyboardInterrupt (Stopped, a subclass, for SIGTERM and SIGHUP)."""
     timers = [(run, run.step_timer()) for run in runs]
     timers = [(run, timer) for run, timer in timers if timer is not None]
-    _time_in_turns([timer for _, timer in timers])
+    try:
+        _time_in_turns([timer for _, timer in timers])
+    except KeyboardInterrupt:  # (the timed steps are thrown away anyway: no new step to save)
+        for run, _ in timers:
+            run.log(f"interrupted while timing steps, before training step {run.state['step'] + 1}: "
+                    "no new step to save")
+        raise
     for run, timer in timers:
         run.plan(timer)
     del timers  # the timers' model copies
