@@ -85,7 +85,9 @@ struct SegmentPieces {
   Piece piece(int64_t p, int64_t index, const RowsOf& rows_of) const {
     while (first_piece[size_t(index) + 1] <= p) ++index;
     const RowRange rows = rows_of(segments[size_t(index)]);
-    const int64_t begin = rows.begin + (p - first_piece[size_t(index)]) * piece_rows;
+    // (within the segment's rows as read now: offsets that another thread changed since
+    // the count must give an empty piece, not one reaching past the segment)
+    const int64_t begin = std::min(rows.end, rows.begin + (p - first_piece[size_t(index)]) * piece_rows);
     return Piece{p, index, RowRange{begin, std::min(rows.end, begin + piece_rows)}, rows};
   }
   // Calls f(segment, piece) for pieces [p0, p1), in order.
@@ -155,7 +157,8 @@ void fill_narrow_rows(const Runtime& rt, const int64_t* offsets, int64_t S, int6
   parallel_for(rt, 0, T, kNarrowTaskRows, [&](int64_t r0, int64_t r1) {
     uint8_t* dst = static_cast<uint8_t*>(out);
     // the segment holding row r0: the last s with offsets[s] <= r0 (then offsets[s + 1] > r0)
-    int64_t s = int64_t(std::upper_bound(offsets, offsets + S + 1, r0) - offsets) - 1;
+    // (at least 0: offsets[0] > 0 would be offsets changed since they were checked)
+    int64_t s = std::max<int64_t>(0, int64_t(std::upper_bound(offsets, offsets + S + 1, r0) - offsets) - 1);
     for (; s < S && offsets[s] < r1; ++s) {
       const int64_t begin = std::max(offsets[s], r0), end = std::min(offsets[s + 1], r1);
       if (end <= begin) continue;  // an empty segment

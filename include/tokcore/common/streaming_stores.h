@@ -18,7 +18,6 @@
 #include <cstdint>
 #include <cstring>
 
-#include "tokcore/common/settings.h"
 
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -28,24 +27,14 @@ namespace tokcore {
 
 constexpr int64_t kCacheLineBytes = 64;
 
-// TOKCORE_CPU_STREAM_MIN_MB, read at import or tokcore.reload_settings() (so tests
-// can cover both paths).
-inline int64_t streaming_min_output_bytes() {
-  const long long mb = settings().stream_min_mb;
-  return int64_t(std::min<long long>(mb, 1LL << 40)) << 20;  // (larger: never, without overflow)
-}
-
 // Whether an output of output_bytes at out, written row by row with rows
-// row_bytes apart, should be written with streaming stores.
-inline bool use_streaming_stores(const void* out, int64_t output_bytes, int64_t row_bytes) {
-#if defined(__SSE2__)
-  return output_bytes >= streaming_min_output_bytes() &&
-         reinterpret_cast<uintptr_t>(out) % kCacheLineBytes == 0 && row_bytes % kCacheLineBytes == 0;
-#else
-  (void)out, (void)output_bytes, (void)row_bytes;
-  return false;
-#endif
-}
+// row_bytes apart, should be written with streaming stores: at least
+// TOKCORE_CPU_STREAM_MIN_MB (read at import or tokcore.reload_settings(), so tests
+// can cover both paths), on a cache line, whole lines apart. Not inline: the
+// per-instruction-set kernels call it, and an inline copy compiled with AVX-512
+// could be the one the linker keeps for the baseline kernels too
+// (scripts/check_isa_objects.sh); it is defined in csrc/common/settings.cpp.
+bool use_streaming_stores(const void* out, int64_t output_bytes, int64_t row_bytes);
 
 // Orders this thread's streaming stores before its later stores (they are
 // weakly ordered); call once at the end of each thread's share of the work.
