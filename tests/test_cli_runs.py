@@ -367,15 +367,20 @@ def test_held_interrupts_wait_for_the_step():
         signal.signal(signal.SIGINT, outside)
 
 
+def _default_stop_signals():
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
 def test_ctrl_c_saves_the_steps_done(data, tmp_path, signum):
     run = tmp_path / "run"
     argv = [sys.executable, "-u", "-m", "tokcore", *(str(a) for a in train_argv(data, "--out", run))]
-    # SIGINT at its default in the child, whatever this process inherited (a process
-    # started in the background, as CI may be, has it ignored, and so would the child)
+    # SIGINT and SIGTERM at their defaults in the child, whatever this process inherited (a
+    # process started in the background, as CI may be, has SIGINT ignored, and so would the child)
     proc = subprocess.Popen(argv + ["--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_default_stop_signals)
     try:
         for line in proc.stdout:  # training starts after this line
             if line.startswith("model hier"):
