@@ -204,7 +204,8 @@ def test_binary_files_are_counted(tmp_path):
     assert "skipped 1 binary file (a NUL byte in the first 4096 bytes; first: " in c.notes[0]
     assert c.notes[0].endswith("b.txt)") and "empty" not in " ".join(c.notes)
     (tmp_path / "a.py").unlink()
-    with pytest.raises(UsageError, match=r"no readable text files .*; skipped 1 binary file .*; skipped 2 empty files$"):
+    with pytest.raises(UsageError,
+                       match=r"no readable text files .*; skipped 1 binary file .*; skipped 2 empty files$"):
         load_corpus(tmp_path)
     (tmp_path / "b.txt").unlink()
     with pytest.raises(UsageError, match=r"; skipped 2 empty files$"):

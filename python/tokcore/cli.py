@@ -122,6 +122,8 @@ def _time_budget(s: str) -> float:
     if v > 1e9:  # 31 years
         raise argparse.ArgumentTypeError(f"must be at most 1e9 seconds, got {s}")
     return v
+
+
 # The largest --max-word-bytes: the model packs every word into max_word_bytes slots,
 # so memory grows with it; past this, words are cut anyway in any text we train on.
 MAX_WORD_BYTES_OPTION = 256
@@ -170,9 +172,9 @@ def _check_device(parser: argparse.ArgumentParser, device: str, allow_auto: bool
 
 
 def _check_out_dir(parser: argparse.ArgumentParser, path: str) -> None:
-    """--out: an existing writable folder, or one that can be created: its nearest
-    existing parent is a writable folder. Not created here: the run makes it when it
-    starts, so that a command refused later leaves no empty folder behind."""
+    """--out: an existing writable folder, or one that can be created (tried, then
+    removed again). Not kept here: the run makes it when it starts, so that a command
+    refused later leaves no empty folder behind."""
     if not path:
         parser.error("argument --out: an empty path")
     p = Path(path)
@@ -431,7 +433,8 @@ def _train_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         if ignored:
             _warn("train", f"ignoring {', '.join(ignored)}: options of the hier model, not of --model byte")
     if args.resume:
-        given = [_opt(k) for k in ("size",) + _MODEL_OPTS if getattr(args, k) is not None and getattr(args, k) != has.get(k)]
+        given = [_opt(k) for k in ("size",) + _MODEL_OPTS
+                 if getattr(args, k) is not None and getattr(args, k) != has.get(k)]
         if given:
             _warn("train", f"ignoring {', '.join(given)}: a resumed run keeps its checkpoint's model")
     if args.resume and not args.out:

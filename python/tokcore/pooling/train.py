@@ -965,8 +965,9 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, resume: bool | str | o
     overwrite: start a new run even if `cfg.out` holds one (its checkpoint and report are
     replaced); without it, or resume, such a folder raises UsageError before any work.
     Ctrl-C (SIGTERM, SIGHUP) stops after the step in progress, saves a checkpoint of the
-    steps done (in `cfg.out`) and raises KeyboardInterrupt (Stopped for SIGTERM, SIGHUP). A checkpoint or report that cannot be
-    written raises OutputWriteError (after logging the report).
+    steps done (in `cfg.out`) and raises KeyboardInterrupt (Stopped for SIGTERM and
+    SIGHUP). A checkpoint or report that cannot be written raises OutputWriteError
+    (after logging the report).
     """
     run = _Run(cfg, corpus, resume, log, overwrite)
     _take_turns([run], save_on_interrupt=True)
