@@ -1,17 +1,12 @@
-// The run-time switches: see tokcore/common/settings.h; and use_streaming_stores,
-// which reads one. Built with the baseline flags only (not per instruction set), so
-// one copy serves every kernel variant.
+// The run-time switches: see tokcore/common/settings.h.
 #include "tokcore/common/settings.h"
 
-#include <algorithm>
 #include <atomic>
-#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 
 #include "tokcore/common/env.h"
-#include "tokcore/common/streaming_stores.h"
 
 namespace tokcore {
 
@@ -47,27 +42,11 @@ void reload_settings() {
 
 const Settings& settings() {
   const Settings* s = current.load(std::memory_order_acquire);
-  if (s == nullptr) {
-    {
-      std::lock_guard<std::mutex> lock(reload_mutex);
-      if (current.load(std::memory_order_acquire) == nullptr)
-        current.store(new Settings(settings_from_environment()), std::memory_order_release);
-    }
+  if (s == nullptr) {  // first use (python/tokcore/_library.py makes that the import)
+    reload_settings();
     s = current.load(std::memory_order_acquire);
   }
   return *s;
-}
-
-bool use_streaming_stores(const void* out, int64_t output_bytes, int64_t row_bytes) {
-#if defined(__SSE2__)
-  // (a threshold past 2^40 MB: never, without overflow)
-  const int64_t min_bytes = int64_t(std::min<long long>(settings().stream_min_mb, 1LL << 40)) << 20;
-  return output_bytes >= min_bytes && reinterpret_cast<uintptr_t>(out) % kCacheLineBytes == 0 &&
-         row_bytes % kCacheLineBytes == 0;
-#else
-  (void)out, (void)output_bytes, (void)row_bytes;
-  return false;
-#endif
 }
 
 }  // namespace tokcore

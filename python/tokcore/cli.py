@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import OutputWriteError, UsageError
+from .errors import NonFiniteLogitsError, OutputWriteError, UsageError
 
 __all__ = ["Command", "COMMANDS", "register", "build_parser", "main"]
 
@@ -703,11 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # (Python's final flush would fail again)
         return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe stopped
-    except ValueError as e:  # generating from a model whose outputs are NaN (a diverged checkpoint)
-        from .pooling.lm import NonFiniteLogitsError
-
-        if not isinstance(e, NonFiniteLogitsError):
-            raise
+    except NonFiniteLogitsError as e:  # generating from a diverged checkpoint
         print(f"tokcore {args.command}: error: {e}", file=sys.stderr)
         return 1
     except FloatingPointError as e:  # the training loss became NaN or infinite

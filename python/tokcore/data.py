@@ -99,16 +99,16 @@ def _tail_cut(raw: bytes, holdout_every: int, at_least: int = 0) -> int:
     return cut
 
 
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
 def _skipped(errors: list[OSError], what: str) -> str:
     """A note on the files or folders skipped for `errors` (naming the first)."""
     first = errors[0]
     reason = first.strerror or str(first)
     where = f"{first.filename}: {reason}" if first.filename else reason
-    return f"skipped {len(errors)} unreadable {what}{'' if len(errors) == 1 else 's'} (first: {where})"
-
-
-def _plural(n: int, what: str) -> str:
-    return f"{n} {what}{'' if n == 1 else 's'}"
+    return f"skipped {_plural(len(errors), 'unreadable ' + what)} (first: {where})"
 
 
 def _skipped_binary(binary: list[Path]) -> str:

@@ -18,3 +18,9 @@ class OutputWriteError(OSError):
     """A file that tokcore had to write could not be written (a full disk, a folder
     without write permission). The command line prints its message as
     ``tokcore <command>: error: ...`` and exits with status 1, without a traceback."""
+
+
+class NonFiniteLogitsError(ValueError):
+    """A model's next-byte logits hold NaN or inf (or are all -inf): there is no
+    distribution to draw from, typically because the weights diverged. The command line
+    prints its message and exits with status 1."""

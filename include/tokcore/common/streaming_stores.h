@@ -33,7 +33,7 @@ constexpr int64_t kCacheLineBytes = 64;
 // can cover both paths), on a cache line, whole lines apart. Not inline: the
 // per-instruction-set kernels call it, and an inline copy compiled with AVX-512
 // could be the one the linker keeps for the baseline kernels too
-// (scripts/check_isa_objects.sh); it is defined in csrc/common/settings.cpp.
+// (scripts/check_isa_objects.sh); it is defined in csrc/common/streaming_stores.cpp.
 bool use_streaming_stores(const void* out, int64_t output_bytes, int64_t row_bytes);
 
 // Orders this thread's streaming stores before its later stores (they are

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import NonFiniteLogitsError
 from .modules import (
     BytePoolingEncoder,
     SegmentTransformer,
@@ -106,12 +107,8 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _check_bytes(bytes: Tensor, where: str) -> None:
-    check_byte_tensor(bytes, where)
-
-
 def _check_input(bytes: Tensor, cu_seqlens: Tensor, where: str) -> None:
-    _check_bytes(bytes, where)
+    check_byte_tensor(bytes, where)
     if not isinstance(cu_seqlens, Tensor):
         raise TypeError(f"{where}: cu_seqlens must be a 1-D int64 tensor [B+1], got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int64 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
@@ -139,11 +136,6 @@ def _check_heads(model: str, c: Any, width: str, heads: str, rotary: bool, split
                          "(rotary embeddings)")
 
 
-class NonFiniteLogitsError(ValueError):
-    """The model's next-byte logits hold NaN or inf (or are all -inf): there is no
-    distribution to draw from, typically because the weights diverged."""
-
-
 def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
     """One symbol drawn from softmax(logits / temperature), from the top_k most likely
     (ties with the k-th kept); temperature 0 is greedy (argmax). Any finite temperature
@@ -154,13 +146,14 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: to
     NonFiniteLogitsError if a logit is NaN or +inf, or all are -inf."""
     logits = logits.float()
     # else argmax picks the first NaN (byte 0) and multinomial raises torch's own error.
-    # The max is NaN if any logit is: one reduction, where isfinite() would flag the masks' -inf
-    top = logits.max().item()
-    if not math.isfinite(top):
+    # The max is NaN if any logit is (isfinite() would flag the masks' -inf), and its
+    # index is the greedy pick (the first largest, as argmax's): one reduction for both
+    top, greedy = logits.max(dim=-1)
+    if not math.isfinite(top.item()):
         raise NonFiniteLogitsError("the model's next-byte logits are not finite (NaN or inf: a diverged "
-                                   f"checkpoint?): the largest is {top}")
+                                   f"checkpoint?): the largest is {top.item()}")
     if temperature <= 0:
-        return int(logits.argmax())
+        return int(greedy)
     try:
         t = float(temperature)
     except OverflowError:  # an int past float's range
@@ -175,7 +168,7 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: to
         if not probs.isnan().any():
             return int(torch.multinomial(probs, 1, generator=generator))
     if t < 1:  # overflowed towards 0: what temperature 0 picks (within top_k and the masks anyway)
-        return int(logits.argmax())
+        return int(greedy)
     allowed = logits > float("-inf")
     if top_k is not None and 0 < top_k < logits.numel():  # on the logits: scaled, they are all 0 or NaN
         allowed &= logits >= torch.topk(logits, top_k).values[-1]
@@ -377,7 +370,7 @@ class HierarchicalByteLM(nn.Module):
         word lengths, word_cu_seqlens as the backbone's longest sequence is read; no op
         checks them again."""
         where = "HierarchicalByteLM.forward_words"
-        _check_bytes(bytes, where)
+        check_byte_tensor(bytes, where)
         check_word_lengths(word_offsets, self.config.max_word_bytes, bytes.numel(), f"{where}: word_offsets")
         # that checked word_offsets, except under torch.compile (where the encoder's ops check them)
         return self._forward_words(bytes, word_offsets, word_cu_seqlens,
