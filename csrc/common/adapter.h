@@ -245,8 +245,9 @@ ValidatedOffsets validated_offsets_cuda(const Tensor& offsets, OffsetsEnd end, v
 // one small kernel and a host sync, which waits for the work already queued on the
 // stream, so the host stops running ahead of the GPU at each checked call. Skipped
 // while `stream` is being captured into a CUDA graph, where a sync is not allowed,
-// and when TOKCORE_CUDA_CHECK_OFFSETS=0 (read at each call), for callers whose
-// offsets are known good (e.g. made by word_boundaries) and who want no sync.
+// and when TOKCORE_CUDA_CHECK_OFFSETS=0 (read at import and on reload_settings(), never
+// by a call: tokcore/common/settings.h), for callers whose offsets are known good
+// (e.g. made by word_boundaries) and who want no sync.
 // Unchecked invalid offsets give unspecified values but never an out-of-bounds
 // access: the kernels clamp offsets into range. Returns the longest segment's rows
 // (ValidatedOffsets), or -1 where the check was skipped.

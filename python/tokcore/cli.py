@@ -252,7 +252,8 @@ def _common_train_args(p: argparse.ArgumentParser, budget_help: tuple[str, str])
                    help="a folder or a file (default: the Python standard library's *.py files)")
     g.add_argument("--pattern", help="file name pattern under --data (default: * ; *.py for the stdlib)")
     g.add_argument("--holdout-every", type=_int_at_least(2), default=20, metavar="N",
-                   help="hold out every N-th file; a single --data file holds out its last 1/N (default: 20)")
+                   help="hold out every N-th file; a single --data file holds out its last 1/N, and so do "
+                        "fewer than N files, together (default: 20)")
     g.add_argument("--max-data-bytes", type=_positive_int,
                    help="stop reading files once this many bytes are read (whole files: a little more is read; "
                         "a single --data file is cut to this)")
@@ -277,8 +278,10 @@ def _common_train_args(p: argparse.ArgumentParser, budget_help: tuple[str, str])
     g.add_argument("--min-lr-ratio", type=_fraction, default=0.1, help="final LR / peak LR, in [0, 1] (default: 0.1)")
     g.add_argument("--warmup", type=_nonnegative_int, default=20,
                    help="warmup steps, at most a tenth of the run's (default: 20)")
-    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
-    g.add_argument("--weight-decay", type=_nonnegative_float, default=0.1)
+    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
+                   help="learning-rate decay over the run's steps, to --min-lr-ratio (default: cosine)")
+    g.add_argument("--weight-decay", type=_nonnegative_float, default=0.1,
+                   help="AdamW weight decay of the weight matrices, not the embeddings (default: 0.1)")
     g.add_argument("--grad-clip", type=_nonnegative_float, default=1.0,
                    help="max grad norm; 0 disables (default: 1.0)")
     g.add_argument("--seed", type=_seed, default=0)
@@ -550,7 +553,7 @@ def _generate_run(args: argparse.Namespace) -> int:
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", default="all", help="which family's benchmark (default: all)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
     p.add_argument("--no-save", action="store_true", help="do not append to bench/results/")
     p.add_argument("--repo", default=None,

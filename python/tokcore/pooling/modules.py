@@ -5,8 +5,9 @@ Everything here works on *flat* streams: a tensor ``x [N, D]`` plus CSR offsets
 slot). Position-wise work (projections, MLPs, norms) runs on the flat stream, so
 no compute is spent on padding; only attention runs on the padded
 ``[S, max_len, ...]`` batch made by ``segment_pack`` and goes back with
-``segment_unpack``. Pooling bytes into words uses ``segment_reduce``; no Python
-loop ever walks over words or sequences.
+``segment_unpack``. Pooling bytes into words uses ``segment_reduce`` (mean, max) or
+attention over the words packed by ``segment_pack``; no Python loop ever walks over
+words or sequences.
 """
 
 from __future__ import annotations
@@ -386,12 +387,14 @@ class SegmentTransformer(nn.Module):
     which reads it in the same sync, and then no op checks them again; otherwise
     (``check_max_len=False`` with ``max_len`` given, or under torch.compile) by the
     first op that takes them, where the rows' positions in their segments are made for
-    every block's rotary embedding, or the first block packs them for attention.
-    ``max_len`` (default: the longest segment, read from the offsets) must be at least
-    the longest segment: attention packs each segment into ``max_len`` positions. A
-    shorter one raises ValueError (reading the longest segment: on CUDA a host sync),
-    unless ``check_offsets=False`` or ``check_max_len=False`` say it is known to fit
-    (then rows past ``max_len`` would come back with no attention output).
+    every block's rotary embedding, or the first block packs them for attention (a
+    stack of no blocks uses them for nothing, and checks them only where it reads the
+    longest segment). ``max_len`` (default: the longest segment, read from the
+    offsets) must be at least the longest segment: attention packs each segment into
+    ``max_len`` positions. A shorter one raises ValueError (reading the longest
+    segment: on CUDA a host sync), unless ``check_offsets=False`` or
+    ``check_max_len=False`` say it is known to fit (then rows past ``max_len`` would
+    come back with no attention output).
     """
 
     def __init__(self, d_model: int, n_layers: int, n_heads: int, causal: bool, mlp_ratio: int = 4,

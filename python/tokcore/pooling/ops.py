@@ -7,7 +7,8 @@ dtype and are accumulated in float32 (float64 for float64). Every op is
 deterministic (no float atomics). Every op validates its offsets fully and raises
 an error that names them. On CUDA that check is a small kernel and a host sync;
 it is skipped while a CUDA graph is being captured (no sync is allowed there) and
-when the environment variable ``TOKCORE_CUDA_CHECK_OFFSETS=0`` is set, for
+when the environment variable ``TOKCORE_CUDA_CHECK_OFFSETS=0`` is set (read when
+tokcore is imported and by ``tokcore.reload_settings()``, not by each call), for
 callers whose offsets are known good and who want no sync. One call skips it
 with ``check_offsets=False``; the backward passes do so, since they reuse offsets
 that their forward checked (autograd's version counter refuses offsets changed in
@@ -59,15 +60,22 @@ def word_boundaries(
             encoded as UTF-8, are accepted too).
         cu_seqlens: int64 [B+1] sequence offsets into ``bytes``; None means one sequence.
         max_word_bytes: words longer than this (>= 4, checked in either mode) are cut
-            greedily from the left at the last UTF-8 character start within the limit.
-        mode: ``"space"``: a word starts at each sequence start, at each whitespace
-            byte after a non-whitespace byte and at each word byte (letter, digit,
-            ``_``, any byte >= 0x80) after a punctuation byte ("Hello, world!" ->
-            "Hello," + " world!"). ``"bytes"``: every byte is a word.
+            greedily from the left: each cut at the last UTF-8 character start after
+            the piece's first byte and at or before the limit (at the limit itself
+            where there is none, as in invalid UTF-8).
+        mode: ``"space"``: whitespace bytes are space, \\t, \\n, \\r, \\v and \\f; word
+            bytes are ASCII letters and digits, ``_`` and every byte >= 0x80; all other
+            bytes are punctuation. A word starts at each sequence start, at each
+            whitespace byte after a non-whitespace byte and at each word byte after a
+            punctuation byte ("Hello, world!" -> "Hello," + " world!").
+            ``"bytes"``: every byte is a word. Any byte sequence is valid input.
 
     Returns:
         (word_offsets int64 [W+1] into ``bytes``, word_cu_seqlens int64 [B+1]: the
         number of words before each sequence). Words never cross sequences.
+
+    The number of words sizes the output, so on CUDA it is read back to the host (a
+    sync, which also validates cu_seqlens), and the op raises under CUDA graph capture.
 
     The stream is cut into chunks, and the worker of the chunk where a word starts
     walks that word to its end and cuts it, since each cut depends on the one before.
