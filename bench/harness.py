@@ -58,10 +58,21 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, 
     return statistics.median(times)
 
 
+# Cycles of a GPU spin queued before each timed CUDA call (about 1 ms on an H200):
+# the call begins with the GPU idle (the previous one was synchronized), so without
+# it the events would also time the host's work before fn's first kernel (Python,
+# the autograd engine, reload_settings) while the GPU waits: tens of us (estimated,
+# not yet measured on a GPU) against kernels of about 0.7 ms at the targets' size.
+# With it that work overlaps the spin; a host sync inside fn
+# (the offsets check) still counts, as it should.
+CUDA_SPIN_CYCLES = 2_000_000
+
+
 def time_call(fn: Callable[[], object], device: torch.device) -> float:
     """Seconds that one call of fn takes (CUDA events on GPU, wall clock on CPU)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(CUDA_SPIN_CYCLES)
         start.record()
         fn()
         end.record()

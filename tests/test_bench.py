@@ -104,6 +104,62 @@ def test_gpu_target_notes_judge_each_workload():
     assert notes[2].endswith("NOT MEASURED")  # segment_expand has no row here
 
 
+def test_peers_whose_results_differ_are_marked():
+    # a ratio against a peer that computes something else says little: each peer's
+    # result is compared with tokcore's before timing, and marked where it differs
+    import torch
+
+    import bench_pooling
+    from tokcore.pooling import segment_reduce
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1 << 15, 4, generator=g)
+    offsets = torch.tensor([0, 1 << 14, 1 << 15])
+    peers = {"torch.segment_reduce": lambda: torch.segment_reduce(x.bfloat16(), "mean", lengths=offsets.diff()),
+             "same": lambda: segment_reduce(x.bfloat16(), offsets, "mean"),
+             "f32 mean": lambda: x.view(2, -1, 4).mean(1).bfloat16()}
+    labels = bench_pooling.checked_peers(lambda: segment_reduce(x.bfloat16(), offsets, "mean"), peers,
+                                         torch.bfloat16)
+    assert "RESULT DIFFERS" in labels["torch.segment_reduce"]  # torch sums bf16 in bf16
+    assert labels["same"] == "same" and labels["f32 mean"] == "f32 mean"
+    # max backward: tied maxima get the gradient split by torch, all of it at the first by tokcore
+    x = torch.tensor([[1.0], [1.0], [0.5], [2.0]], requires_grad=True)
+    offsets = torch.tensor([0, 3, 4])
+    grad = torch.ones(2, 1)
+    tok = lambda: torch.autograd.grad(segment_reduce(x, offsets, "max"), x, grad)  # noqa: E731
+    peer = {"torch": lambda: torch.autograd.grad(
+        torch.segment_reduce(x, "max", lengths=offsets.diff()), x, grad)}
+    assert "RESULT DIFFERS" in bench_pooling.checked_peers(tok, peer, torch.float32)["torch"]
+    assert bench_pooling.checked_peers(tok, peer, torch.float32, bench_pooling.untied(x, offsets))["torch"] == "torch"
+
+
+def test_cuda_timing_queues_a_spin_before_its_start_event(monkeypatch):
+    # without work queued ahead, CUDA events time the host's Python before the first kernel
+    import torch
+
+    import harness
+
+    calls = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            pass
+
+        def record(self):
+            calls.append("record")
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 1.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: calls.append("spin"))
+    assert harness.time_call(lambda: calls.append("fn"), torch.device("cuda")) == 1e-3
+    assert calls == ["spin", "record", "fn", "record"]
+
+
 def test_gpu_check_parses_and_names_an_unknown_stage(tmp_path):
     # the GPU check runs only where a GPU is lent, rarely: CI at least parses it and
     # sees it refuse a stage list it cannot run, before it does any work
