@@ -133,6 +133,21 @@ def test_peers_whose_results_differ_are_marked():
     assert bench_pooling.checked_peers(tok, peer, torch.float32, bench_pooling.untied(x, offsets))["torch"] == "torch"
 
 
+def test_a_peer_with_nan_past_the_first_chunk_differs(monkeypatch):
+    # results are compared chunk by chunk; Python's max() keeps a NaN only when it comes first
+    import torch
+
+    import bench_pooling
+
+    chunks = bench_pooling._chunks
+    monkeypatch.setattr(bench_pooling, "_chunks", lambda t: chunks(t, 4))
+    expected = torch.ones(12)
+    got = expected.clone()
+    got[-1] = float("nan")
+    assert bench_pooling.difference(expected, got, torch.float32) is not None
+    assert bench_pooling.difference(expected, expected.clone(), torch.float32) is None
+
+
 def test_cuda_timing_queues_a_spin_before_its_start_event(monkeypatch):
     # without work queued ahead, CUDA events time the host's Python before the first kernel
     import torch
