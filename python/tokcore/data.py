@@ -132,6 +132,12 @@ def _size(n_bytes: int) -> str:
     return _plural(n_bytes, "byte")
 
 
+def _split_at(raw: bytes, cut: int) -> tuple[np.ndarray, np.ndarray]:
+    """raw[:cut] and raw[cut:] as writable uint8 arrays, each copied once."""
+    whole = np.frombuffer(raw, dtype=np.uint8)  # a view of raw, read-only
+    return whole[:cut].copy(), whole[cut:].copy()
+
+
 def _concat(parts: list[bytes]) -> np.ndarray:
     """The parts joined into one uint8 array, copied once (b"".join, then a copy of its
     read-only buffer, would hold the bytes three times over)."""
@@ -190,9 +196,7 @@ def load_corpus(data: str | os.PathLike | None = None, holdout_every: int = 20, 
     if root.is_file():
         with open(root, "rb") as f:  # only what is used: the file may be far bigger than max_bytes
             raw = f.read() if max_bytes is None else f.read(max(0, max_bytes))
-        cut = _tail_cut(raw, holdout_every)
-        whole = np.frombuffer(raw, dtype=np.uint8)  # a view: each split is copied once, writable
-        return Corpus(whole[:cut].copy(), whole[cut:].copy(), source, 1, 1, ["single file: split by position"])
+        return Corpus(*_split_at(raw, _tail_cut(raw, holdout_every)), source, 1, 1, ["single file: split by position"])
 
     train_parts: list[bytes] = []
     held_parts: list[bytes] = []
@@ -248,8 +252,7 @@ def _split_tail(parts: list[bytes], holdout_every: int, source: str, notes: list
     notes.append(f"{_plural(len(lengths), 'text file')}, fewer than holdout_every={holdout_every}: "
                  f"held out the last {len(raw) - cut} of their {len(raw)} bytes (about 1/{holdout_every}, "
                  f"{'at a line start, ' if at_line else ''}from {_plural(n_held, 'file')})")
-    whole = np.frombuffer(raw, dtype=np.uint8)  # a view: each split is copied once, writable
-    return Corpus(whole[:cut].copy(), whole[cut:].copy(), source, n_train, n_held, notes)
+    return Corpus(*_split_at(raw, cut), source, n_train, n_held, notes)
 
 
 def pack_sequences(seqs: Sequence[bytes | np.ndarray], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

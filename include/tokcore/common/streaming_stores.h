@@ -13,11 +13,9 @@
 // whole lines are streamed. x86-64 only (SSE2, its baseline); elsewhere memcpy.
 #pragma once
 
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-
 
 #if defined(__SSE2__)
 #include <immintrin.h>
